@@ -1,0 +1,171 @@
+"""``dstack-agent``: serve the agent, list platforms, publish the simulator's trust bundle.
+
+Errors the user can fix (configuration, plugins, evidence) are printed as one line on
+stderr with exit status 2; there is no traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import PLATFORM_ENV, load_settings
+from .errors import ConfigurationError, DstackError
+from .platform import Platform
+from .plugins import installed_platforms, load_platform
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+def _platform_option(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    return key, val
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dstack-agent",
+        description="The dstack guest agent: keys, TLS certificates, quotes, runtime "
+        "measurements and attestations over a Unix socket, on a pluggable TEE platform.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the agent",
+        description="Run the agent on one explicitly selected platform. Start-up fails "
+        "closed: an unknown or broken platform stops it; there is no fallback.",
+    )
+    serve.add_argument(
+        "--platform", help=f"platform plugin name (or {PLATFORM_ENV}, or 'platform' in --config)"
+    )
+    serve.add_argument("--socket", type=Path, help="Unix socket path (default /var/run/dstack.sock)")
+    serve.add_argument("--socket-mode", help="socket file permissions, octal (default 0660)")
+    serve.add_argument(
+        "--state-dir", type=Path, help="durable state directory (default /var/lib/dstack-core)"
+    )
+    serve.add_argument("--appkeys", type=Path, help="upstream-format appkeys.json")
+    serve.add_argument("--app-compose", type=Path, help="app-compose.json (default in state dir)")
+    serve.add_argument("--sys-config", type=Path, help="sys-config.json (default in state dir)")
+    serve.add_argument("--runtime-log", type=Path, help="runtime event log (default in state dir)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="also serve on this TCP address")
+    serve.add_argument("--max-body-size", type=int, help="request body limit in bytes")
+    serve.add_argument(
+        "--platform-option",
+        action="append",
+        type=_platform_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="platform-specific setting (repeatable)",
+    )
+    serve.add_argument(
+        "--reset-state",
+        action="store_true",
+        default=None,
+        help="discard the platform's durable state (keys, registers, event log) first",
+    )
+    serve.add_argument("--config", type=Path, help="JSON or TOML config file")
+    serve.set_defaults(func=_cmd_serve)
+
+    platforms = commands.add_parser(
+        "platforms", help="list installed platform plugins", description="List installed "
+        "platform plugins (entry-point group dstack_core.platforms) without importing them."
+    )
+    platforms.add_argument("--json", action="store_true", help="print JSON")
+    platforms.set_defaults(func=_cmd_platforms)
+
+    simulator = commands.add_parser(
+        "simulator", help="simulator tools", description="Tools for the simulator platform."
+    )
+    sim_commands = simulator.add_subparsers(dest="sim_command", metavar="COMMAND", required=True)
+    bundle = sim_commands.add_parser(
+        "trust-bundle",
+        help="write the simulator's mock Intel root CA and collateral",
+        description="Write root_ca.pem and collateral.json (dcap-qvl QuoteCollateralV3 JSON) "
+        "for the mock Intel PKI that signs the simulator's quotes. Safe while an agent is "
+        "serving from the same state dir.",
+    )
+    bundle.add_argument("--state-dir", type=Path, required=True, help="the agent's state dir")
+    bundle.add_argument("--out", type=Path, required=True, help="output directory")
+    bundle.set_defaults(func=_cmd_trust_bundle)
+    return parser
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    flags = {
+        "platform": args.platform,
+        "socket": args.socket,
+        "socket_mode": args.socket_mode,
+        "state_dir": args.state_dir,
+        "appkeys": args.appkeys,
+        "app_compose": args.app_compose,
+        "sys_config": args.sys_config,
+        "runtime_log": args.runtime_log,
+        "listen": args.listen,
+        "max_body_size": args.max_body_size,
+        "platform_options": dict(args.platform_option),
+        "reset_state": args.reset_state,
+    }
+    settings = load_settings(flags, config_file=args.config)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _cmd_platforms(args: argparse.Namespace) -> int:
+    found = installed_platforms()
+    if args.json:
+        print(json.dumps([{"name": p.name, "value": p.value, "distribution": p.distribution}
+                          for p in found], indent=2))
+    elif not found:
+        print("no platform plugins installed (entry-point group dstack_core.platforms)")
+    else:
+        for p in found:
+            print(f"{p.name:<16} {p.value:<40} {p.distribution}")
+    return 0
+
+
+def _cmd_trust_bundle(args: argparse.Namespace) -> int:
+    platform = Platform.from_plugin_manager(load_platform("simulator"))
+    bundle = platform.trust_bundle_sync(args.state_dir)
+    if bundle is None:
+        raise ConfigurationError("the simulator plugin does not publish a trust bundle")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "root_ca.pem").write_bytes(bundle.root_ca_pem)
+    (args.out / "collateral.json").write_text(bundle.collateral_json)
+    print(f"wrote {args.out / 'root_ca.pem'} and {args.out / 'collateral.json'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except DstackError as exc:
+        if args.debug:
+            raise
+        print(f"dstack-agent: error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""dstack-core's versioned attestation envelope: canonical CBOR, self-identifying.
+
+The byte layout is specified (with CDDL) in ``docs/envelope.md``. In short: CBOR tag 55799
+(self-described CBOR, bytes ``d9 d9 f7``) around a map whose ``format`` names this envelope,
+``version`` is 1 and ``platform`` is the tag of the platform that made it (``simulator``
+is never ``tdx``). The first byte, ``0xd9``, can never start upstream's V0 (``0x00``) or V1
+(a msgpack map) envelopes, so :func:`sniff_envelope` tells all three apart.
+
+Encoding is canonical (RFC 8949 core deterministic encoding), so one attestation has one
+byte string. Decoding is strict: unknown versions, missing or unknown keys, wrong types and
+trailing bytes are :class:`~dstack_core.errors.EvidenceError`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+import attrs
+import cbor2
+
+from .errors import EvidenceError
+from .eventlog import TdxEvent
+from .types import REPORT_DATA_LENGTH
+
+__all__ = [
+    "ENVELOPE_FORMAT",
+    "ENVELOPE_VERSION",
+    "SELF_DESCRIBE_TAG",
+    "MAX_ENVELOPE_SIZE",
+    "AppInfo",
+    "Envelope",
+    "sniff_envelope",
+]
+
+ENVELOPE_FORMAT: Final = "dstack-core/attestation"
+ENVELOPE_VERSION: Final = 1
+SELF_DESCRIBE_TAG: Final = 55799
+ENVELOPE_MAGIC: Final = b"\xd9\xd9\xf7"
+MAX_ENVELOPE_SIZE: Final = 10 * 1024 * 1024
+MAX_EVENTS: Final = 100_000
+
+_TOP_KEYS: Final = frozenset(
+    {"format", "version", "platform", "evidence_format", "quote", "event_log", "report_data",
+     "vm_config", "app_info", "extra"}
+)
+_EVENT_KEYS: Final = frozenset({"imr", "type", "digest", "event", "payload", "version"})
+_APP_INFO_KEYS: Final = frozenset(
+    {"app_id", "compose_hash", "instance_id", "device_id", "mr_aggregated", "mr_system",
+     "os_image_hash", "key_provider_info"}
+)
+
+
+@attrs.frozen(kw_only=True)
+class AppInfo:
+    """What the agent claims about the app; a verifier recomputes it from the evidence."""
+
+    app_id: bytes = b""
+    compose_hash: bytes = b""
+    instance_id: bytes = b""
+    device_id: bytes = b""
+    mr_aggregated: bytes = b""
+    mr_system: bytes = b""
+    os_image_hash: bytes = b""
+    key_provider_info: bytes = b""
+
+    def to_cbor_map(self) -> dict[str, bytes]:
+        return attrs.asdict(self)
+
+    def to_cbor(self) -> bytes:
+        """Canonical CBOR map (the RA-TLS app-info extension's content)."""
+        return cbor2.dumps(self.to_cbor_map(), canonical=True)
+
+    @classmethod
+    def from_cbor_map(cls, value: Any) -> AppInfo:
+        doc = _expect_map(value, "app_info", _APP_INFO_KEYS, required=frozenset())
+        return cls(**{k: _expect(v, bytes, f"app_info.{k}") for k, v in doc.items()})
+
+
+@attrs.frozen(kw_only=True)
+class Envelope:
+    """One attestation: hardware evidence, the full event log and what it binds.
+
+    :ivar platform: the producing platform's tag (``simulator``, ``tdx``, ``sev-snp``, ...).
+    :ivar evidence_format: how to parse ``quote``: ``tdx`` or ``sev-snp``.
+    :ivar quote: the raw hardware evidence.
+    :ivar event_log: boot events (RTMR0..2) then runtime events (RTMR3), full payloads.
+    :ivar report_data: the 64 bytes the quote binds.
+    :ivar vm_config: the sys-config ``vm_config`` JSON string.
+    :ivar app_info: the agent's claims, recomputable from the rest.
+    :ivar extra: platform-specific evidence (text keys, CBOR values).
+    """
+
+    platform: str = attrs.field(validator=attrs.validators.min_len(1))
+    evidence_format: Literal["tdx", "sev-snp"]
+    quote: bytes
+    event_log: tuple[TdxEvent, ...] = ()
+    report_data: bytes = attrs.field()
+    vm_config: str = ""
+    app_info: AppInfo = attrs.field(factory=AppInfo)
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+    version: int = ENVELOPE_VERSION
+
+    @report_data.validator
+    def _check_report_data(self, attribute: attrs.Attribute[Any], value: bytes) -> None:
+        if len(value) != REPORT_DATA_LENGTH:
+            raise ValueError(f"report_data must be {REPORT_DATA_LENGTH} bytes")
+
+    def to_cbor(self) -> bytes:
+        """Canonical CBOR bytes, starting with the self-describe tag ``d9 d9 f7``."""
+        doc: dict[str, Any] = {
+            "format": ENVELOPE_FORMAT,
+            "version": self.version,
+            "platform": self.platform,
+            "evidence_format": self.evidence_format,
+            "quote": self.quote,
+            "event_log": [_event_to_map(e) for e in self.event_log],
+            "report_data": self.report_data,
+            "vm_config": self.vm_config,
+            "app_info": self.app_info.to_cbor_map(),
+        }
+        if self.extra:
+            doc["extra"] = dict(self.extra)
+        return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True)
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> Envelope:
+        """Decode and validate an envelope.
+
+        :raises EvidenceError: not our envelope, an unknown version, wrong types, missing
+            fields, trailing bytes, or more than :data:`MAX_ENVELOPE_SIZE` bytes.
+        """
+        if len(data) > MAX_ENVELOPE_SIZE:
+            raise EvidenceError(f"envelope is larger than {MAX_ENVELOPE_SIZE} bytes")
+        if not data.startswith(ENVELOPE_MAGIC):
+            raise EvidenceError("not a dstack-core envelope (expected CBOR tag 55799)")
+        stream = io.BytesIO(data)
+        try:
+            tagged = cbor2.CBORDecoder(stream).decode()
+        except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+            raise EvidenceError(f"envelope is not valid CBOR: {exc}") from None
+        if stream.tell() != len(data):
+            raise EvidenceError(f"{len(data) - stream.tell()} trailing bytes after the envelope")
+        # cbor2 strips the self-describe tag itself; accept either shape.
+        doc = tagged.value if isinstance(tagged, cbor2.CBORTag) else tagged
+        if not isinstance(doc, dict) or doc.get("format") != ENVELOPE_FORMAT:
+            raise EvidenceError(f"envelope format is not {ENVELOPE_FORMAT!r}")
+        version = doc.get("version")
+        if version != ENVELOPE_VERSION:
+            raise EvidenceError(f"unsupported envelope version {version!r}")
+        doc = _expect_map(
+            doc, "envelope", _TOP_KEYS, required=_TOP_KEYS - {"extra", "app_info"}
+        )
+        events = _expect(doc["event_log"], list, "event_log")
+        if len(events) > MAX_EVENTS:
+            raise EvidenceError(f"event log has more than {MAX_EVENTS} events")
+        evidence_format = _expect(doc["evidence_format"], str, "evidence_format")
+        if evidence_format not in ("tdx", "sev-snp"):
+            raise EvidenceError(f"unknown evidence_format {evidence_format!r}")
+        try:
+            return cls(
+                platform=_expect(doc["platform"], str, "platform"),
+                evidence_format=evidence_format,  # type: ignore[arg-type]
+                quote=_expect(doc["quote"], bytes, "quote"),
+                event_log=tuple(_event_from_map(e, i) for i, e in enumerate(events)),
+                report_data=_expect(doc["report_data"], bytes, "report_data"),
+                vm_config=_expect(doc["vm_config"], str, "vm_config"),
+                app_info=AppInfo.from_cbor_map(doc.get("app_info", {})),
+                extra=_expect(doc.get("extra", {}), dict, "extra"),
+            )
+        except ValueError as exc:
+            raise EvidenceError(f"invalid envelope: {exc}") from None
+
+    @property
+    def simulated(self) -> bool:
+        """True when the producing platform says so by its tag (never trust it to say no)."""
+        return self.platform == "simulator"
+
+
+def sniff_envelope(data: bytes) -> Literal["dstack-core", "upstream-v0", "upstream-v1"] | None:
+    """Tell the three envelope formats apart by their first byte(s); None if none fits."""
+    if data.startswith(ENVELOPE_MAGIC):
+        return "dstack-core"
+    if not data:
+        return None
+    first = data[0]
+    if first == 0x00:
+        return "upstream-v0"
+    if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
+        return "upstream-v1"
+    return None
+
+
+def _event_to_map(event: TdxEvent) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "imr": event.imr,
+        "type": event.event_type,
+        "digest": event.digest,
+        "event": event.event,
+        "payload": event.event_payload,
+    }
+    if event.version != 1:
+        doc["version"] = event.version
+    return doc
+
+
+def _event_from_map(value: Any, index: int) -> TdxEvent:
+    where = f"event_log[{index}]"
+    doc = _expect_map(value, where, _EVENT_KEYS, required=_EVENT_KEYS - {"version"})
+    try:
+        return TdxEvent(
+            imr=_expect(doc["imr"], int, f"{where}.imr"),
+            event_type=_expect(doc["type"], int, f"{where}.type"),
+            digest=_expect(doc["digest"], bytes, f"{where}.digest"),
+            event=_expect(doc["event"], str, f"{where}.event"),
+            event_payload=_expect(doc["payload"], bytes, f"{where}.payload"),
+            version=_expect(doc.get("version", 1), int, f"{where}.version"),
+        )
+    except (ValueError, TypeError) as exc:
+        raise EvidenceError(f"invalid {where}: {exc}") from None
+
+
+def _expect(value: Any, kind: type, where: str) -> Any:
+    # bool is an int subclass; an envelope never carries booleans where integers belong.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise EvidenceError(f"{where} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _expect_map(
+    value: Any, where: str, allowed: frozenset[str], *, required: frozenset[str]
+) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise EvidenceError(f"{where} must be a map, got {type(value).__name__}")
+    unknown = set(value) - allowed
+    if unknown:
+        raise EvidenceError(f"{where} has unknown keys: {sorted(map(str, unknown))}")
+    missing = required - set(value)
+    if missing:
+        raise EvidenceError(f"{where} is missing keys: {sorted(missing)}")
+    return value

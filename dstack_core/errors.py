@@ -1,0 +1,134 @@
+"""The one error hierarchy of dstack-core.
+
+Every error the core or a platform plugin raises on purpose is a :class:`DstackError`.
+Each class carries the HTTP status the front end answers with and a stable snake_case
+``code`` that clients may match on; the message is for humans and may change.
+
+The split follows who is at fault:
+
+* :class:`InvalidRequest` (400): the caller sent something we cannot accept.
+* :class:`PlatformError` (5xx): the TEE, the kernel or the plugin failed.
+* :class:`ConfigurationError`: the agent cannot start as configured (never seen on the wire).
+* :class:`EvidenceError` (400): evidence handed to a parser or the verifier is malformed.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "DstackError",
+    "InvalidRequest",
+    "UnsupportedAlgorithm",
+    "ReportDataTooLong",
+    "NotFound",
+    "PayloadTooLarge",
+    "PlatformError",
+    "PlatformUnsupported",
+    "PlatformBusy",
+    "ConfigurationError",
+    "PluginError",
+    "EvidenceError",
+    "StateError",
+]
+
+
+class DstackError(Exception):
+    """Base class of every deliberate dstack-core error.
+
+    :cvar http_status: the status the HTTP front end answers with.
+    :cvar code: a stable, snake_case identifier sent beside the message.
+    """
+
+    http_status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+
+    def to_json(self) -> dict[str, str]:
+        """The wire body: ``{"error": message, "code": code}``."""
+        return {"error": self.message, "code": self.code}
+
+
+class InvalidRequest(DstackError):
+    """The caller's input is malformed or not acceptable (HTTP 400)."""
+
+    http_status = 400
+    code = "invalid_request"
+
+
+class UnsupportedAlgorithm(InvalidRequest):
+    """An algorithm name the agent does not implement (HTTP 400)."""
+
+    code = "unsupported_algorithm"
+
+
+class ReportDataTooLong(InvalidRequest):
+    """Report data longer than the 64 bytes a quote can carry (HTTP 400)."""
+
+    code = "report_data_too_long"
+
+
+class NotFound(InvalidRequest):
+    """No such method or path (HTTP 404)."""
+
+    http_status = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request body over the configured limit (HTTP 400, as upstream answers)."""
+
+    code = "payload_too_large"
+
+
+class PlatformError(DstackError):
+    """The platform (TEE, kernel interface or plugin) failed (HTTP 500)."""
+
+    http_status = 500
+    code = "platform_error"
+
+
+class PlatformUnsupported(PlatformError):
+    """The platform cannot do this at all, e.g. runtime registers on SEV-SNP (HTTP 501)."""
+
+    http_status = 501
+    code = "platform_unsupported"
+
+
+class PlatformBusy(PlatformError):
+    """The platform is temporarily busy; the caller may retry (HTTP 503)."""
+
+    http_status = 503
+    code = "platform_busy"
+
+
+class ConfigurationError(DstackError):
+    """The agent cannot start as configured; reported at startup, never on the wire."""
+
+    http_status = 500
+    code = "configuration_error"
+
+
+class PluginError(ConfigurationError):
+    """A platform plugin is missing, duplicated, conflicting or broken."""
+
+    code = "plugin_error"
+
+
+class EvidenceError(DstackError):
+    """Evidence (a quote, an event log, an envelope, a certificate) is malformed (HTTP 400)."""
+
+    http_status = 400
+    code = "malformed_evidence"
+
+
+class StateError(DstackError):
+    """Durable state on disk is inconsistent and cannot be repaired safely (HTTP 500)."""
+
+    http_status = 500
+    code = "state_error"

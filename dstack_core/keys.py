@@ -1,0 +1,297 @@
+"""App key derivation and signature chains, byte-compatible with the upstream dstack agent.
+
+Pure functions: no I/O, no randomness (ECDSA and Ed25519 here are deterministic), so every
+result can be pinned by a known-answer test.
+
+* :func:`derive_key` is HKDF-SHA256 with salt ``b"RATLS"`` over the app's 32-byte secp256k1
+  key; ``info`` is the concatenation of the context parts (for GetKey: the path bytes).
+* secp256k1 signatures are RFC 6979 (HMAC-SHA256 nonces) with low-S normalisation, as both
+  libsecp256k1 and Rust's ``k256`` produce them; recoverable ones are ``r || s || recid``
+  with ``recid`` in {0, 1}.
+* The GetKey chain is ``[sig_app, kms_signature]`` where ``sig_app`` is the app key's
+  recoverable signature over ``keccak256(purpose + ":" + hex(public_key))``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from typing import Final, Literal
+
+import attrs
+import coincurve
+import nacl.exceptions
+import nacl.signing
+from Crypto.Hash import keccak
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import InvalidRequest, UnsupportedAlgorithm
+
+__all__ = [
+    "KDF_SALT",
+    "SIGN_KEY_PATH",
+    "SIGN_KEY_PURPOSE",
+    "KeyAlgorithm",
+    "SignAlgorithm",
+    "DerivedKey",
+    "Signature",
+    "derive_key",
+    "keccak256",
+    "normalize_key_algorithm",
+    "normalize_sign_algorithm",
+    "public_key_for",
+    "derive_app_key",
+    "sign_with_app_key",
+    "verify_signature",
+    "recover_public_key",
+    "kms_message",
+]
+
+KDF_SALT: Final = b"RATLS"
+SECRET_LENGTH: Final = 32
+RECOVERABLE_SIGNATURE_LENGTH: Final = 65
+COMPACT_SIGNATURE_LENGTH: Final = 64
+ED25519_PUBLIC_KEY_LENGTH: Final = 32
+ED25519_SIGNATURE_LENGTH: Final = 64
+PREHASH_LENGTH: Final = 32
+# Sign derives its key exactly as GetKey(path="vms", purpose="signing") does upstream.
+SIGN_KEY_PATH: Final = "vms"
+SIGN_KEY_PURPOSE: Final = "signing"
+KMS_ISSUED_TAG: Final = b"dstack-kms-issued"
+
+KeyAlgorithm = Literal["secp256k1", "ed25519"]
+SignAlgorithm = Literal["secp256k1", "secp256k1_prehashed", "ed25519"]
+
+_KEY_ALGORITHMS: Final[dict[str, KeyAlgorithm]] = {
+    "": "secp256k1",
+    "secp256k1": "secp256k1",
+    "k256": "secp256k1",
+    "ed25519": "ed25519",
+}
+_SIGN_ALGORITHMS: Final[dict[str, SignAlgorithm]] = {
+    "secp256k1": "secp256k1",
+    "k256": "secp256k1",
+    "secp256k1_prehashed": "secp256k1_prehashed",
+    "ed25519": "ed25519",
+}
+
+
+@attrs.frozen(kw_only=True)
+class DerivedKey:
+    """A key derived for a path, with the chain that ties it to the app key.
+
+    :ivar secret: the 32-byte secret (secp256k1 scalar or Ed25519 seed; the same bytes).
+    :ivar public_key: SEC1 compressed (33 B) for secp256k1, raw 32 B for Ed25519.
+    :ivar signature_chain: ``[app signature (65 B), KMS signature (65 B or empty)]``.
+    """
+
+    algorithm: KeyAlgorithm
+    secret: bytes = attrs.field(repr=False)
+    public_key: bytes
+    signature_chain: tuple[bytes, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Signature:
+    """The result of :func:`sign_with_app_key` (the Sign endpoint)."""
+
+    signature: bytes
+    public_key: bytes
+    signature_chain: tuple[bytes, ...]
+
+
+def derive_key(ikm: bytes, context: Sequence[bytes], length: int = SECRET_LENGTH) -> bytes:
+    """HKDF-SHA256 with salt ``RATLS``; ``info`` is the concatenation of ``context``."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=KDF_SALT, info=b"".join(context)
+    ).derive(ikm)
+
+
+def keccak256(data: bytes) -> bytes:
+    """Ethereum's Keccak-256 (not SHA3-256)."""
+    return keccak.new(digest_bits=256, data=data).digest()
+
+
+def normalize_key_algorithm(name: str) -> KeyAlgorithm:
+    """Map a GetKey algorithm name (``""`` and ``k256`` mean secp256k1; case-sensitive).
+
+    :raises UnsupportedAlgorithm: for anything else, including ``secp256k1_prehashed``.
+    """
+    try:
+        return _KEY_ALGORITHMS[name]
+    except KeyError:
+        raise UnsupportedAlgorithm(f"Unsupported algorithm: {name!r}") from None
+
+
+def normalize_sign_algorithm(name: str) -> SignAlgorithm:
+    """Map a Sign/Verify algorithm name (``k256`` means secp256k1; empty is not allowed).
+
+    :raises UnsupportedAlgorithm: for anything else.
+    """
+    try:
+        return _SIGN_ALGORITHMS[name]
+    except KeyError:
+        raise UnsupportedAlgorithm(f"Unsupported algorithm: {name!r}") from None
+
+
+def public_key_for(algorithm: KeyAlgorithm, secret: bytes) -> bytes:
+    """The public key of a 32-byte secret: compressed SEC1 or raw Ed25519."""
+    if algorithm == "ed25519":
+        return bytes(nacl.signing.SigningKey(secret).verify_key)
+    return coincurve.PrivateKey(secret).public_key.format(compressed=True)
+
+
+def _sign_recoverable(secret: bytes, digest: bytes) -> bytes:
+    # coincurve yields r || s || recid with recid in {0, 1} and low S: upstream's exact bytes.
+    return coincurve.PrivateKey(secret).sign_recoverable(digest, hasher=None)
+
+
+def derive_app_key(
+    app_key: bytes, kms_signature: bytes, *, path: str, purpose: str, algorithm: str
+) -> DerivedKey:
+    """GetKey: derive the key for ``path`` and sign its public key with the app key.
+
+    ``purpose`` enters only the signed message, never the key; ``algorithm`` chooses how
+    the same 32 bytes are used.
+
+    :param app_key: the app's 32-byte secp256k1 private key.
+    :param kms_signature: 65 bytes from the KMS, or empty without a KMS.
+    :raises UnsupportedAlgorithm: for an unknown algorithm.
+    """
+    alg = normalize_key_algorithm(algorithm)
+    secret = derive_key(app_key, [path.encode()])
+    public_key = public_key_for(alg, secret)
+    message = f"{purpose}:{public_key.hex()}".encode()
+    app_signature = _sign_recoverable(app_key, keccak256(message))
+    return DerivedKey(
+        algorithm=alg,
+        secret=secret,
+        public_key=public_key,
+        signature_chain=(app_signature, kms_signature),
+    )
+
+
+def sign_with_app_key(
+    app_key: bytes, kms_signature: bytes, *, algorithm: str, data: bytes
+) -> Signature:
+    """Sign: sign ``data`` with the key GetKey(path="vms", purpose="signing") derives.
+
+    secp256k1 hashes ``data`` with SHA-256; secp256k1_prehashed signs exactly 32 given
+    bytes; both give 64-byte ``r || s`` (low S). Ed25519 signs ``data`` as is.
+
+    :returns: the signature, public key and chain ``[signature, app sig, KMS sig]``.
+    :raises UnsupportedAlgorithm: for an unknown algorithm.
+    :raises InvalidRequest: prehashed data that is not 32 bytes long.
+    """
+    alg = normalize_sign_algorithm(algorithm)
+    key_alg: KeyAlgorithm = "ed25519" if alg == "ed25519" else "secp256k1"
+    derived = derive_app_key(
+        app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE, algorithm=key_alg
+    )
+    if alg == "ed25519":
+        signature = nacl.signing.SigningKey(derived.secret).sign(data).signature
+    else:
+        if alg == "secp256k1_prehashed":
+            if len(data) != PREHASH_LENGTH:
+                raise InvalidRequest(
+                    "Pre-hashed signing requires a 32-byte digest, "
+                    f"but received {len(data)} bytes",
+                    code="invalid_digest_length",
+                )
+            digest = data
+        else:
+            digest = hashlib.sha256(data).digest()
+        signature = _sign_recoverable(derived.secret, digest)[:COMPACT_SIGNATURE_LENGTH]
+    return Signature(
+        signature=signature,
+        public_key=derived.public_key,
+        signature_chain=(signature, *derived.signature_chain),
+    )
+
+
+def _prehash_field(data: bytes) -> bytes | None:
+    # ecdsa's bits2field: shorter than 16 bytes fails, 16..31 left-pads, longer truncates.
+    if len(data) < PREHASH_LENGTH // 2:
+        return None
+    if len(data) < PREHASH_LENGTH:
+        return bytes(PREHASH_LENGTH - len(data)) + data
+    return data[:PREHASH_LENGTH]
+
+
+def verify_signature(algorithm: str, data: bytes, signature: bytes, public_key: bytes) -> bool:
+    """Verify: check a signature as upstream does.
+
+    Malformed keys or signatures are errors; only a well-formed signature that does not
+    verify gives ``False``. secp256k1 rejects high-S signatures (returns ``False``).
+
+    :raises UnsupportedAlgorithm: for an unknown algorithm.
+    :raises InvalidRequest: a key or signature of the wrong length or encoding.
+    """
+    alg = normalize_sign_algorithm(algorithm)
+    if alg == "ed25519":
+        if len(public_key) != ED25519_PUBLIC_KEY_LENGTH:
+            raise InvalidRequest("invalid public key", code="invalid_public_key")
+        if len(signature) != ED25519_SIGNATURE_LENGTH:
+            raise InvalidRequest("invalid signature length", code="invalid_signature")
+        try:
+            verify_key = nacl.signing.VerifyKey(public_key)
+        except (nacl.exceptions.CryptoError, ValueError):
+            raise InvalidRequest("invalid public key", code="invalid_public_key") from None
+        try:
+            verify_key.verify(data, signature)
+        except nacl.exceptions.BadSignatureError:
+            return False
+        return True
+    try:
+        key = coincurve.PublicKey(public_key)
+    except (ValueError, TypeError):
+        raise InvalidRequest("invalid public key", code="invalid_public_key") from None
+    if len(public_key) not in (33, 65):
+        raise InvalidRequest("invalid public key", code="invalid_public_key")
+    if len(signature) != COMPACT_SIGNATURE_LENGTH:
+        raise InvalidRequest(
+            "signature error: expected 64 bytes r || s", code="invalid_signature"
+        )
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:], "big")
+    if not (0 < r < _SECP256K1_N and 0 < s < _SECP256K1_N):
+        raise InvalidRequest("signature error: r or s out of range", code="invalid_signature")
+    if s > _SECP256K1_N // 2:
+        return False
+    if alg == "secp256k1":
+        digest: bytes | None = hashlib.sha256(data).digest()
+    else:
+        digest = _prehash_field(data)
+    if digest is None:
+        return False
+    der = coincurve.ecdsa.cdata_to_der(coincurve.ecdsa.deserialize_compact(signature))
+    return bool(key.verify(der, digest, hasher=None))
+
+
+_SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def recover_public_key(signature: bytes, message_hash: bytes) -> bytes:
+    """The compressed secp256k1 key that made a 65-byte recoverable signature.
+
+    :raises InvalidRequest: when the signature is malformed or does not recover.
+    """
+    if len(signature) != RECOVERABLE_SIGNATURE_LENGTH:
+        raise InvalidRequest("a recoverable signature is 65 bytes", code="invalid_signature")
+    try:
+        key = coincurve.PublicKey.from_signature_and_message(signature, message_hash, hasher=None)
+    except Exception as exc:  # coincurve raises a bare Exception on failure
+        raise InvalidRequest(f"signature does not recover: {exc}", code="invalid_signature") from None
+    return key.format(compressed=True)
+
+
+def kms_message(app_id: bytes, app_public_key: bytes) -> bytes:
+    """The hash the KMS signs to vouch for an app key: ``keccak256("dstack-kms-issued:" || app_id || pub)``."""
+    return keccak256(KMS_ISSUED_TAG + b":" + app_id + app_public_key)
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    """Compare secrets or digests without leaking where they differ."""
+    return hmac.compare_digest(a, b)

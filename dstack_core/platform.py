@@ -1,0 +1,168 @@
+"""The platform façade: the only code that calls ``pm.hook``.
+
+It gives the rest of the core a typed, async API over the synchronous hooks, runs each
+hook in a worker thread, checks what comes back, and turns foreign exceptions into
+:class:`~dstack_core.errors.PlatformError` so a plugin bug becomes a clean 500 with its
+traceback in the log rather than an unexplained crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pluggy
+
+from .errors import DstackError, InvalidRequest, PlatformError
+from .eventlog import TdxEvent
+from .types import (
+    REPORT_DATA_LENGTH,
+    RTMR_LENGTH,
+    Measurements,
+    PlatformConfig,
+    PlatformEvidence,
+    PlatformInfo,
+    Quote,
+    RootKey,
+    TrustBundle,
+)
+
+__all__ = ["Platform", "RUNTIME_RTMR"]
+
+RUNTIME_RTMR = 3
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Platform:
+    """Typed access to the one loaded platform plugin.
+
+    Construct with :meth:`from_plugin_manager`; call :meth:`configure` once before use and
+    :meth:`close` at shutdown.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, info: PlatformInfo) -> None:
+        self._pm = pm
+        self.info = info
+
+    @classmethod
+    def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Platform:
+        """Wrap a manager made by :func:`dstack_core.plugins.load_platform`."""
+        info = cls._check("platform_info", _call_sync(pm, "platform_info"), PlatformInfo)
+        return cls(pm, info)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    # --- lifecycle (synchronous: start-up and shutdown happen outside the event loop) ---
+
+    def configure(self, config: PlatformConfig) -> None:
+        """Run every ``configure`` hook; errors propagate (start-up fails closed)."""
+        _call_sync(self._pm, "configure", config=config)
+
+    def close(self) -> None:
+        """Run every ``unconfigure`` hook, logging (not raising) failures."""
+        try:
+            _call_sync(self._pm, "unconfigure")
+        except DstackError as exc:
+            log.warning("platform %s failed to unconfigure: %s", self.name, exc)
+
+    def derive_root_key_sync(self) -> RootKey:
+        return self._check("derive_root_key", _call_sync(self._pm, "derive_root_key"), RootKey)
+
+    def read_measurements_sync(self) -> Measurements:
+        return self._check(
+            "read_measurements", _call_sync(self._pm, "read_measurements"), Measurements
+        )
+
+    def trust_bundle_sync(self, state_dir: Path) -> TrustBundle | None:
+        """The simulated platform's trust anchors, or None when it publishes none."""
+        if not self._pm.hook.trust_bundle.get_hookimpls():
+            return None
+        return self._check(
+            "trust_bundle", _call_sync(self._pm, "trust_bundle", state_dir=state_dir), TrustBundle
+        )
+
+    # --- request-time hooks (async, off the event loop) ---
+
+    async def get_quote(self, report_data: bytes) -> Quote:
+        _check_report_data(report_data)
+        quote = self._check(
+            "get_quote", await self._call("get_quote", report_data=report_data), Quote
+        )
+        return quote
+
+    async def attest(self, report_data: bytes) -> PlatformEvidence:
+        _check_report_data(report_data)
+        return self._check(
+            "attest", await self._call("attest", report_data=report_data), PlatformEvidence
+        )
+
+    async def boot_event_log(self) -> tuple[TdxEvent, ...]:
+        events = await self._call("boot_event_log")
+        if not isinstance(events, tuple | list) or not all(
+            isinstance(e, TdxEvent) for e in events
+        ):
+            raise self._bad_result("boot_event_log", events, "a tuple of TdxEvent")
+        return tuple(events)
+
+    async def read_measurements(self) -> Measurements:
+        return self._check(
+            "read_measurements", await self._call("read_measurements"), Measurements
+        )
+
+    async def extend_rtmr(self, digest: bytes) -> None:
+        """Extend RTMR3 (the only register the core ever extends) by a 48-byte digest."""
+        if len(digest) != RTMR_LENGTH:
+            raise InvalidRequest(f"an RTMR digest is {RTMR_LENGTH} bytes, got {len(digest)}")
+        await self._call("extend_rtmr", index=RUNTIME_RTMR, digest=digest)
+
+    # --- plumbing ---
+
+    async def _call(self, hook: str, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+
+    @classmethod
+    def _check(cls, hook: str, value: Any, expected: type[T]) -> T:
+        if not isinstance(value, expected):
+            raise cls._bad_result(hook, value, expected.__name__)
+        return value
+
+    @staticmethod
+    def _bad_result(hook: str, value: Any, expected: str) -> PlatformError:
+        log.error("platform hook %s returned %r, expected %s", hook, value, expected)
+        return PlatformError(
+            f"platform hook {hook} returned {type(value).__name__}, expected {expected}",
+            code="platform_contract_violation",
+        )
+
+
+def _check_report_data(report_data: bytes) -> None:
+    if len(report_data) != REPORT_DATA_LENGTH:
+        raise InvalidRequest(f"report data must be {REPORT_DATA_LENGTH} bytes here")
+
+
+def _call_sync(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
+    try:
+        result = getattr(pm.hook, hook)(**kwargs)
+    except DstackError:
+        raise
+    except Exception as exc:
+        log.exception("platform hook %s raised an unexpected exception", hook)
+        raise PlatformError(
+            f"platform hook {hook} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if inspect.isawaitable(result):
+        # pluggy has no async hooks; a coroutine would be silently taken as the answer.
+        if inspect.iscoroutine(result):
+            result.close()
+        raise PlatformError(
+            f"platform hook {hook} returned an awaitable; hook implementations are synchronous",
+            code="platform_contract_violation",
+        )
+    return result

@@ -1,0 +1,115 @@
+"""Finding and loading the one platform plugin, failing closed.
+
+Platforms are registered in the entry-point group ``dstack_core.platforms`` (built-in ones
+exactly like third-party ones). Selection is explicit: the caller names a platform, and an
+unknown, duplicated, unimportable or incomplete plugin stops start-up with a message that
+names what is installed. There is no fallback, ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib.metadata import EntryPoint, entry_points
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+__all__ = ["ENTRY_POINT_GROUP", "InstalledPlatform", "installed_platforms", "load_platform"]
+
+ENTRY_POINT_GROUP = "dstack_core.platforms"
+TRACE_ENV = "DSTACK_TRACE_PLUGINS"
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen(kw_only=True)
+class InstalledPlatform:
+    """An entry point in ``dstack_core.platforms``, not yet imported."""
+
+    name: str
+    value: str
+    distribution: str
+
+    @classmethod
+    def from_entry_point(cls, ep: EntryPoint) -> InstalledPlatform:
+        dist = ep.dist
+        where = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+        return cls(name=ep.name, value=ep.value, distribution=where)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.value}, from {self.distribution})"
+
+
+def _entry_points() -> list[EntryPoint]:
+    return list(entry_points(group=ENTRY_POINT_GROUP))
+
+
+def installed_platforms() -> list[InstalledPlatform]:
+    """Every registered platform entry point, sorted by name; nothing is imported."""
+    return sorted(
+        (InstalledPlatform.from_entry_point(ep) for ep in _entry_points()),
+        key=lambda p: (p.name, p.distribution),
+    )
+
+
+def _installed_summary(platforms: list[InstalledPlatform]) -> str:
+    if not platforms:
+        return "no platform plugins are installed (group dstack_core.platforms)"
+    return "installed: " + ", ".join(p.describe() for p in platforms)
+
+
+def load_platform(name: str | None) -> pluggy.PluginManager:
+    """Load the platform called ``name`` into a fresh plugin manager.
+
+    :returns: a plugin manager with the hook specs and exactly that one plugin registered.
+    :raises PluginError: no name given, no such platform, several distributions provide the
+        name, the plugin fails to import or to instantiate, or it lacks a required hook.
+    """
+    available = installed_platforms()
+    if not name:
+        raise PluginError(
+            "no platform selected: pass --platform NAME, set DSTACK_PLATFORM or 'platform' "
+            f"in the config file; {_installed_summary(available)}"
+        )
+    matches = [ep for ep in _entry_points() if ep.name == name]
+    if not matches:
+        raise PluginError(f"unknown platform {name!r}; {_installed_summary(available)}")
+    if len(matches) > 1:
+        # pluggy would silently keep one of them; a choice by install order is not a choice.
+        providers = ", ".join(InstalledPlatform.from_entry_point(ep).describe() for ep in matches)
+        raise PluginError(f"conflicting plugins for platform {name!r}, provided by: {providers}")
+    (ep,) = matches
+    where = InstalledPlatform.from_entry_point(ep).describe()
+    try:
+        loaded = ep.load()
+    except Exception as exc:
+        raise PluginError(
+            f"platform plugin {where} failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        plugin = loaded() if isinstance(loaded, type) else loaded
+    except Exception as exc:
+        raise PluginError(
+            f"platform plugin {where} failed to initialise: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    try:
+        pm.register(plugin, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"platform plugin {where} is invalid: {exc}") from exc
+    missing = [h for h in hookspecs.REQUIRED_HOOKS if not getattr(pm.hook, h).get_hookimpls()]
+    if missing:
+        raise PluginError(
+            f"platform plugin {where} does not implement required hooks: {', '.join(missing)}"
+        )
+    if os.environ.get(TRACE_ENV) == "1":
+        pm.trace.root.setwriter(lambda msg: log.debug("pluggy: %s", msg.rstrip()))
+        pm.enable_tracing()
+    return pm

@@ -1,0 +1,252 @@
+"""The aiohttp application: routes, method tables and the error middleware.
+
+Handlers are thin: decode the arguments with the method's schema, call the
+:class:`~dstack_core.service.AgentService`, serialise the result. Paths:
+
+* ``/<Method>`` and ``/prpc/<Method>``: the DstackGuest service (GET query or POST JSON);
+* ``/prpc/Tappd.<Method>`` (and ``/prpc/<Method>`` for Tappd-only names): legacy Tappd.
+
+Every response is JSON with a Content-Length; errors are ``{"error", "code"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import attrs
+from aiohttp import web
+
+from ..errors import DstackError, NotFound, PayloadTooLarge
+from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
+from .codec import Field, Schema, decode_args, parse_json_body, parse_query, to_json_bytes
+
+__all__ = ["create_app", "SERVICE_KEY", "DEFAULT_MAX_BODY", "DSTACK_METHODS", "TAPPD_METHODS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
+SERVICE_KEY: Final = web.AppKey("service", AgentService)
+TAPPD_PREFIX: Final = "Tappd."
+
+Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@attrs.frozen
+class Method:
+    schema: Schema
+    handler: Handler
+
+
+REPORT_DATA: Final = (Field("report_data", "bytes"),)
+KEY_ARGS: Final = (Field("path", "str"), Field("purpose", "str"), Field("algorithm", "str"))
+TLS_ARGS: Final = (
+    Field("subject", "str"),
+    Field("alt_names", "str_list"),
+    Field("usage_ra_tls", "bool"),
+    Field("usage_server_auth", "bool"),
+    Field("usage_client_auth", "bool"),
+)
+
+
+def _tls_response(result: TlsKeyResult) -> dict[str, Any]:
+    return {"key": result.key, "certificate_chain": list(result.certificate_chain)}
+
+
+def _quote_response(result: QuoteResult) -> dict[str, Any]:
+    return {
+        "quote": result.quote.hex(),
+        "event_log": result.event_log,
+        "report_data": result.report_data.hex(),
+        "vm_config": result.vm_config,
+    }
+
+
+async def _get_tls_key(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    return _tls_response(await svc.get_tls_key(TlsKeyRequest(**a)))
+
+
+async def _get_key(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    key = svc.get_key(**a)
+    return {"key": key.secret.hex(), "signature_chain": [s.hex() for s in key.signature_chain]}
+
+
+async def _get_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    return _quote_response(await svc.get_quote(a["report_data"]))
+
+
+async def _attest(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    return {"attestation": (await svc.attest(a["report_data"])).hex()}
+
+
+async def _info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    info = await svc.info()
+    return {
+        k: v.hex() if isinstance(v, bytes) else v for k, v in attrs.asdict(info).items()
+    }
+
+
+async def _emit_event(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    await svc.emit_event(**a)
+    return {}
+
+
+async def _sign(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    sig = svc.sign(**a)
+    return {
+        "signature": sig.signature.hex(),
+        "signature_chain": [s.hex() for s in sig.signature_chain],
+        "public_key": sig.public_key.hex(),
+    }
+
+
+async def _verify(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    return {"valid": svc.verify(**a)}
+
+
+async def _version(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    version, rev = svc.version()
+    return {"version": version, "rev": rev}
+
+
+async def _gpu_info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    return {"attestation": svc.gpu_info()}
+
+
+async def _derive_key(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    path, random_seed = a.pop("path"), a.pop("random_seed")
+    request = TlsKeyRequest(**a)
+    return _tls_response(await svc.derive_tls_key(path=path, random_seed=random_seed, request=request))
+
+
+async def _derive_k256_key(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    key = svc.get_key(**a)
+    return {
+        "k256_key": key.secret.hex(),
+        "k256_signature_chain": [s.hex() for s in key.signature_chain],
+    }
+
+
+async def _tdx_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    result, algorithm, prefix = await svc.tdx_quote(**a)
+    return {
+        "quote": result.quote.hex(),
+        "event_log": result.event_log,
+        "hash_algorithm": algorithm,
+        "prefix": prefix,
+    }
+
+
+async def _raw_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    return await _tdx_quote(
+        svc, {"report_data": a["report_data"], "hash_algorithm": "raw", "prefix": ""}
+    )
+
+
+DSTACK_METHODS: Final[dict[str, Method]] = {
+    "GetTlsKey": Method(
+        TLS_ARGS
+        + (
+            Field("not_before", "u64"),
+            Field("not_after", "u64"),
+            Field("with_app_info", "bool"),
+        ),
+        _get_tls_key,
+    ),
+    "GetKey": Method(KEY_ARGS, _get_key),
+    "GetQuote": Method(REPORT_DATA, _get_quote),
+    "Attest": Method(REPORT_DATA, _attest),
+    "Info": Method((), _info),
+    "EmitEvent": Method((Field("event", "str"), Field("payload", "bytes")), _emit_event),
+    "Sign": Method((Field("algorithm", "str"), Field("data", "bytes")), _sign),
+    "Verify": Method(
+        (
+            Field("algorithm", "str"),
+            Field("data", "bytes"),
+            Field("signature", "bytes"),
+            Field("public_key", "bytes"),
+        ),
+        _verify,
+    ),
+    "Version": Method((), _version),
+    "GpuInfo": Method((), _gpu_info),
+}
+
+TAPPD_METHODS: Final[dict[str, Method]] = {
+    "DeriveKey": Method((Field("path", "str"),) + TLS_ARGS + (Field("random_seed", "bool"),), _derive_key),
+    "DeriveK256Key": Method(KEY_ARGS, _derive_k256_key),
+    "TdxQuote": Method(
+        REPORT_DATA + (Field("hash_algorithm", "str"), Field("prefix", "str")), _tdx_quote
+    ),
+    "RawQuote": Method(REPORT_DATA, _raw_quote),
+    "Info": DSTACK_METHODS["Info"],
+    "Version": DSTACK_METHODS["Version"],
+}
+
+
+def _json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=to_json_bytes(obj), status=status, content_type="application/json")
+
+
+async def _call(request: web.Request, method: Method) -> web.Response:
+    if request.method == "POST":
+        doc = parse_json_body(await request.read()) if method.schema else {}
+    else:
+        doc = parse_query(request.query, method.schema)
+    args = decode_args(method.schema, doc)
+    return _json_response(await method.handler(request.app[SERVICE_KEY], args))
+
+
+async def _dstack(request: web.Request) -> web.Response:
+    name = request.match_info["method"]
+    method = DSTACK_METHODS.get(name)
+    if method is None:
+        raise NotFound(f"Service not found: {name}")
+    return await _call(request, method)
+
+
+async def _prpc(request: web.Request) -> web.Response:
+    name = request.match_info["method"]
+    if name.startswith(TAPPD_PREFIX):
+        while name.startswith(TAPPD_PREFIX):
+            name = name[len(TAPPD_PREFIX):]
+        method = TAPPD_METHODS.get(name)
+    else:
+        method = DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
+    if method is None:
+        raise NotFound(f"Service not found: {request.match_info['method']}")
+    return await _call(request, method)
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except DstackError as exc:
+        if exc.http_status >= 500:
+            log.warning("%s %s failed: %s", request.method, request.path, exc)
+        return _json_response(exc.to_json(), exc.http_status)
+    except web.HTTPRequestEntityTooLarge as exc:
+        err = PayloadTooLarge(f"failed to read data: payload too large ({exc.text})")
+        return _json_response(err.to_json(), err.http_status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return _json_response({"error": exc.reason, "code": code}, exc.status)
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return _json_response({"error": "internal error", "code": "internal_error"}, 500)
+
+
+def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
+    app = web.Application(middlewares=[_errors], client_max_size=max_body)
+    app[SERVICE_KEY] = service
+    for verb in ("GET", "POST"):
+        app.router.add_route(verb, "/prpc/{method}", _prpc)
+        app.router.add_route(verb, "/{method}", _dstack)
+    return app

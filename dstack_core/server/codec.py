@@ -1,0 +1,189 @@
+"""Request decoding for the pRPC-over-HTTP wire format, strictly typed.
+
+Rules (agent-api.md section 2.3, our deliberate differences in docs/api.md):
+
+* POST bodies are a JSON object; an empty body means "all defaults". GET takes the same
+  fields from the query string (``alt_names[0]=a``, ``alt_names[]=a`` or repeated keys).
+* Missing fields take their defaults; unknown fields are ignored, as upstream does.
+* Types are checked: strings must be strings, booleans booleans, integers non-negative
+  integers. ``bytes`` fields are hex strings; a leading ``0x`` and upper case are accepted.
+* Anything else is :class:`~dstack_core.errors.InvalidRequest` naming the field.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+import attrs
+from multidict import MultiMapping
+
+from ..errors import InvalidRequest
+
+__all__ = ["Field", "Schema", "parse_json_body", "parse_query", "decode_args", "to_json_bytes"]
+
+Kind = Literal["str", "bytes", "bool", "u64", "str_list"]
+U64_MAX: Final = 2**64 - 1
+_INDEXED_KEY: Final = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>\d*)\]$")
+
+
+@attrs.frozen
+class Field:
+    """One request field: its wire name, kind and default (``None`` only for ``u64``)."""
+
+    name: str
+    kind: Kind
+    default: Any = None
+
+    def decode(self, value: Any) -> Any:
+        if self.kind == "u64" and value is None:
+            return None
+        decoder = _DECODERS[self.kind]
+        return decoder(self.name, value)
+
+    def default_value(self) -> Any:
+        if self.default is not None or self.kind == "u64":
+            return self.default
+        return {"str": "", "bytes": b"", "bool": False, "str_list": ()}[self.kind]
+
+
+Schema = tuple[Field, ...]
+
+
+def _bad(name: str, expected: str, value: Any) -> InvalidRequest:
+    got = "null" if value is None else type(value).__name__
+    return InvalidRequest(f"invalid type for field {name!r}: expected {expected}, got {got}")
+
+
+def _decode_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad(name, "a string", value)
+    return value
+
+
+def _decode_bytes(name: str, value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise _bad(name, "a hex string", value)
+    text = value
+    while text.startswith("0x"):
+        text = text[2:]
+    if len(text) % 2:
+        raise InvalidRequest(f"invalid hex in field {name!r}: odd number of digits", code="invalid_hex")
+    try:
+        return binascii.unhexlify(text)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"invalid hex in field {name!r}", code="invalid_hex") from None
+
+
+def _decode_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(name, "a boolean", value)
+    return value
+
+
+def _decode_u64(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, "an unsigned integer", value)
+    if not 0 <= value <= U64_MAX:
+        raise InvalidRequest(f"field {name!r} is out of range for an unsigned 64-bit integer")
+    return value
+
+
+def _decode_str_list(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _bad(name, "a list of strings", value)
+    for item in value:
+        if not isinstance(item, str):
+            raise _bad(f"{name}[]", "a string", item)
+    return tuple(value)
+
+
+_DECODERS: Final = {
+    "str": _decode_str,
+    "bytes": _decode_bytes,
+    "bool": _decode_bool,
+    "u64": _decode_u64,
+    "str_list": _decode_str_list,
+}
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise InvalidRequest(f"duplicate field {key!r} in the JSON body")
+        doc[key] = value
+    return doc
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidRequest(f"{name} is not valid JSON")
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """Decode a POST body: empty means ``{}``; otherwise exactly one JSON object."""
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not UTF-8", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("request body nests too deeply", code="invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest(
+            f"request body must be a JSON object, got {type(doc).__name__}", code="invalid_json"
+        )
+    return doc
+
+
+def parse_query(query: MultiMapping[str], schema: Schema) -> dict[str, Any]:
+    """Turn a query string into the JSON-shaped values ``decode_args`` expects."""
+    kinds = {f.name: f.kind for f in schema}
+    doc: dict[str, Any] = {}
+    lists: dict[str, list[tuple[int, str]]] = {}
+    for position, (raw_key, value) in enumerate(query.items()):
+        match = _INDEXED_KEY.match(raw_key)
+        key = match["name"] if match else raw_key
+        kind = kinds.get(key)
+        if kind is None:
+            continue
+        if kind == "str_list":
+            index = int(match["index"]) if match and match["index"] else position
+            lists.setdefault(key, []).append((index, value))
+        elif key in doc:
+            raise InvalidRequest(f"duplicate field {key!r} in the query string")
+        elif kind == "bool":
+            if value not in ("true", "false", "1", "0"):
+                raise InvalidRequest(f"invalid boolean for field {key!r}: {value!r}")
+            doc[key] = value in ("true", "1")
+        elif kind == "u64":
+            if not value.isdigit():
+                raise InvalidRequest(f"invalid unsigned integer for field {key!r}: {value!r}")
+            doc[key] = int(value)
+        else:
+            doc[key] = value
+    for key, items in lists.items():
+        doc[key] = [v for _, v in sorted(items, key=lambda item: item[0])]
+    return doc
+
+
+def decode_args(schema: Schema, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply a schema: typed values for known fields, defaults for missing ones."""
+    return {
+        f.name: f.decode(doc[f.name]) if f.name in doc else f.default_value() for f in schema
+    }
+
+
+def to_json_bytes(obj: Any) -> bytes:
+    """Compact, ASCII-only JSON (non-ASCII escaped) as the JS SDK needs it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")

@@ -1,0 +1,59 @@
+"""Crash-safe small files for durable state: write-then-rename, fsync'd, private modes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import StateError
+
+__all__ = ["atomic_write", "fsync_dir", "read_or_create_secret"]
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_or_create_secret(path: Path, size: int) -> bytes:
+    """Read a ``size``-byte secret, creating it (mode 0600) if absent.
+
+    Creation is exclusive, so two processes racing on a fresh state dir agree on one value.
+
+    :raises StateError: the file exists with the wrong length.
+    """
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+        atomic_write(tmp, os.urandom(size), mode=0o600)
+        try:
+            # link() fails if the name exists: the first writer wins, whole, never half-written.
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    data = path.read_bytes()
+    if len(data) != size:
+        raise StateError(f"{path} must hold exactly {size} bytes, found {len(data)}")
+    return data
