@@ -144,7 +144,7 @@ class Envelope:
             raise EvidenceError(f"{len(data) - stream.tell()} trailing bytes after the envelope")
         # cbor2 strips the self-describe tag itself; accept either shape.
         doc = tagged.value if isinstance(tagged, cbor2.CBORTag) else tagged
-        if not isinstance(doc, dict) or doc.get("format") != ENVELOPE_FORMAT:
+        if not isinstance(doc, Mapping) or doc.get("format") != ENVELOPE_FORMAT:
             raise EvidenceError(f"envelope format is not {ENVELOPE_FORMAT!r}")
         version = doc.get("version")
         if version != ENVELOPE_VERSION:
@@ -152,7 +152,7 @@ class Envelope:
         doc = _expect_map(
             doc, "envelope", _TOP_KEYS, required=_TOP_KEYS - {"extra", "app_info"}
         )
-        events = _expect(doc["event_log"], list, "event_log")
+        events = _expect(doc["event_log"], (list, tuple), "event_log")
         if len(events) > MAX_EVENTS:
             raise EvidenceError(f"event log has more than {MAX_EVENTS} events")
         evidence_format = _expect(doc["evidence_format"], str, "evidence_format")
@@ -167,7 +167,7 @@ class Envelope:
                 report_data=_expect(doc["report_data"], bytes, "report_data"),
                 vm_config=_expect(doc["vm_config"], str, "vm_config"),
                 app_info=AppInfo.from_cbor_map(doc.get("app_info", {})),
-                extra=_expect(doc.get("extra", {}), dict, "extra"),
+                extra=dict(_expect(doc.get("extra", {}), Mapping, "extra")),
             )
         except ValueError as exc:
             raise EvidenceError(f"invalid envelope: {exc}") from None
@@ -221,17 +221,18 @@ def _event_from_map(value: Any, index: int) -> TdxEvent:
         raise EvidenceError(f"invalid {where}: {exc}") from None
 
 
-def _expect(value: Any, kind: type, where: str) -> Any:
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     # bool is an int subclass; an envelope never carries booleans where integers belong.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise EvidenceError(f"{where} must be {kind.__name__}, got {type(value).__name__}")
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise EvidenceError(f"{where} must be {names}, got {type(value).__name__}")
     return value
 
 
 def _expect_map(
     value: Any, where: str, allowed: frozenset[str], *, required: frozenset[str]
-) -> dict[str, Any]:
-    if not isinstance(value, dict):
+) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
         raise EvidenceError(f"{where} must be a map, got {type(value).__name__}")
     unknown = set(value) - allowed
     if unknown:

@@ -1,0 +1,78 @@
+"""Shared fixtures: real agents in subprocesses, the simulator's trust bundle."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from dstack_core.testing import AgentProcess, short_tempdir
+
+DATA = Path(__file__).parent / "data"
+UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
+
+
+@attrs.frozen
+class Bundle:
+    root_ca_der: bytes
+    collateral_json: str
+
+
+def run_cli(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``dstack-agent ARGS`` as a subprocess, capturing text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "dstack_core.cli", *args],
+        capture_output=True, text=True, check=check, timeout=120,
+        input=input.decode() if input is not None else None,
+    )
+
+
+def trust_bundle_for(state_dir: Path) -> Bundle:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    out = short_tempdir("bundle")
+    run_cli("simulator", "trust-bundle", "--state-dir", str(state_dir), "--out", str(out))
+    root = x509.load_pem_x509_certificate((out / "root_ca.pem").read_bytes())
+    bundle = Bundle(root.public_bytes(Encoding.DER), (out / "collateral.json").read_text())
+    shutil.rmtree(out)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[AgentProcess]:
+    """A simulator agent with freshly generated keys, shared by a test module."""
+    proc = AgentProcess("simulator").start()
+    yield proc
+    proc.stop()
+    shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def upstream_agent() -> Iterator[AgentProcess]:
+    """A simulator agent on upstream's simulator app keys (for known-answer tests)."""
+    proc = AgentProcess("simulator", extra_args=["--appkeys", str(UPSTREAM_APPKEYS)]).start()
+    yield proc
+    proc.stop()
+    shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def bundle(agent: AgentProcess) -> Bundle:
+    """The trust bundle published for ``agent``'s state dir, while it serves."""
+    return trust_bundle_for(agent.state_dir)
+
+
+@pytest.fixture
+def fresh_agent() -> Iterator[AgentProcess]:
+    """An agent of its own for tests that restart, kill or reconfigure it."""
+    proc = AgentProcess("simulator")
+    yield proc
+    if proc.proc is not None:
+        proc.stop()
+    shutil.rmtree(proc.workdir, ignore_errors=True)
