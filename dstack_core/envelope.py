@@ -167,7 +167,7 @@ class Envelope:
                 report_data=_expect(doc["report_data"], bytes, "report_data"),
                 vm_config=_expect(doc["vm_config"], str, "vm_config"),
                 app_info=AppInfo.from_cbor_map(doc.get("app_info", {})),
-                extra=dict(_expect(doc.get("extra", {}), Mapping, "extra")),
+                extra=_thaw(_expect(doc.get("extra", {}), Mapping, "extra")),
             )
         except ValueError as exc:
             raise EvidenceError(f"invalid envelope: {exc}") from None
@@ -190,6 +190,15 @@ def sniff_envelope(data: bytes) -> Literal["dstack-core", "upstream-v0", "upstre
     if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
         return "upstream-v1"
     return None
+
+
+def _thaw(value: Any) -> Any:
+    # cbor2 hands back immutable containers inside tags; callers expect plain ones.
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
 
 
 def _event_to_map(event: TdxEvent) -> dict[str, Any]:

@@ -1,0 +1,135 @@
+"""The CBOR attestation envelope: canonical, self-identifying, strictly decoded."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dstack_core.envelope import ENVELOPE_MAGIC, AppInfo, Envelope, sniff_envelope
+from dstack_core.errors import EvidenceError
+from dstack_core.eventlog import TdxEvent, runtime_event
+
+
+def sample(**overrides) -> Envelope:
+    values = dict(
+        platform="simulator",
+        evidence_format="tdx",
+        quote=b"\x04\x00" + bytes(100),
+        event_log=(
+            TdxEvent(imr=0, event_type=10, digest=bytes(48), event="acpi-loader", event_payload=b"ACPI DATA"),
+            runtime_event("app-id", bytes(20)),
+            runtime_event("compose-hash", b"\x01" * 32, version=2),
+        ),
+        report_data=bytes(range(64)),
+        vm_config='{"os_image_hash":"00"}',
+        app_info=AppInfo(app_id=bytes(20), compose_hash=b"\x01" * 32),
+    )
+    values.update(overrides)
+    return Envelope(**values)
+
+
+def reencode(doc) -> bytes:
+    return cbor2.dumps(cbor2.CBORTag(55799, doc), canonical=True)
+
+
+def as_doc(envelope: Envelope) -> dict:
+    return dict(cbor2.loads(envelope.to_cbor()))
+
+
+class TestEncoding:
+    def test_round_trip(self):
+        """to_cbor/from_cbor round-trips every field, v2 events included."""
+        env = sample(extra={"cert_chain": [b"a", b"b"]})
+        assert Envelope.from_cbor(env.to_cbor()) == env
+
+    def test_canonical_and_deterministic(self):
+        """The encoding is canonical: equal values give equal bytes, re-encoding is stable."""
+        data = sample().to_cbor()
+        assert data == sample().to_cbor()
+        assert reencode(as_doc(sample())) == data
+
+    def test_first_bytes_differ_from_upstream(self):
+        """Our envelope starts d9 d9 f7, never 0x00 (upstream V0) or a msgpack map (V1)."""
+        data = sample().to_cbor()
+        assert data.startswith(ENVELOPE_MAGIC)
+        assert sniff_envelope(data) == "dstack-core"
+        assert sniff_envelope(b"\x00\x00") == "upstream-v0"
+        assert sniff_envelope(b"\x83\xa7version") == "upstream-v1"
+        assert sniff_envelope(b"\xde\x00\x03") == "upstream-v1"
+        assert sniff_envelope(b"") is None and sniff_envelope(b"{") is None
+
+    def test_platform_tag_is_inside(self):
+        """The platform tag is part of the encoded map, so simulator output says so."""
+        assert as_doc(sample())["platform"] == "simulator"
+        assert Envelope.from_cbor(sample(platform="tdx").to_cbor()).simulated is False
+        assert Envelope.from_cbor(sample().to_cbor()).simulated is True
+
+    def test_report_data_length_enforced(self):
+        """An envelope's report_data is exactly 64 bytes."""
+        with pytest.raises(ValueError):
+            sample(report_data=bytes(63))
+
+
+class TestStrictDecoding:
+    @pytest.mark.parametrize(
+        ("mutate", "message"),
+        [
+            (lambda d: d.update(version=2), "unsupported envelope version"),
+            (lambda d: d.update(format="other"), "format"),
+            (lambda d: d.pop("quote"), "missing keys"),
+            (lambda d: d.update(surprise=1), "unknown keys"),
+            (lambda d: d.update(quote="text"), "quote must be bytes"),
+            (lambda d: d.update(report_data=bytes(65)), "report_data"),
+            (lambda d: d.update(evidence_format="sgx"), "evidence_format"),
+            (lambda d: d.update(event_log=[{"imr": True}]), "event_log"),
+            (lambda d: d.update(event_log=[{"imr": 9, "type": 1, "digest": b"", "event": "", "payload": b""}]), "event_log"),
+            (lambda d: d.update(platform=""), "platform"),
+        ],
+    )
+    def test_rejects_malformed_maps(self, mutate, message):
+        """Unknown versions, missing/unknown keys and wrong types are EvidenceError."""
+        doc = as_doc(sample())
+        doc["event_log"] = list(doc["event_log"])
+        mutate(doc)
+        with pytest.raises(EvidenceError, match=message):
+            Envelope.from_cbor(reencode(doc))
+
+    def test_rejects_trailing_bytes(self):
+        """Bytes after the envelope are an error, not ignored."""
+        with pytest.raises(EvidenceError, match="trailing"):
+            Envelope.from_cbor(sample().to_cbor() + b"\x00")
+
+    def test_rejects_truncation_everywhere(self):
+        """Every truncation of a valid envelope is a clean EvidenceError."""
+        data = sample().to_cbor()
+        for cut in range(len(data)):
+            with pytest.raises(EvidenceError):
+                Envelope.from_cbor(data[:cut])
+
+    def test_rejects_huge(self):
+        """Inputs over 10 MiB are refused before decoding."""
+        with pytest.raises(EvidenceError, match="larger than"):
+            Envelope.from_cbor(ENVELOPE_MAGIC + bytes(10 * 1024 * 1024))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=512))
+    def test_fuzz_random_bytes(self, tail):
+        """Random bytes after the magic raise only EvidenceError."""
+        try:
+            Envelope.from_cbor(ENVELOPE_MAGIC + tail)
+        except EvidenceError:
+            pass
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.data())
+    def test_fuzz_mutations(self, data):
+        """Byte flips of a valid envelope decode or raise EvidenceError, nothing else."""
+        raw = bytearray(sample().to_cbor())
+        for _ in range(data.draw(st.integers(1, 4))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        try:
+            Envelope.from_cbor(bytes(raw))
+        except EvidenceError:
+            pass
