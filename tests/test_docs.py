@@ -1,0 +1,75 @@
+"""Documentation that must stay in step with the code."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from dstack_core import hookspecs
+
+DOCS = Path(__file__).parent.parent / "docs"
+HOOK_HEADING = re.compile(r"^### `(?P<signature>(?P<name>\w+)\(.*\) -> .+)`$", re.M)
+HOOK_FLAGS = re.compile(r"- firstresult: (?P<first>yes|no); required: (?P<required>yes|no)")
+
+
+def spec_functions() -> dict[str, object]:
+    return {
+        name: getattr(hookspecs, name)
+        for name in hookspecs.__all__
+        if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")
+    }
+
+
+def signature_of(fn) -> str:
+    annotations = fn.__annotations__
+    params = ", ".join(f"{p}: {annotations[p]}" for p in inspect.signature(fn).parameters)
+    return f"{fn.__name__}({params}) -> {annotations['return']}"
+
+
+def documented_hooks() -> dict[str, tuple[str, str, str]]:
+    text = (DOCS / "plugins" / "hooks.md").read_text()
+    hooks = {}
+    for match in HOOK_HEADING.finditer(text):
+        flags = HOOK_FLAGS.search(text, match.end())
+        assert flags is not None, f"no flags line after {match['name']}"
+        hooks[match["name"]] = (match["signature"], flags["first"], flags["required"])
+    return hooks
+
+
+class TestHooksDoc:
+    def test_every_hook_is_documented_exactly(self):
+        """hooks.md lists every hook spec under its exact signature, and nothing else."""
+        specs = spec_functions()
+        documented = documented_hooks()
+        assert set(documented) == set(specs)
+        for name, fn in specs.items():
+            assert documented[name][0] == signature_of(fn)
+
+    def test_flags_match_specs(self):
+        """hooks.md states firstresult and required/optional as the specs define them."""
+        for name, fn in spec_functions().items():
+            opts = getattr(fn, f"{hookspecs.PROJECT_NAME}_spec")
+            _, first, required = documented_hooks()[name]
+            assert (first == "yes") == opts["firstresult"], name
+            assert (required == "yes") == (name in hookspecs.REQUIRED_HOOKS), name
+
+    def test_every_spec_has_a_contract_docstring(self):
+        """Each hook spec's docstring states what it returns or raises and since when."""
+        for name, fn in spec_functions().items():
+            doc = fn.__doc__ or ""
+            assert ".. versionadded::" in doc, name
+            assert ":returns:" in doc or ":raises" in doc or "-> None" in signature_of(fn), name
+
+
+class TestReadme:
+    def test_starts_with_the_two_commands(self):
+        """The README opens with the run and test commands, and both scripts exist."""
+        readme = (DOCS.parent / "README.md").read_text()
+        block = readme.split("```sh", 1)[1].split("```", 1)[0]
+        commands = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+        assert commands == ["scripts/serve-simulator", "scripts/test"]
+        for command in commands:
+            assert (DOCS.parent / command).stat().st_mode & 0o111
+        ci = (DOCS.parent / ".ci" / "run").read_text()
+        assert "scripts/test" in ci
