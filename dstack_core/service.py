@@ -284,13 +284,27 @@ class AgentService:
             await asyncio.to_thread(self._log.begin, record)
             try:
                 await self.platform.extend_rtmr(record.digest)
-            except BaseException:
-                # The register did not move (or we cannot know): start-up recovery decides
-                # from the register value, so only drop the record when the hook failed cleanly.
-                await asyncio.to_thread(self._log.abort)
-                raise
-            await asyncio.to_thread(self._log.commit, record)
+            except Exception:
+                if await self._settle_failed_extend() != "committed":
+                    raise
+                log.warning("extend_rtmr failed after the register moved; event %r recorded", event)
+            else:
+                await asyncio.to_thread(self._log.commit, record)
             self._runtime_events.append(record.to_tdx_event())
+
+    async def _settle_failed_extend(self) -> str:
+        """After a failed extend, let the register decide whether the event happened.
+
+        A kernel may fail after extending; dropping the write-ahead record then would leave
+        a log that no longer replays. Recovery compares with RTMR3 and commits or discards;
+        if even that fails, the record stays for start-up recovery.
+        """
+        try:
+            rtmr3 = (await self.platform.read_measurements()).rtmrs[3]
+            return await asyncio.to_thread(self._log.recover, rtmr3)
+        except Exception:
+            log.exception("could not settle a failed RTMR3 extension; left for start-up")
+            return "unsettled"
 
     async def info(self) -> InfoResult:
         """Info: identity and measurements, from a fresh quote over zero report data."""
