@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -383,7 +383,7 @@ class AgentService:
                 app_info = envelope.app_info.to_cbor()
         cert_request = attrs.evolve(cert_request, attestation=attestation, app_info=app_info)
         cert = certs.issue_certificate(
-            ca, key.public_key(), cert_request, now=datetime.now(timezone.utc)
+            ca, key.public_key(), cert_request, now=datetime.now(UTC)
         )
         return TlsKeyResult(
             key=certs.private_key_pem(key),

@@ -23,10 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,9 +41,9 @@ from dstack_core import (
     RootKey,
     StateError,
     __version__,
+    certs,
     hookimpl,
 )
-from dstack_core import certs
 from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog, TdxEvent, extend, replay
 from dstack_core.mockpki import MOCK_TD_ATTRIBUTES, SIMULATOR_USER_DATA, MockIntelPki
 from dstack_core.quote import TdReport
@@ -91,7 +90,7 @@ DEFAULT_SYS_CONFIG: Final = {
 
 def _new_root_key() -> RootKey:
     ca_key = certs.new_tls_key()
-    ca = certs.new_app_ca(ca_key, now=datetime.now(timezone.utc))
+    ca = certs.new_app_ca(ca_key, now=datetime.now(UTC))
     return RootKey(
         k256_key=secrets.token_bytes(32),
         disk_crypt_key=secrets.token_bytes(32),
