@@ -21,6 +21,7 @@ from typing import Final, Literal
 
 import attrs
 import coincurve
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 from Crypto.Hash import keccak
@@ -235,21 +236,23 @@ def verify_signature(algorithm: str, data: bytes, signature: bytes, public_key: 
             raise InvalidRequest("invalid public key", code="invalid_public_key")
         if len(signature) != ED25519_SIGNATURE_LENGTH:
             raise InvalidRequest("invalid signature length", code="invalid_signature")
-        try:
-            verify_key = nacl.signing.VerifyKey(public_key)
-        except (nacl.exceptions.CryptoError, ValueError):
-            raise InvalidRequest("invalid public key", code="invalid_public_key") from None
+        # PyNaCl does not check the point; upstream (dalek) refuses keys that are not one.
+        if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
+            raise InvalidRequest("invalid public key", code="invalid_public_key")
+        verify_key = nacl.signing.VerifyKey(public_key)
         try:
             verify_key.verify(data, signature)
         except nacl.exceptions.BadSignatureError:
             return False
         return True
+    # SEC1 compressed or uncompressed only: libsecp256k1 also takes "hybrid" 06/07 keys,
+    # which upstream's k256 refuses.
+    if (len(public_key), public_key[:1]) not in _SEC1_FORMS:
+        raise InvalidRequest("invalid public key", code="invalid_public_key")
     try:
         key = coincurve.PublicKey(public_key)
     except (ValueError, TypeError):
         raise InvalidRequest("invalid public key", code="invalid_public_key") from None
-    if len(public_key) not in (33, 65):
-        raise InvalidRequest("invalid public key", code="invalid_public_key")
     if len(signature) != COMPACT_SIGNATURE_LENGTH:
         raise InvalidRequest(
             "signature error: expected 64 bytes r || s", code="invalid_signature"
@@ -270,6 +273,7 @@ def verify_signature(algorithm: str, data: bytes, signature: bytes, public_key: 
     return bool(key.verify(der, digest, hasher=None))
 
 
+_SEC1_FORMS: Final = frozenset({(33, b"\x02"), (33, b"\x03"), (65, b"\x04")})
 _SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 

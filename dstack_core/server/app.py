@@ -236,7 +236,14 @@ async def _errors(
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _json_response({"error": exc.reason, "code": code}, exc.status)
+        response = _json_response({"error": exc.reason, "code": code}, exc.status)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except ConnectionResetError:
+        # The client hung up mid-request (e.g. while we read its body): not our bug.
+        log.debug("%s %s: client disconnected", request.method, request.path)
+        return _json_response({"error": "client disconnected", "code": "client_disconnected"}, 400)
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         return _json_response({"error": "internal error", "code": "internal_error"}, 500)
@@ -246,7 +253,8 @@ def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> we
     """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
     app = web.Application(middlewares=[_errors], client_max_size=max_body)
     app[SERVICE_KEY] = service
-    for verb in ("GET", "POST"):
-        app.router.add_route(verb, "/prpc/{method}", _prpc)
-        app.router.add_route(verb, "/{method}", _dstack)
+    # add_get also answers HEAD, as upstream's Rocket routes do.
+    for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
+        app.router.add_get(path, handler)
+        app.router.add_post(path, handler)
     return app

@@ -27,7 +27,9 @@ __all__ = ["Field", "Schema", "parse_json_body", "parse_query", "decode_args", "
 
 Kind = Literal["str", "bytes", "bool", "u64", "str_list"]
 U64_MAX: Final = 2**64 - 1
-_INDEXED_KEY: Final = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>\d*)\]$")
+U64_DIGITS: Final = len(str(U64_MAX))
+_INDEXED_KEY: Final = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>[0-9]*)\]$")
+_ASCII_DIGITS: Final = re.compile(r"[0-9]+")
 
 
 @attrs.frozen
@@ -61,6 +63,11 @@ def _bad(name: str, expected: str, value: Any) -> InvalidRequest:
 def _decode_str(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _bad(name, "a string", value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON "\ud800" escapes decode to lone surrogates, which no UTF-8 consumer accepts.
+        raise InvalidRequest(f"field {name!r} is not valid Unicode (lone surrogate)") from None
     return value
 
 
@@ -95,10 +102,7 @@ def _decode_u64(name: str, value: Any) -> int:
 def _decode_str_list(name: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise _bad(name, "a list of strings", value)
-    for item in value:
-        if not isinstance(item, str):
-            raise _bad(f"{name}[]", "a string", item)
-    return tuple(value)
+    return tuple(_decode_str(f"{name}[]", item) for item in value)
 
 
 _DECODERS: Final = {
@@ -120,7 +124,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _reject_constant(name: str) -> Any:
-    raise InvalidRequest(f"{name} is not valid JSON")
+    raise InvalidRequest(f"{name} is not valid JSON", code="invalid_json")
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
@@ -139,6 +143,9 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         raise InvalidRequest("request body nests too deeply", code="invalid_json") from None
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except ValueError:
+        # Python refuses integers longer than sys.get_int_max_str_digits() (4300 by default).
+        raise InvalidRequest("request body has an integer too long to decode", code="invalid_json") from None
     if not isinstance(doc, dict):
         raise InvalidRequest(
             f"request body must be a JSON object, got {type(doc).__name__}", code="invalid_json"
@@ -158,6 +165,8 @@ def parse_query(query: MultiMapping[str], schema: Schema) -> dict[str, Any]:
         if kind is None:
             continue
         if kind == "str_list":
+            if match and len(match["index"]) > U64_DIGITS:
+                raise InvalidRequest(f"list index for field {key!r} is out of range")
             index = int(match["index"]) if match and match["index"] else position
             lists.setdefault(key, []).append((index, value))
         elif key in doc:
@@ -167,8 +176,12 @@ def parse_query(query: MultiMapping[str], schema: Schema) -> dict[str, Any]:
                 raise InvalidRequest(f"invalid boolean for field {key!r}: {value!r}")
             doc[key] = value in ("true", "1")
         elif kind == "u64":
-            if not value.isdigit():
+            if not _ASCII_DIGITS.fullmatch(value):
                 raise InvalidRequest(f"invalid unsigned integer for field {key!r}: {value!r}")
+            if len(value.lstrip("0")) > U64_DIGITS:
+                raise InvalidRequest(
+                    f"field {key!r} is out of range for an unsigned 64-bit integer"
+                )
             doc[key] = int(value)
         else:
             doc[key] = value
