@@ -29,10 +29,16 @@ DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 MAX_SOCKET_PATH: Final = 107
 
 _PATH_KEYS: Final = ("socket", "state_dir", "appkeys", "app_compose", "sys_config", "runtime_log")
-_KNOWN_KEYS: Final = frozenset(
-    (*_PATH_KEYS, "platform", "socket_mode", "listen", "max_body_size", "platform_options",
-     "reset_state")
-)
+# A string "false" must not turn into a truthy reset_state, so file values are type-checked.
+_KEY_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
+    **dict.fromkeys(_PATH_KEYS, str),
+    "platform": str,
+    "socket_mode": (str, int),
+    "listen": str,
+    "max_body_size": int,
+    "platform_options": dict,
+    "reset_state": bool,
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -98,9 +104,17 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"config file {path} is not valid: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigurationError(f"config file {path} must hold a table/object")
-    unknown = set(doc) - _KNOWN_KEYS
+    unknown = set(doc) - set(_KEY_TYPES)
     if unknown:
         raise ConfigurationError(f"config file {path} has unknown keys: {sorted(unknown)}")
+    for key, value in doc.items():
+        if not isinstance(value, _KEY_TYPES[key]):
+            raise ConfigurationError(
+                f"config file {path}: {key} has the wrong type ({type(value).__name__})"
+            )
+    options = doc.get("platform_options", {})
+    if not all(isinstance(v, str) for v in options.values()):
+        raise ConfigurationError(f"config file {path}: platform_options values must be strings")
     return doc
 
 

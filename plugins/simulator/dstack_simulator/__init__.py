@@ -184,18 +184,18 @@ class SimulatorPlatform:
             path.unlink(missing_ok=True)
 
     def _load_root_key(self, config: PlatformConfig) -> RootKey:
-        if config.appkeys is not None:
-            try:
-                return RootKey.from_appkeys_json(config.appkeys.read_bytes())
-            except OSError as exc:
-                raise ConfigurationError(f"cannot read appkeys {config.appkeys}: {exc}") from None
-        path = config.state_dir / APPKEYS_FILE
-        if path.exists():
+        path = config.appkeys or config.state_dir / APPKEYS_FILE
+        if config.appkeys is None and not path.exists():
+            root_key = _new_root_key()
+            atomic_write(path, root_key.to_appkeys_json().encode(), mode=0o600)
+            log.info("created new simulator app keys in %s", path)
+            return root_key
+        try:
             return RootKey.from_appkeys_json(path.read_bytes())
-        root_key = _new_root_key()
-        atomic_write(path, root_key.to_appkeys_json().encode(), mode=0o600)
-        log.info("created new simulator app keys in %s", path)
-        return root_key
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read appkeys {path}: {exc}") from None
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{path}: {exc.message}") from None
 
     @staticmethod
     def _boot_inputs_digest(compose_hash: bytes, root_key: RootKey) -> str:
@@ -244,12 +244,15 @@ class SimulatorPlatform:
             ("system-ready", b""),
         ]
         runtime_log = RuntimeEventLog(config.runtime_log)
-        self._save_machine(boot_inputs)
+        # Until the last boot event is in, the saved machine carries no boot-inputs digest, so
+        # a crash half-way through boots again next time instead of resuming a half-booted VM.
+        self._save_machine("")
         for name, payload in boot_events:
             event = RuntimeEvent(event=name, payload=payload)
             runtime_log.begin(event)
             self.extend_rtmr(index=RUNTIME_RTMR, digest=event.digest)
             runtime_log.commit(event)
+        self._save_machine(boot_inputs)
         log.info("simulated boot complete: app_id %s instance_id %s", app_id.hex(), instance_id.hex())
 
     # --- evidence ---
@@ -311,6 +314,10 @@ class SimulatorPlatform:
 
     @hookimpl
     def trust_bundle(self, state_dir: Path) -> TrustBundle:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pki = MockIntelPki.from_seed(read_or_create_secret(state_dir / PKI_SEED_FILE, 32))
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            seed = read_or_create_secret(state_dir / PKI_SEED_FILE, 32)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot use state dir {state_dir}: {exc}") from None
+        pki = MockIntelPki.from_seed(seed)
         return TrustBundle(root_ca_pem=pki.root_ca_pem, collateral_json=pki.collateral_json())
