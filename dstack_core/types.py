@@ -210,7 +210,9 @@ class RootKey:
                 ca_cert_pem=str(doc.get("ca_cert", "")),
                 key_provider=provider,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except KeyError as exc:
+            raise ConfigurationError(f"invalid appkeys.json: missing field {exc}") from None
+        except (ValueError, TypeError, AttributeError) as exc:
             raise ConfigurationError(f"invalid appkeys.json: {exc}") from None
 
     def to_appkeys_json(self) -> str:

@@ -425,6 +425,14 @@ class TestSocketFile:
         assert "resetting" not in result.stderr
         assert {p.name: p.read_bytes() for p in agent.state_dir.iterdir() if p.is_file()} == files
 
+    def test_shared_state_dir_is_refused(self, agent, workdir):
+        """A second agent on another socket but the same state dir exits 2 and wipes nothing."""
+        files = {p.name: p.read_bytes() for p in agent.state_dir.iterdir() if p.is_file()}
+        result = serve_cli(workdir / "other.sock", agent.state_dir, "--reset-state")
+        assert "already using the state directory" in error_line(result)
+        assert not (workdir / "other.sock").exists()
+        assert {p.name: p.read_bytes() for p in agent.state_dir.iterdir() if p.is_file()} == files
+
     def test_too_long_path_is_refused(self, workdir):
         """A socket path of 108 bytes is refused before anything starts, naming the limit."""
         path = workdir / ("s" * (MAX_SOCKET_PATH + 1 - len(os.fsencode(workdir)) - 1))
@@ -453,7 +461,7 @@ class TestSocketFile:
         """A state dir below a regular file fails cleanly with exit 2 and leaves no socket."""
         (workdir / "file").write_text("")
         line = error_line(serve_cli(workdir / "dstack.sock", workdir / "file" / "state"))
-        assert "cannot create state directory" in line
+        assert "cannot use state directory" in line
         assert not (workdir / "dstack.sock").exists()
 
 

@@ -907,10 +907,6 @@ class TestStillServing:
 
 
 class TestMalformedHttp:
-    @pytest.mark.xfail(
-        strict=True,
-        reason="aiohttp.server logs BadHttpMessage at ERROR with a traceback (server/run.py)",
-    )
     @pytest.mark.parametrize(
         "request_bytes",
         [

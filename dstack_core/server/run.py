@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -17,7 +18,10 @@ import socket
 import stat
 from pathlib import Path
 
+from collections.abc import Iterator
+
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
 from ..errors import ConfigurationError
@@ -64,14 +68,44 @@ def prepare_socket_path(path: Path) -> None:
     raise ConfigurationError(f"another process is already serving on {path}")
 
 
-def _start_service(settings: Settings) -> AgentService:
-    pm = load_platform(settings.platform)
-    platform = Platform.from_plugin_manager(pm)
+STATE_LOCK_FILE = "agent.lock"
+
+
+@contextlib.contextmanager
+def state_dir_lock(state_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the state dir: two agents must never share one.
+
+    :raises ConfigurationError: the directory cannot be created, or another agent holds it.
+    """
     try:
-        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(state_dir / STATE_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        platform.close()
-        raise ConfigurationError(f"cannot create state directory: {exc}") from None
+        raise ConfigurationError(f"cannot use state directory {state_dir}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                f"another agent is already using the state directory {state_dir}"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class _MalformedHttpFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP with a traceback; it is the client's error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.info("rejected malformed HTTP from a client: %s", exc)
+            return False
+        return True
+
+
+def _start_service(platform: Platform, settings: Settings) -> AgentService:
     try:
         return AgentService.start(platform, settings.platform_config(), ServiceFiles())
     except BaseException:
@@ -85,7 +119,17 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     :raises ConfigurationError / PluginError / StateError: start-up failed (nothing bound).
     """
     prepare_socket_path(settings.socket)
-    service = await asyncio.to_thread(_start_service, settings)
+    # Loading the plugin touches no disk; a platform that fails to load leaves nothing.
+    platform = Platform.from_plugin_manager(load_platform(settings.platform))
+    with state_dir_lock(settings.state_dir):
+        await _serve_locked(platform, settings, ready)
+
+
+async def _serve_locked(
+    platform: Platform, settings: Settings, ready: asyncio.Event | None
+) -> None:
+    service = await asyncio.to_thread(_start_service, platform, settings)
+    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     # From here on a signal must not kill us between binding and unlinking the socket.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,10 +140,15 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     try:
         await runner.setup()
         prepare_socket_path(settings.socket)
+        # Bind under a umask that already gives the final mode: no window in which the
+        # socket is more open than configured.
+        old_umask = os.umask(0o777 & ~settings.socket_mode)
         try:
             await web.UnixSite(runner, os.fspath(settings.socket)).start()
         except OSError as exc:
             raise ConfigurationError(f"cannot bind {settings.socket}: {exc}") from None
+        finally:
+            os.umask(old_umask)
         bound = True
         os.chmod(settings.socket, settings.socket_mode)
         if settings.listen is not None:
