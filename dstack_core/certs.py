@@ -652,7 +652,9 @@ def load_certificate_chain(data: bytes | str) -> list[x509.Certificate]:
     """
     raw = data.encode("ascii", "replace") if isinstance(data, str) else bytes(data)
     try:
-        if b"-----BEGIN" in raw:
+        # A DER RA-TLS leaf contains PEM text inside its quote's PCK chain, so PEM is
+        # recognised by how the input starts, not by what it contains.
+        if raw.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificates(raw)
         return [x509.load_der_x509_certificate(raw)]
     except ValueError as exc:

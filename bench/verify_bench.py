@@ -1,0 +1,115 @@
+"""Verifications per second of the simulator's Attest envelope, against a dcap-qvl baseline.
+
+Starts a simulator agent, takes one Attest envelope and the simulator's trust bundle, stops
+the agent, then times in one process:
+
+* baseline: ``dcap_qvl.verify_with_root_ca`` on the envelope's quote (signature, chain,
+  QE identity and TCB only: what any DCAP verifier must pay);
+* ``verify``: dstack_core's full verification of the envelope bytes (decode, every check:
+  dcap-qvl, RTMR0-3 replay, runtime digests, app-info recomputation, binding);
+* ``verify_evidence``: the same on already-decoded evidence.
+
+Run: ``.venv/bin/python bench/verify_bench.py [--seconds 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import time
+from collections.abc import Callable
+
+import dcap_qvl
+
+from dstack_core.collateral import Collateral
+from dstack_core.testing import AgentProcess, short_tempdir
+from dstack_core.verify import VerifyOptions, load_evidence, verify, verify_evidence
+
+
+def rate(fn: Callable[[], object], seconds: float) -> float:
+    """Calls per second of ``fn`` over about ``seconds`` (after a short warm-up)."""
+    for _ in range(20):
+        fn()
+    count = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(50):
+            fn()
+        count += 50
+    return count / (time.perf_counter() - started)
+
+
+def simulator_evidence() -> tuple[bytes, bytes, str]:
+    """(Attest envelope, mock root CA DER, collateral JSON) from a fresh simulator agent."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from dstack_core.cli import main as cli
+
+    agent = AgentProcess("simulator").start()
+    out = short_tempdir("bench")
+    try:
+        status, body = agent.call("Attest", {"report_data": "62656e6368"})
+        if status != 200:
+            raise SystemExit(f"Attest failed: {body}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli(
+                [
+                    "simulator",
+                    "trust-bundle",
+                    "--state-dir",
+                    str(agent.state_dir),
+                    "--out",
+                    str(out),
+                ]
+            )
+        root = x509.load_pem_x509_certificate((out / "root_ca.pem").read_bytes())
+        return (
+            bytes.fromhex(body["attestation"]),
+            root.public_bytes(Encoding.DER),
+            (out / "collateral.json").read_text(),
+        )
+    finally:
+        agent.stop()
+        shutil.rmtree(agent.workdir, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    args = parser.parse_args()
+
+    envelope, root_der, collateral_json = simulator_evidence()
+    collateral = Collateral.from_json(collateral_json)
+    now = int(time.time())
+    options = VerifyOptions(now=now, root_ca_der=root_der, allow_simulator=True)
+    evidence = load_evidence(envelope)
+    result = verify(envelope, options, collateral)
+    if not result.passed:
+        raise SystemExit(f"the benchmark evidence does not verify: {result.reason}")
+    quote = evidence.quote.raw
+    qvl_collateral = collateral.to_qvl()
+
+    baseline = rate(
+        lambda: dcap_qvl.verify_with_root_ca(quote, qvl_collateral, root_der, now), args.seconds
+    )
+    full = rate(lambda: verify(envelope, options, collateral), args.seconds)
+    decoded = rate(lambda: verify_evidence(evidence, options, collateral), args.seconds)
+
+    print(
+        f"simulator Attest envelope: {len(envelope)} bytes, quote v{evidence.quote.version}, "
+        f"{len(evidence.event_log)} events"
+    )
+    print(f"{'baseline dcap_qvl.verify_with_root_ca':<40} {baseline:9.0f} /s   1.00x")
+    print(f"{'dstack_core.verify.verify (bytes)':<40} {full:9.0f} /s   {full / baseline:.2f}x")
+    print(
+        f"{'dstack_core.verify.verify_evidence':<40} {decoded:9.0f} /s   {decoded / baseline:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1475 @@
+"""The verifier: check any dstack attestation and say, check by check, what was verified.
+
+Two steps, both pure (no network, no clock: collateral and the verification time are
+inputs):
+
+1. :func:`load_evidence` recognises the evidence by its content and decodes it into an
+   :class:`Evidence`: our CBOR envelope, upstream V0 (SCALE) and V1 (MessagePack)
+   envelopes, a bare TDX quote, the JSON body of a GetQuote / Attest response (or of an
+   upstream ``/verify`` request), or an RA-TLS certificate chain in PEM or DER. Hex text
+   of any binary form is accepted too. Malformed evidence raises
+   :class:`~dstack_core.errors.EvidenceError`; unsupported platforms (SEV-SNP, Nitro, GCP)
+   raise it with ``code="unsupported_evidence"``.
+2. :func:`verify_evidence` runs every check and returns a :class:`VerificationResult`. A
+   failed check is data in the result, never an exception.
+
+Checks (stable names, in result order; see ``docs/verify.md``):
+
+``evidence``, ``simulator_policy``, ``collateral``, ``certificate_chain``, ``qe_identity``,
+``quote_signature``, ``tcb_status``, ``advisory_ids``, ``td_attributes``,
+``mr_signer_seam``, ``mr_service_td``, ``event_log``, ``runtime_events``,
+``envelope_binding``, ``report_data``, ``ratls_binding``, ``ratls_chain``, ``os_image``.
+
+``collateral`` through ``tcb_status`` (and part of ``td_attributes`` and
+``mr_service_td``) come from dcap-qvl, which stops at the first failure: its message is
+mapped onto the check it belongs to (formats.md section 5 gives dcap-qvl's order), checks
+before it pass, checks after it are ``skipped`` as not reached.
+
+The verdict is ``pass`` only if no check failed and every *mandatory* check passed. Which
+checks are mandatory depends on the evidence: the quote checks and the event log always;
+``envelope_binding`` for envelopes; ``ratls_binding`` for certificates; ``report_data``
+when an expectation was given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import attrs
+import dcap_qvl  # type: ignore[import-untyped]
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from .appinfo import DEVICE_ID_UNVERIFIED, SYSTEM_READY, derive_app_info
+from .certs import (
+    RaTlsCertificate,
+    load_certificate_chain,
+    ratls_report_data,
+    report_data_for,
+    verify_chain,
+)
+from .collateral import Collateral
+from .envelope import ENVELOPE_MAGIC, AppInfo, Envelope
+from .errors import EvidenceError
+from .eventlog import (
+    EV_NO_ACTION,
+    RTMR_COUNT,
+    RUNTIME_IMR,
+    ZERO_REGISTER,
+    RuntimeEvent,
+    TdxEvent,
+    events_from_json,
+    extend,
+    runtime_event_preimage,
+)
+from .mockpki import SIMULATOR_USER_DATA
+from .quote import TdxQuote, is_tdx_quote
+from .types import REPORT_DATA_LENGTH
+from .upstream import UpstreamAttestation, decode_attestation, is_upstream_attestation
+
+__all__ = [
+    "CHECK_NAMES",
+    "DEFAULT_ALLOWED_TCB_STATUSES",
+    "MAX_EVIDENCE_SIZE",
+    "SIMULATOR_MARKER",
+    "CheckResult",
+    "CheckStatus",
+    "Evidence",
+    "EvidenceKind",
+    "ExpectedReportData",
+    "VerificationResult",
+    "VerifyOptions",
+    "evidence_from_json",
+    "load_evidence",
+    "sniff_evidence",
+    "string_set",
+    "verify",
+    "verify_evidence",
+]
+
+CheckStatus = Literal["pass", "fail", "skipped"]
+EvidenceKind = Literal["dstack-core", "upstream-v0", "upstream-v1", "quote", "ratls-certificate"]
+
+CHECK_NAMES: Final = (
+    "evidence",
+    "simulator_policy",
+    "collateral",
+    "certificate_chain",
+    "qe_identity",
+    "quote_signature",
+    "tcb_status",
+    "advisory_ids",
+    "td_attributes",
+    "mr_signer_seam",
+    "mr_service_td",
+    "event_log",
+    "runtime_events",
+    "envelope_binding",
+    "report_data",
+    "ratls_binding",
+    "ratls_chain",
+    "os_image",
+)
+"""Every check, in the order results list them. Names are stable API."""
+
+DEFAULT_ALLOWED_TCB_STATUSES: Final = frozenset({"UpToDate"})
+"""TCB statuses accepted unless the caller allows more (upstream KMS's default)."""
+
+MAX_EVIDENCE_SIZE: Final = 24 * 1024 * 1024
+"""Evidence inputs over 24 MiB (a 10 MiB envelope as hex inside JSON fits) are refused."""
+
+SIMULATOR_MARKER: Final = SIMULATOR_USER_DATA[:16]
+"""``DSTACK-SIMULATOR``: the start of a simulator quote's header user_data."""
+
+SIMULATOR_PLATFORM: Final = "simulator"
+TDX_FORMAT: Final = "tdx"
+TEE_VARIANT_TDX: Final = "dstack-tdx"
+APP_DATA_TAG: Final = "app-data"
+
+_DCAP_CHECKS: Final = (
+    "collateral",
+    "certificate_chain",
+    "qe_identity",
+    "quote_signature",
+    "tcb_status",
+)
+_HEX_TEXT: Final = re.compile(rb"(?:0x)?((?:[0-9a-fA-F]{2})+)")
+_WHITESPACE: Final = re.compile(rb"\s+")
+_PEM_START: Final = b"-----BEGIN"
+_PEM_CERTIFICATE: Final = b"-----BEGIN CERTIFICATE-----"
+_DER_SEQUENCE: Final = 0x30
+_JSON_OBJECT: Final = b"{"
+_QVL_PREFIX: Final = "Verification failed: "
+_UNKNOWN_STAGE: Final = "unknown"
+_AMBIGUOUS_CHAIN: Final = "ambiguous_chain"
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+def _check_status(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if value not in ("pass", "fail", "skipped"):
+        raise ValueError(f"check status must be pass, fail or skipped, not {value!r}")
+
+
+def _check_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
+    if value not in CHECK_NAMES:
+        raise ValueError(f"unknown check name {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class CheckResult:
+    """The outcome of one check.
+
+    :ivar name: one of :data:`CHECK_NAMES`.
+    :ivar status: ``pass``, ``fail`` or ``skipped`` (not checked; ``detail`` says why).
+    :ivar detail: what was compared or what the underlying library said, for humans.
+    :ivar mandatory: whether the verdict needs this check to pass for this evidence.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    status: CheckStatus = attrs.field(validator=_check_status)
+    detail: str
+    mandatory: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"status", "detail", "mandatory"}``."""
+        return {"status": self.status, "detail": self.detail, "mandatory": self.mandatory}
+
+
+def _report_data_value(_inst: object, _attr: attrs.Attribute[bytes], value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != REPORT_DATA_LENGTH:
+        raise ValueError(f"expected report data must be {REPORT_DATA_LENGTH} bytes")
+
+
+@attrs.frozen(kw_only=True)
+class ExpectedReportData:
+    """The report data a caller expects the quote to carry, and how it was derived.
+
+    :ivar value: exactly 64 bytes.
+    :ivar description: how it was computed (``raw`` or e.g. ``sha512("app-data:" || data)``).
+    """
+
+    value: bytes = attrs.field(validator=_report_data_value)
+    description: str = "raw"
+
+    @classmethod
+    def raw(cls, data: bytes) -> ExpectedReportData:
+        """Raw report data; shorter input is zero-padded to 64 bytes, as the agent pads it.
+
+        :raises EvidenceError: more than 64 bytes.
+        """
+        if len(data) > REPORT_DATA_LENGTH:
+            raise EvidenceError(f"expected report data is over {REPORT_DATA_LENGTH} bytes")
+        return cls(value=bytes(data).ljust(REPORT_DATA_LENGTH, b"\0"), description="raw")
+
+    @classmethod
+    def for_content(
+        cls, content: bytes, *, tag: str = APP_DATA_TAG, hash_algorithm: str = "sha512"
+    ) -> ExpectedReportData:
+        """Report data of a content type: ``H(tag || ":" || content)``, zero-padded.
+
+        :raises UnsupportedAlgorithm: an unknown hash name (see
+            :data:`dstack_core.certs.REPORT_DATA_HASHES`).
+        """
+        value = report_data_for(bytes(content), hash_algorithm, tag)
+        algorithm = hash_algorithm or "sha512"
+        return cls(value=value, description=f'{algorithm}("{tag}:" || data)')
+
+
+def string_set(values: Iterable[str]) -> frozenset[str]:
+    """A frozen set of strings (the converter of the policy fields)."""
+    return frozenset(values)
+
+
+def _now_value(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
+    if type(value) is not int or not 0 <= value < 1 << 63:
+        raise ValueError("now must be a non-negative integer of unix seconds")
+
+
+@attrs.frozen(kw_only=True)
+class VerifyOptions:
+    """What the relying party trusts and requires.
+
+    :ivar now: the verification time, unix seconds (pin it to re-verify old evidence).
+    :ivar root_ca_der: a DER root certificate to verify the quote's PCK chain and the
+        collateral against, instead of Intel's (dcap-qvl's built-in root). Any explicit root
+        is an external trust anchor: it is accepted only with ``allow_simulator``.
+    :ivar allow_simulator: accept simulator evidence (and external roots). The result says
+        ``simulated: true``.
+    :ivar allowed_tcb_statuses: TCB statuses that pass ``tcb_status``.
+    :ivar rejected_advisory_ids: Intel advisory ids (``INTEL-SA-...``) that fail
+        ``advisory_ids`` when the platform is affected.
+    :ivar expected_report_data: what the quote's report data must be, or None.
+    :ivar allow_stripped_event_log: let ``event_log`` pass on RTMR3 alone when the log
+        carries no boot events (upstream's lite-stripped RA-TLS certificates).
+    """
+
+    now: int = attrs.field(validator=_now_value)
+    root_ca_der: bytes | None = None
+    allow_simulator: bool = False
+    allowed_tcb_statuses: frozenset[str] = attrs.field(
+        default=DEFAULT_ALLOWED_TCB_STATUSES, converter=string_set
+    )
+    rejected_advisory_ids: frozenset[str] = attrs.field(factory=frozenset, converter=string_set)
+    expected_report_data: ExpectedReportData | None = None
+    allow_stripped_event_log: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Evidence:
+    """Decoded, structurally valid evidence, not yet verified.
+
+    :ivar kind: the outer format (a certificate's embedded format is ``attestation_kind``).
+    :ivar platform: the producing platform's tag: the envelope's ``platform`` for ours,
+        ``tdx`` for upstream TDX envelopes and bare quotes.
+    :ivar quote: the parsed TDX quote.
+    :ivar event_log: the event log as given (boot events, then RTMR3 events).
+    :ivar event_log_given: False for a bare quote without a log.
+    :ivar runtime_events: upstream only: the separate runtime event list upstream replays.
+    :ivar preimages: per ``event_log`` entry, a ``preimage`` the evidence carried, or None.
+    :ivar report_data: the report data the envelope claims, or None (bare quote).
+    :ivar vm_config: the vm_config (or sys-config) JSON string.
+    :ivar app_info: our envelope's identity claims, or None.
+    :ivar report_data_payload: upstream ``dstack-pod``: the text hashed into report data.
+    :ivar certificate: the RA-TLS leaf, when the evidence came in a certificate.
+    :ivar certificate_chain: the whole chain given, leaf first.
+    :ivar attestation_kind: for certificates, the format of the embedded attestation.
+    """
+
+    kind: EvidenceKind
+    platform: str
+    quote: TdxQuote
+    event_log: tuple[TdxEvent, ...] = ()
+    event_log_given: bool = True
+    runtime_events: tuple[RuntimeEvent, ...] | None = None
+    preimages: tuple[bytes | None, ...] = ()
+    report_data: bytes | None = None
+    vm_config: str = ""
+    app_info: AppInfo | None = None
+    report_data_payload: str | None = None
+    certificate: RaTlsCertificate | None = None
+    certificate_chain: tuple[x509.Certificate, ...] = ()
+    attestation_kind: str | None = None
+
+    @property
+    def marked_simulated(self) -> bool:
+        """Whether the evidence says it comes from the simulator (platform tag or quote
+        header ``DSTACK-SIMULATOR``). Never trusted to say *not* simulated."""
+        return self.platform == SIMULATOR_PLATFORM or self.quote.header.user_data.startswith(
+            SIMULATOR_MARKER
+        )
+
+
+@attrs.frozen(kw_only=True)
+class VerificationResult:
+    """The verdict and every check, plus the values extracted from the evidence.
+
+    Extracted values are what the evidence says; they are trustworthy only when the
+    verdict is ``pass``. Byte values are raw bytes; :meth:`to_json` renders them in hex.
+    """
+
+    verdict: Literal["pass", "fail"]
+    checks: tuple[CheckResult, ...]
+    evidence_kind: str
+    platform: str
+    simulated: bool
+    verified_at: int
+    tcb_status: str | None = None
+    advisory_ids: tuple[str, ...] = ()
+    quote_version: int = 0
+    report_data: bytes = b""
+    mrtd: bytes = b""
+    rtmrs: tuple[bytes, ...] = ()
+    mr_config_id: bytes = b""
+    app_id: bytes = b""
+    compose_hash: bytes = b""
+    instance_id: bytes = b""
+    key_provider: Mapping[str, str] | None = None
+    key_provider_info: bytes = b""
+    os_image_hash: bytes = b""
+    mr_aggregated: bytes = b""
+    mr_system: bytes = b""
+    device_id: bytes = b""
+    init_script_hashes: tuple[bytes, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Whether the verdict is ``pass``."""
+        return self.verdict == "pass"
+
+    def check(self, name: str) -> CheckResult:
+        """The result of the check called ``name``.
+
+        :raises KeyError: no such check.
+        """
+        for result in self.checks:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """Names of the failed checks, in order."""
+        return tuple(c.name for c in self.checks if c.status == "fail")
+
+    @property
+    def reason(self) -> str | None:
+        """Why the verdict is ``fail`` (the first failed or missing mandatory check)."""
+        if self.passed:
+            return None
+        for result in self.checks:
+            if result.status == "fail" or (result.mandatory and result.status != "pass"):
+                return f"{result.name}: {result.detail}"
+        return "no check passed"  # pragma: no cover - a fail verdict always has a cause
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's JSON document: verdict, checks by name, extracted values in hex."""
+        doc: dict[str, Any] = {
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "simulated": self.simulated,
+        }
+        if self.simulated:
+            doc["warning"] = (
+                "SIMULATED EVIDENCE: verified against a simulator/external trust anchor, "
+                "not backed by TEE hardware"
+            )
+        doc.update(
+            {
+                "checks": {c.name: c.to_json() for c in self.checks},
+                "evidence_kind": self.evidence_kind,
+                "platform": self.platform,
+                "verified_at": self.verified_at,
+                "tcb_status": self.tcb_status,
+                "advisory_ids": list(self.advisory_ids),
+                "quote_version": self.quote_version,
+                "report_data": self.report_data.hex(),
+                "mrtd": self.mrtd.hex(),
+                "rtmrs": [r.hex() for r in self.rtmrs],
+                "mr_config_id": self.mr_config_id.hex(),
+                "app_id": self.app_id.hex(),
+                "compose_hash": self.compose_hash.hex(),
+                "instance_id": self.instance_id.hex(),
+                "key_provider": None if self.key_provider is None else dict(self.key_provider),
+                "key_provider_info": self.key_provider_info.decode("utf-8", "replace"),
+                "os_image_hash": self.os_image_hash.hex(),
+                "mr_aggregated": self.mr_aggregated.hex(),
+                "mr_system": self.mr_system.hex(),
+                "device_id": self.device_id.hex(),
+                "init_script_hashes": [h.hex() for h in self.init_script_hashes],
+            }
+        )
+        return doc
+
+    def to_upstream_json(self) -> dict[str, Any]:
+        """The upstream verifier's ``/verify`` response shape (formats.md 2.4), plus our
+        ``verdict``, ``simulated`` and per-check ``checks``."""
+
+        def passed(*names: str) -> bool:
+            return all(self.check(n).status == "pass" for n in names)
+
+        key_provider = dict(self.key_provider) if self.key_provider is not None else None
+        app_info = {
+            "app_id": self.app_id.hex(),
+            "compose_hash": self.compose_hash.hex(),
+            "instance_id": self.instance_id.hex(),
+            "device_id": self.device_id.hex(),
+            "mr_system": self.mr_system.hex(),
+            "mr_aggregated": self.mr_aggregated.hex(),
+            "os_image_hash": self.os_image_hash.hex(),
+            "key_provider_info": self.key_provider_info.hex(),
+            "init_script_hashes": [h.hex() for h in self.init_script_hashes],
+        }
+        details = {
+            "quote_verified": passed(*_DCAP_CHECKS),
+            "event_log_verified": passed("event_log")
+            and self.check("runtime_events").status != "fail",
+            "os_image_hash_verified": passed("os_image"),
+            "acpi_tables_verified": False,
+            "tee_variant": TEE_VARIANT_TDX,
+            "report_data": self.report_data.hex(),
+            "tcb_status": self.tcb_status,
+            "advisory_ids": list(self.advisory_ids),
+            "key_provider": key_provider,
+            "app_info": app_info,
+            "boot_info": {
+                "teeVariant": TEE_VARIANT_TDX,
+                "mrAggregated": self.mr_aggregated.hex(),
+                "osImageHash": self.os_image_hash.hex(),
+                "mrSystem": self.mr_system.hex(),
+                "appId": self.app_id.hex(),
+                "composeHash": self.compose_hash.hex(),
+                "instanceId": self.instance_id.hex(),
+                "deviceId": self.device_id.hex(),
+                "keyProviderInfo": self.key_provider_info.hex(),
+                "tcbStatus": self.tcb_status or "",
+                "advisoryIds": list(self.advisory_ids),
+            },
+            "rtmrs": [r.hex() for r in self.rtmrs],
+            "mrtd": self.mrtd.hex(),
+        }
+        return {
+            "is_valid": self.passed,
+            "details": details,
+            "reason": self.reason,
+            "verdict": self.verdict,
+            "simulated": self.simulated,
+            "checks": {c.name: c.to_json() for c in self.checks},
+        }
+
+
+# --- loading ---------------------------------------------------------------------------
+
+InputKind = Literal[
+    "dstack-core",
+    "upstream-v0",
+    "upstream-v1",
+    "quote",
+    "certificate-pem",
+    "certificate-der",
+    "json",
+    "hex",
+]
+
+
+def sniff_evidence(data: bytes) -> InputKind:
+    """Recognise an evidence input by its first bytes.
+
+    Binary forms first (our CBOR tag ``d9 d9 f7``, V0's ``00``, a MessagePack map, a TDX
+    quote header), then text (PEM, a JSON object, hex, PEM blocks inside other ASCII text),
+    then DER (``30``: hex text can start with the ASCII ``0`` = ``0x30``, so DER is tried
+    last).
+
+    :raises EvidenceError: empty or unrecognisable input.
+    """
+    if not data:
+        raise EvidenceError("empty evidence")
+    if data.startswith(ENVELOPE_MAGIC):
+        return "dstack-core"
+    if is_upstream_attestation(data):
+        return "upstream-v0" if data[0] == 0 else "upstream-v1"
+    if is_tdx_quote(data):
+        return "quote"
+    text = data.strip()
+    if text.startswith(_PEM_START):
+        return "certificate-pem"
+    if text.startswith(_JSON_OBJECT):
+        return "json"
+    if text and _HEX_TEXT.fullmatch(_WHITESPACE.sub(b"", text)):
+        return "hex"
+    if data.isascii() and _PEM_CERTIFICATE in data:
+        return "certificate-pem"  # PEM blocks inside other text (openssl s_client output)
+    if data[0] == _DER_SEQUENCE:
+        return "certificate-der"
+    raise EvidenceError(
+        "unrecognised evidence: expected a CBOR, V0 or V1 envelope, a TDX quote, a PEM or DER "
+        "certificate, a GetQuote/Attest JSON body, or hex of one of these"
+    )
+
+
+def load_evidence(data: bytes | str) -> Evidence:
+    """Decode evidence of any supported kind, recognised from its content.
+
+    :param data: at most :data:`MAX_EVIDENCE_SIZE` bytes (text is UTF-8 encoded first).
+    :raises EvidenceError: malformed input of any kind (the message says what is wrong), or
+        ``code="unsupported_evidence"`` for a recognised but unsupported platform.
+    """
+    if isinstance(data, str):
+        try:
+            data = data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EvidenceError("evidence text is not valid Unicode") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"evidence must be bytes or str, not {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > MAX_EVIDENCE_SIZE:
+        raise EvidenceError(f"evidence is {len(data)} bytes, over the {MAX_EVIDENCE_SIZE} limit")
+    return _load(data, allow_text=True)
+
+
+def _load(data: bytes, *, allow_text: bool) -> Evidence:
+    kind = sniff_evidence(data)
+    if kind in ("dstack-core", "upstream-v0", "upstream-v1"):
+        return _load_attestation(data)
+    if kind == "quote":
+        return _from_quote(data, None, None, "")
+    if kind == "certificate-der":
+        return _from_certificates(_der_certificate(data))
+    if not allow_text:
+        raise EvidenceError(f"{kind} evidence is not allowed here; expected binary evidence")
+    if kind == "certificate-pem":
+        return _from_certificates(load_certificate_chain(data))
+    if kind == "json":
+        return evidence_from_json(_json_object(data))
+    return _load(_decode_hex(data, "evidence"), allow_text=False)
+
+
+def _der_certificate(data: bytes) -> list[x509.Certificate]:
+    # Not certs.load_certificate_chain: an RA-TLS leaf embeds a quote whose PCK chain is
+    # PEM text, so "contains -----BEGIN" does not mean "is PEM".
+    try:
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise EvidenceError(f"not a DER certificate: {exc}") from None
+
+
+def _decode_hex(text: bytes | str, what: str) -> bytes:
+    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
+    match = _HEX_TEXT.fullmatch(_WHITESPACE.sub(b"", raw))
+    if match is None:
+        raise EvidenceError(f"{what} is not an even-length hex string")
+    return bytes.fromhex(match.group(1).decode("ascii"))
+
+
+def _load_attestation(data: bytes) -> Evidence:
+    """An envelope of one of the three formats (ours, V0, V1)."""
+    if data.startswith(ENVELOPE_MAGIC):
+        return _from_envelope(Envelope.from_cbor(data))
+    if is_upstream_attestation(data):
+        return _from_upstream(decode_attestation(data))
+    raise EvidenceError("not an attestation envelope (CBOR, V0 SCALE or V1 MessagePack)")
+
+
+def _unsupported(platform: str) -> EvidenceError:
+    return EvidenceError(
+        f"{platform} evidence is not supported yet: this verifier checks Intel TDX only",
+        code="unsupported_evidence",
+    )
+
+
+def _parse_quote(data: bytes) -> TdxQuote:
+    if not is_tdx_quote(data):
+        raise EvidenceError("the evidence's quote is not an Intel TDX quote (version 4/5)")
+    return TdxQuote.from_bytes(data)
+
+
+def _platform_of(quote: TdxQuote) -> str:
+    """The platform of evidence that names none: ``simulator`` if the quote says so."""
+    marked = quote.header.user_data.startswith(SIMULATOR_MARKER)
+    return SIMULATOR_PLATFORM if marked else TDX_FORMAT
+
+
+def _from_envelope(envelope: Envelope) -> Evidence:
+    if envelope.evidence_format != TDX_FORMAT:
+        raise _unsupported(envelope.evidence_format)
+    return Evidence(
+        kind="dstack-core",
+        platform=envelope.platform,
+        quote=_parse_quote(envelope.quote),
+        event_log=envelope.event_log,
+        report_data=envelope.report_data,
+        vm_config=envelope.vm_config,
+        app_info=envelope.app_info,
+    )
+
+
+def _from_upstream(attestation: UpstreamAttestation) -> Evidence:
+    if attestation.platform != TDX_FORMAT:
+        raise _unsupported(attestation.platform)
+    quote = _parse_quote(attestation.quote)
+    return Evidence(
+        kind="upstream-v0" if attestation.wire_version == 0 else "upstream-v1",
+        platform=_platform_of(quote),
+        quote=quote,
+        event_log=attestation.event_log,
+        runtime_events=attestation.runtime_events,
+        preimages=attestation.preimages,
+        report_data=attestation.report_data,
+        vm_config=attestation.config,
+        report_data_payload=attestation.report_data_payload,
+    )
+
+
+def _from_quote(
+    quote: bytes,
+    events: Sequence[Any] | None,
+    report_data: bytes | None,
+    vm_config: str,
+) -> Evidence:
+    parsed = _parse_quote(quote)
+    preimages: tuple[bytes | None, ...] = ()
+    event_log: tuple[TdxEvent, ...] = ()
+    if events is not None:
+        event_log = events_from_json(events)
+        preimages = tuple(_json_preimage(e, i) for i, e in enumerate(events))
+    return Evidence(
+        kind="quote",
+        platform=_platform_of(parsed),
+        quote=parsed,
+        event_log=event_log,
+        event_log_given=events is not None,
+        preimages=preimages,
+        report_data=report_data,
+        vm_config=vm_config,
+    )
+
+
+def _json_preimage(event: Any, index: int) -> bytes | None:
+    value = event.get("preimage") if isinstance(event, Mapping) else None
+    if value is None:
+        return None
+    return _decode_hex(_expect_str(value, f"event {index} preimage"), f"event {index} preimage")
+
+
+def _from_certificates(chain: Sequence[x509.Certificate]) -> Evidence:
+    if not chain:
+        raise EvidenceError("empty certificate chain")
+    leaf = RaTlsCertificate.from_certificate(chain[0])
+    if leaf.attestation is not None:
+        inner = _load_attestation(leaf.attestation)
+        attestation_kind: str = inner.kind
+    elif leaf.legacy_quote is not None:
+        if leaf.legacy_event_log is None:
+            raise EvidenceError("legacy RA-TLS certificate has a quote but no event log")
+        try:
+            events = _strict_json(leaf.legacy_event_log)
+        except ValueError as exc:
+            raise EvidenceError(f"legacy event log extension is not JSON: {exc}") from None
+        if not isinstance(events, list):
+            raise EvidenceError("legacy event log extension is not a JSON array")
+        inner = _from_quote(leaf.legacy_quote, events, None, "")
+        attestation_kind = "legacy-quote"
+    else:
+        raise EvidenceError("the certificate carries no RA-TLS attestation extension")
+    return attrs.evolve(
+        inner,
+        kind="ratls-certificate",
+        certificate=leaf,
+        certificate_chain=tuple(chain),
+        attestation_kind=attestation_kind,
+    )
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return doc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _strict_json(text: str | bytes) -> Any:
+    try:
+        return json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _json_object(data: bytes) -> Mapping[str, Any]:
+    try:
+        doc = _strict_json(data)
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise EvidenceError(f"evidence is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise EvidenceError("JSON evidence must be an object")
+    return doc
+
+
+def _expect_str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise EvidenceError(f"{what} must be a string, not {type(value).__name__}")
+    return value
+
+
+def evidence_from_json(doc: Mapping[str, Any]) -> Evidence:
+    """Evidence from a decoded JSON object: a GetQuote, Attest or GetTlsKey response, or an
+    upstream ``/verify`` request body.
+
+    As upstream does, a non-empty ``attestation`` (hex of any envelope format) wins and the
+    other fields are ignored; otherwise ``quote`` (hex) with an optional ``event_log`` (the
+    JSON text GetQuote returns, or an array), ``report_data`` and ``vm_config``; otherwise
+    ``certificate_chain`` (PEM strings, leaf first). Unknown keys are ignored.
+
+    :raises EvidenceError: none of these, or any of them malformed.
+    """
+    attestation = doc.get("attestation")
+    if attestation:
+        raw = _decode_hex(_expect_str(attestation, "attestation"), "attestation")
+        return _load_attestation(raw)
+    quote = doc.get("quote")
+    if quote:
+        quote_bytes = _decode_hex(_expect_str(quote, "quote"), "quote")
+        events: Sequence[Any] | None = None
+        log = doc.get("event_log")
+        if isinstance(log, str) and log.strip():
+            try:
+                decoded = _strict_json(log)
+            except ValueError as exc:
+                raise EvidenceError(f"event_log is not valid JSON: {exc}") from None
+            if not isinstance(decoded, list):
+                raise EvidenceError("event_log must be a JSON array")
+            events = decoded
+        elif isinstance(log, list):
+            events = log
+        elif log not in (None, ""):
+            raise EvidenceError("event_log must be a JSON string or an array")
+        report_data = doc.get("report_data")
+        claimed = (
+            _decode_hex(_expect_str(report_data, "report_data"), "report_data")
+            if report_data
+            else None
+        )
+        if claimed is not None and len(claimed) != REPORT_DATA_LENGTH:
+            raise EvidenceError(f"report_data must be {REPORT_DATA_LENGTH} bytes")
+        vm_config = _expect_str(doc.get("vm_config") or "", "vm_config")
+        return _from_quote(quote_bytes, events, claimed, vm_config)
+    chain = doc.get("certificate_chain")
+    if chain:
+        if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
+            raise EvidenceError("certificate_chain must be an array of PEM strings")
+        return _from_certificates(load_certificate_chain("".join(chain)))
+    raise EvidenceError(
+        "JSON evidence needs a non-empty 'attestation', 'quote' (+ 'event_log') or "
+        "'certificate_chain'"
+    )
+
+
+# --- dcap-qvl --------------------------------------------------------------------------
+
+# dcap-qvl's internal steps in its order of execution, each with the check it belongs to.
+_QVL_STAGES: Final = (
+    ("root_ca_crl", "collateral", "root CA CRL"),
+    ("quote_header", "qe_identity", "QE vendor and quote header"),
+    ("tcb_info", "collateral", "TCB info signature and validity"),
+    ("qe_identity_collateral", "collateral", "QE identity signature and validity"),
+    ("pck_chain", "certificate_chain", "PCK certificate chain and CRLs"),
+    ("qe_report", "qe_identity", "QE report signature and attestation-key hash"),
+    ("qe_identity_policy", "qe_identity", "QE identity policy"),
+    ("quote_signature", "quote_signature", "attestation-key signature"),
+    ("tcb_level", "tcb_status", "platform TCB level and TDX module identity"),
+    ("td_attributes", "td_attributes", "TD attribute checks"),
+    ("mr_service_td", "mr_service_td", "mr_service_td check"),
+)
+_STAGE_INDEX: Final = {stage: i for i, (stage, _, _) in enumerate(_QVL_STAGES)}
+
+# Message fragments (lower case) -> stage; the first match wins, tried on the message's
+# first line, then on the whole message with its causes.
+_QVL_PATTERNS: Final = (
+    ("isv enclave report signature", "quote_signature"),
+    ("debug mode", "td_attributes"),
+    ("sept_ve_disable", "td_attributes"),
+    ("reserved bits in td attributes", "td_attributes"),
+    ("td profiling", "td_attributes"),
+    ("td migration", "td_attributes"),
+    ("servtd_ext", "td_attributes"),
+    ("mr service td", "mr_service_td"),
+    ("tdx module", "tcb_level"),
+    ("tcb level", "tcb_level"),
+    ("fmspc", "tcb_level"),
+    ("pcesvn", "tcb_level"),
+    ("cpusvn", "tcb_level"),
+    ("component count", "tcb_level"),
+    ("platform tcb", "tcb_level"),
+    ("revoked", "tcb_level"),
+    ("non-tdx tcb info", "tcb_level"),
+    ("non-sgx tcb info", "tcb_level"),
+    ("missing tdxmodule", "tcb_level"),
+    ("qe mrsigner", "qe_identity_policy"),
+    ("qe isvprodid", "qe_identity_policy"),
+    ("qe miscselect", "qe_identity_policy"),
+    ("qe attributes", "qe_identity_policy"),
+    ("no tcb levels found in qe identity", "qe_identity_policy"),
+    ("qe_report", "qe_report"),
+    ("qe report", "qe_report"),
+    ("qe auth data", "qe_report"),
+    ("qe vendor", "quote_header"),
+    ("quote version", "quote_header"),
+    ("body type", "quote_header"),
+    ("body size", "quote_header"),
+    ("failed to decode quote", "quote_header"),
+    ("attestation key type", "quote_header"),
+    ("expecting 4 or 5", "quote_header"),
+    ("root ca", "root_ca_crl"),
+    ("crlexpired", "root_ca_crl"),
+    ("revocation list expired", "root_ca_crl"),
+    ("collateral expired", "root_ca_crl"),
+    ("pck crl", "root_ca_crl"),
+    ("qe identity", "qe_identity_collateral"),
+    ("qe_identity", "qe_identity_collateral"),
+    ("qeidentity", "qe_identity_collateral"),
+    ("tcb info", "tcb_info"),
+    ("tcbinfo", "tcb_info"),
+    ("tcb_info", "tcb_info"),
+    ("pck cert", "pck_chain"),
+    ("chain is too short in quote", "pck_chain"),
+    ("certification data type", "pck_chain"),
+    ("failed to verify certificate chain", _AMBIGUOUS_CHAIN),
+    ("certificate expired", _AMBIGUOUS_CHAIN),
+    ("not valid yet", _AMBIGUOUS_CHAIN),
+)
+
+
+def _classify(message: str) -> str:
+    first = message.split("\n", 1)[0].removeprefix(_QVL_PREFIX).lower()
+    for text in (first, message.lower()):
+        for fragment, stage in _QVL_PATTERNS:
+            if fragment in text:
+                return stage
+    return _UNKNOWN_STAGE
+
+
+def _chain_valid(pem: str, root_der: bytes | None, now: int) -> bool:
+    """Whether a collateral issuer chain links up to the trusted root and is valid at now."""
+    try:
+        chain = x509.load_pem_x509_certificates(pem.encode())
+        verify_chain(chain)
+        chain[-1].verify_directly_issued_by(chain[-1])
+    except (ValueError, TypeError, InvalidSignature, EvidenceError):
+        return False
+    moment = datetime.fromtimestamp(now, UTC)
+    if any(not (c.not_valid_before_utc <= moment <= c.not_valid_after_utc) for c in chain):
+        return False
+    if root_der is not None:
+        return chain[-1].public_bytes(serialization.Encoding.DER) == root_der
+    return True
+
+
+def _disambiguate_chain(collateral: Collateral, root_der: bytes | None, now: int) -> str:
+    """dcap-qvl says "Failed to verify certificate chain" for the TCB-info, QE-identity and
+    PCK chains alike; whichever collateral chain does not verify is the culprit."""
+    try:
+        doc = json.loads(collateral.json)
+        tcb_ok = _chain_valid(doc["tcb_info_issuer_chain"], root_der, now)
+        qe_ok = _chain_valid(doc["qe_identity_issuer_chain"], root_der, now)
+    except (ValueError, KeyError, TypeError):
+        return "tcb_info"
+    if not tcb_ok:
+        return "tcb_info"
+    if not qe_ok:
+        return "qe_identity_collateral"
+    return "pck_chain"
+
+
+@attrs.frozen(kw_only=True)
+class _QvlOutcome:
+    status: str | None = None
+    advisory_ids: tuple[str, ...] = ()
+    ppid: bytes | None = None
+    failure: str | None = None
+    stage: str | None = None
+
+
+def _run_qvl(quote: TdxQuote, collateral: Collateral, options: VerifyOptions) -> _QvlOutcome:
+    try:
+        if options.root_ca_der is None:
+            report = dcap_qvl.verify(quote.raw, collateral.to_qvl(), options.now)
+        else:
+            report = dcap_qvl.verify_with_root_ca(
+                quote.raw, collateral.to_qvl(), options.root_ca_der, options.now
+            )
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        message = str(exc) or type(exc).__name__
+    except BaseException as exc:  # pyo3's PanicException derives from BaseException
+        if type(exc).__name__ != "PanicException":
+            raise
+        message = f"dcap-qvl panicked: {exc}"
+    else:
+        return _QvlOutcome(
+            status=str(report.status),
+            advisory_ids=tuple(str(a) for a in report.advisory_ids),
+            ppid=bytes(report.ppid) if report.ppid is not None else None,
+        )
+    stage = _classify(message)
+    if stage == _AMBIGUOUS_CHAIN:
+        stage = _disambiguate_chain(collateral, options.root_ca_der, options.now)
+    return _QvlOutcome(failure=_tidy(message), stage=stage)
+
+
+def _tidy(message: str) -> str:
+    """dcap-qvl's multi-line ``Verification failed: X\n\nCaused by:\n    Y`` on one line."""
+    head, _, causes = message.removeprefix(_QVL_PREFIX).partition("Caused by:")
+    head = " ".join(head.split())
+    causes = " ".join(causes.split())
+    return f"{head} (caused by: {causes})" if causes else head
+
+
+def _dcap_checks(
+    outcome: _QvlOutcome | None, skip_reason: str
+) -> dict[str, tuple[CheckStatus, str]]:
+    """Status and detail of each check that dcap-qvl performs (partly or wholly)."""
+    names = list(_DCAP_CHECKS) + ["td_attributes", "mr_service_td"]
+    if outcome is None:
+        return {name: ("skipped", skip_reason) for name in names}
+    if outcome.failure is None:
+        return {name: ("pass", "verified by dcap-qvl") for name in names}
+    said = f"dcap-qvl says: {outcome.failure}"
+    if outcome.stage == "root_ca_crl" and "Signature" in (outcome.failure or ""):
+        said += (
+            " -- the collateral's root CA CRL is not signed by the trusted root: the quote and "
+            "collateral belong to another PKI than the root CA verified against"
+        )
+    if outcome.stage == _UNKNOWN_STAGE:
+        unattributed = f"{said} (a step this verifier cannot attribute; treated as failed)"
+        return {name: ("fail", unattributed) for name in names}
+    failed_at = _STAGE_INDEX[outcome.stage or _UNKNOWN_STAGE]
+    _, failed_check, failed_step = _QVL_STAGES[failed_at]
+    result: dict[str, tuple[CheckStatus, str]] = {}
+    for name in names:
+        indices = [i for i, (_, check, _) in enumerate(_QVL_STAGES) if check == name]
+        if failed_at in indices:
+            result[name] = ("fail", f"{failed_step} failed: {said}")
+        elif all(i < failed_at for i in indices):
+            result[name] = ("pass", "verified by dcap-qvl")
+        else:
+            done = [_QVL_STAGES[i][2] for i in indices if i < failed_at]
+            prefix = f"{', '.join(done)} verified; " if done else ""
+            result[name] = (
+                "skipped",
+                f"{prefix}not reached: dcap-qvl stopped at {failed_check} ({failed_step})",
+            )
+    return result
+
+
+# --- checks ----------------------------------------------------------------------------
+
+
+def _combine(
+    own: tuple[CheckStatus, str], dcap: tuple[CheckStatus, str]
+) -> tuple[CheckStatus, str]:
+    status_own, detail_own = own
+    status_dcap, detail_dcap = dcap
+    if "fail" in (status_own, status_dcap):
+        parts = [d for s, d in (own, dcap) if s == "fail"]
+        return "fail", "; ".join(parts)
+    if status_dcap == "skipped":
+        return "skipped", f"{detail_own}; dcap-qvl's part: {detail_dcap}"
+    return status_own, f"{detail_own}; {detail_dcap}"
+
+
+def _short(value: bytes) -> str:
+    return value.hex() if len(value) <= 8 else f"{value[:8].hex()}…"
+
+
+@attrs.frozen(kw_only=True)
+class _Replay:
+    rtmrs: tuple[bytes, bytes, bytes, bytes]
+    runtime: tuple[TdxEvent, ...]
+    computed: tuple[bytes | None, ...]  # per runtime entry: digest recomputed from content
+    boot: tuple[TdxEvent, ...]
+    boot_present: bool
+
+
+def _runtime_tdx_events(evidence: Evidence) -> tuple[TdxEvent, ...]:
+    if evidence.runtime_events is not None:
+        return tuple(e.to_tdx_event() for e in evidence.runtime_events)
+    return tuple(e for e in evidence.event_log if e.imr == RUNTIME_IMR)
+
+
+def _replay(evidence: Evidence) -> _Replay:
+    boot = tuple(e for e in evidence.event_log if e.imr != RUNTIME_IMR)
+    runtime = _runtime_tdx_events(evidence)
+    registers = [ZERO_REGISTER] * RTMR_COUNT
+    for event in boot:
+        if event.event_type != EV_NO_ACTION:
+            registers[event.imr] = extend(registers[event.imr], event.digest)
+    # The payload is what a runtime event binds: replay the digest recomputed from it.
+    computed = tuple(e.computed_digest if e.is_runtime else None for e in runtime)
+    for event, recomputed in zip(runtime, computed):
+        if event.event_type != EV_NO_ACTION:
+            digest = event.digest if recomputed is None else recomputed
+            registers[RUNTIME_IMR] = extend(registers[RUNTIME_IMR], digest)
+    return _Replay(
+        rtmrs=(registers[0], registers[1], registers[2], registers[3]),
+        runtime=runtime,
+        computed=computed,
+        boot=boot,
+        boot_present=any(e.imr in (1, 2) for e in boot),
+    )
+
+
+def _event_log_check(
+    evidence: Evidence, replay: _Replay, options: VerifyOptions
+) -> tuple[CheckStatus, str]:
+    if not evidence.event_log_given:
+        return "skipped", "no event log given: the quoted RTMR0-3 cannot be tied to any events"
+    quoted = evidence.quote.report.rtmrs
+    counts = [sum(1 for e in replay.boot if e.imr == i) for i in range(3)] + [len(replay.runtime)]
+    mismatched = []
+    parts = []
+    for index in range(RTMR_COUNT):
+        if index < RUNTIME_IMR and not replay.boot_present:
+            parts.append(f"RTMR{index} not replayable ({counts[index]} events)")
+            continue
+        if hmac.compare_digest(replay.rtmrs[index], quoted[index]):
+            parts.append(f"RTMR{index} ok ({counts[index]} events)")
+        else:
+            mismatched.append(index)
+            parts.append(
+                f"RTMR{index} MISMATCH ({counts[index]} events replay to "
+                f"{_short(replay.rtmrs[index])}, quote has {_short(quoted[index])})"
+            )
+    summary = "; ".join(parts)
+    if mismatched:
+        return "fail", f"replay differs from the quote: {summary}"
+    if not replay.boot_present:
+        why = (
+            "the log carries no RTMR1/RTMR2 boot events (lite-stripped, as in upstream RA-TLS "
+            "certificates), so RTMR0-2 cannot be replayed"
+        )
+        if options.allow_stripped_event_log:
+            return "pass", f"{summary}; {why} (accepted: allow_stripped_event_log)"
+        return "skipped", f"{summary}; {why}; give the full attestation (Attest) to check them"
+    return "pass", summary
+
+
+def _runtime_events_check(evidence: Evidence, replay: _Replay) -> tuple[CheckStatus, str]:
+    if not evidence.event_log_given:
+        return "skipped", "no event log given"
+    problems: list[str] = []
+    versions = {1: 0, 2: 0}
+    for index, (event, recomputed) in enumerate(zip(replay.runtime, replay.computed)):
+        if recomputed is None:
+            continue
+        versions[event.version] += 1
+        if event.digest and not hmac.compare_digest(event.digest, recomputed):
+            problems.append(
+                f"runtime event {index} ({event.event!r}): recorded digest does not match "
+                f"its name, payload and version {event.version}"
+            )
+    checked_preimages = 0
+    for index, (event, preimage) in enumerate(zip(evidence.event_log, evidence.preimages)):
+        if preimage is None:
+            continue
+        if not event.is_runtime:
+            problems.append(f"event {index} carries a preimage but is not a runtime event")
+            continue
+        checked_preimages += 1
+        canonical = runtime_event_preimage(event.event, event.event_payload, event.version)
+        if preimage != canonical:
+            problems.append(f"event {index} ({event.event!r}): preimage is not the canonical one")
+        elif event.digest and not hmac.compare_digest(
+            hashlib.sha384(preimage).digest(), event.digest
+        ):
+            problems.append(f"event {index} ({event.event!r}): preimage does not hash to digest")
+    if evidence.runtime_events is not None:
+        logged = [e for e in evidence.event_log if e.imr == RUNTIME_IMR and e.is_runtime]
+        if logged:
+            pairs = [(e.event, e.event_payload, e.version) for e in logged]
+            listed = [(e.event, e.payload, e.version) for e in evidence.runtime_events]
+            if pairs != listed:
+                problems.append("the event log's RTMR3 entries disagree with runtime_events")
+    if problems:
+        return "fail", "; ".join(problems)
+    detail = (
+        f"{len(replay.runtime)} runtime events ({versions[1]} v1, {versions[2]} v2 digests): "
+        f"recorded digests match their content"
+    )
+    if checked_preimages:
+        detail += f"; {checked_preimages} v2 preimages canonical and hashing to their digests"
+    return "pass", detail
+
+
+_APP_INFO_COMPARED: Final = (
+    "app_id",
+    "compose_hash",
+    "instance_id",
+    "mr_aggregated",
+    "mr_system",
+    "os_image_hash",
+    "key_provider_info",
+)
+
+
+def _envelope_binding_check(evidence: Evidence, derived: AppInfo) -> tuple[CheckStatus, str] | None:
+    """None when not applicable (a bare quote without claims)."""
+    quoted = evidence.quote.report_data
+    problems = []
+    done = []
+    if evidence.report_data is None:
+        return None
+    if hmac.compare_digest(evidence.report_data, quoted):
+        done.append("envelope report_data equals the quote's")
+    else:
+        problems.append(
+            f"envelope report_data {_short(evidence.report_data)} differs from the quote's "
+            f"{_short(quoted)}"
+        )
+    if evidence.report_data_payload is not None:
+        expected = report_data_for(evidence.report_data_payload.encode(), "sha512", APP_DATA_TAG)
+        if hmac.compare_digest(expected, evidence.report_data):
+            done.append('dstack-pod report_data = sha512("app-data:" || payload)')
+        else:
+            problems.append('dstack-pod report_data is not sha512("app-data:" || payload)')
+    if evidence.app_info is not None and evidence.app_info != AppInfo():
+        wrong = [
+            name
+            for name in _APP_INFO_COMPARED
+            if getattr(evidence.app_info, name) != getattr(derived, name)
+        ]
+        if wrong:
+            problems.append(
+                f"app_info claims differ from the recomputed values: {', '.join(wrong)}"
+            )
+        else:
+            done.append("app_info claims equal the values recomputed from quote and log")
+    if (
+        evidence.app_info is not None
+        and evidence.platform != SIMULATOR_PLATFORM
+        and evidence.quote.header.user_data.startswith(SIMULATOR_MARKER)
+    ):
+        problems.append(
+            f"the envelope says platform {evidence.platform!r} but the quote is marked "
+            "DSTACK-SIMULATOR"
+        )
+    if problems:
+        return "fail", "; ".join(problems)
+    return "pass", "; ".join(done)
+
+
+def _ratls_checks(
+    evidence: Evidence, options: VerifyOptions
+) -> tuple[tuple[CheckStatus, str], tuple[CheckStatus, str]]:
+    leaf = evidence.certificate
+    if leaf is None:
+        skipped: tuple[CheckStatus, str] = ("skipped", "the evidence is not an RA-TLS certificate")
+        return skipped, skipped
+    expected = ratls_report_data(leaf.spki_der)
+    quoted = evidence.quote.report_data
+    if hmac.compare_digest(expected, quoted):
+        binding: tuple[CheckStatus, str] = (
+            "pass",
+            'quote report_data = sha512("ratls-cert:" || certificate SubjectPublicKeyInfo)',
+        )
+    else:
+        binding = (
+            "fail",
+            (
+                f'quote report_data {_short(quoted)} is not sha512("ratls-cert:" || SPKI) = '
+                f"{_short(expected)}: the attestation does not belong to this certificate's key"
+            ),
+        )
+    chain = evidence.certificate_chain
+    moment = datetime.fromtimestamp(options.now, UTC)
+    expired = [
+        i
+        for i, cert in enumerate(chain)
+        if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc
+    ]
+    if len(chain) < 2:
+        chain_result: tuple[CheckStatus, str] = (
+            "skipped",
+            (
+                "no issuer certificate given: the binding proves the key only; issuer claims "
+                "(app id, usage) need the chain"
+            ),
+        )
+    else:
+        try:
+            verify_chain(chain)
+        except EvidenceError as exc:
+            chain_result = ("fail", exc.message)
+        else:
+            chain_result = (
+                "pass",
+                (
+                    f"{len(chain)} certificates, each signed by the next (the last is not "
+                    "judged: it is the caller's anchor)"
+                ),
+            )
+    if expired and chain_result[0] != "fail":
+        chain_result = ("fail", f"certificate(s) {expired} not valid at {options.now}")
+    return binding, chain_result
+
+
+def _key_provider(info: bytes) -> Mapping[str, str] | None:
+    if not info:
+        return None
+    try:
+        doc = json.loads(info)
+    except ValueError:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("name"), str):
+        provider_id = doc.get("id", "")
+        return {"name": doc["name"], "id": provider_id if isinstance(provider_id, str) else ""}
+    return None
+
+
+def _init_script_hashes(runtime: Iterable[TdxEvent]) -> tuple[bytes, ...]:
+    hashes = []
+    for event in runtime:
+        if event.event == SYSTEM_READY:
+            break
+        if event.event == "init-script-hash":
+            hashes.append(event.event_payload)
+    return tuple(hashes)
+
+
+def _simulator_policy(evidence: Evidence, options: VerifyOptions) -> tuple[CheckStatus, str]:
+    marked = evidence.marked_simulated
+    external = options.root_ca_der is not None
+    if not marked and not external:
+        return "pass", "not simulator evidence; verified against Intel's root of trust"
+    reasons = []
+    if marked:
+        reasons.append(
+            f"the evidence is marked simulated (platform {evidence.platform!r}, quote user_data "
+            f"{evidence.quote.header.user_data[:16].decode('ascii', 'replace')!r})"
+        )
+    if external:
+        reasons.append("an external root CA replaces Intel's")
+    if not options.allow_simulator:
+        return "fail", (
+            f"{' and '.join(reasons)}: rejected; opt in with allow_simulator "
+            "(--allow-simulator) together with the simulator's trust bundle"
+        )
+    if not external:
+        return "fail", (
+            "simulator evidence was allowed, but no simulator root CA was given "
+            "(--root-ca / trust bundle): Intel's root cannot verify it"
+        )
+    return "pass", f"SIMULATED: {' and '.join(reasons)}; accepted by explicit opt-in"
+
+
+def verify_evidence(
+    evidence: Evidence,
+    options: VerifyOptions,
+    collateral: Collateral | None = None,
+    *,
+    collateral_error: str | None = None,
+) -> VerificationResult:
+    """Run every check on decoded evidence; pure (collateral and time are inputs).
+
+    :param evidence: from :func:`load_evidence`.
+    :param options: trust anchors, policy and the verification time.
+    :param collateral: the quote's collateral, or None (the dcap-qvl checks are then
+        ``skipped``, so the verdict is ``fail``).
+    :param collateral_error: why there is no collateral (e.g. the PCCS was unreachable),
+        reported in the skipped checks' detail.
+    :returns: the result, never None; failed checks are data in it.
+    """
+    quote = evidence.quote
+    report = quote.report
+    checks: dict[str, tuple[CheckStatus, str]] = {}
+    mandatory = {
+        "evidence",
+        "simulator_policy",
+        "collateral",
+        "certificate_chain",
+        "qe_identity",
+        "quote_signature",
+        "tcb_status",
+        "td_attributes",
+        "mr_signer_seam",
+        "event_log",
+    }
+    log_size = f"{len(evidence.event_log)} events" if evidence.event_log_given else "no event log"
+    inner = f", embedded {evidence.attestation_kind}" if evidence.attestation_kind else ""
+    checks["evidence"] = (
+        "pass",
+        (
+            f"decoded {evidence.kind}{inner}: TDX quote v{quote.version} "
+            f"(TD {'1.5' if report.is_td15 else '1.0'} body), {log_size}"
+        ),
+    )
+    checks["simulator_policy"] = _simulator_policy(evidence, options)
+
+    outcome = None if collateral is None else _run_qvl(quote, collateral, options)
+    dcap = _dcap_checks(
+        outcome,
+        f"no collateral: {collateral_error}"
+        if collateral_error
+        else "no collateral: give a collateral file (--collateral) or a PCCS (--pccs-url)",
+    )
+    for name in ("collateral", "certificate_chain", "qe_identity", "quote_signature"):
+        checks[name] = dcap[name]
+    if collateral is not None and checks["collateral"][0] == "pass":
+        checks["collateral"] = (
+            "pass",
+            (
+                f"verified by dcap-qvl at {options.now}, within the collateral's window "
+                f"[{collateral.issued_at}, {collateral.expires_at})"
+            ),
+        )
+    tcb_status = outcome.status if outcome is not None else None
+    advisories = outcome.advisory_ids if outcome is not None else ()
+    if tcb_status is not None:
+        allowed = ", ".join(sorted(options.allowed_tcb_statuses)) or "none"
+        if tcb_status in options.allowed_tcb_statuses:
+            checks["tcb_status"] = ("pass", f"{tcb_status} (allowed: {allowed})")
+        else:
+            checks["tcb_status"] = (
+                "fail",
+                f"{tcb_status} is not an allowed TCB status (allowed: {allowed})",
+            )
+        rejected = sorted(set(advisories) & options.rejected_advisory_ids)
+        listed = ", ".join(advisories) or "none"
+        if rejected:
+            checks["advisory_ids"] = ("fail", f"rejected advisories apply: {', '.join(rejected)}")
+        else:
+            checks["advisory_ids"] = ("pass", f"advisories: {listed}; none rejected by policy")
+    else:
+        checks["tcb_status"] = dcap["tcb_status"]
+        checks["advisory_ids"] = ("skipped", "dcap-qvl produced no TCB verdict")
+
+    debug: tuple[CheckStatus, str] = (
+        ("fail", "the DEBUG bit is set: the host can read and change the TD's memory")
+        if report.is_debug
+        else ("pass", "DEBUG bit clear")
+    )
+    checks["td_attributes"] = _combine(debug, dcap["td_attributes"])
+    if any(report.mr_signer_seam):
+        checks["mr_signer_seam"] = (
+            "fail",
+            f"mr_signer_seam is {_short(report.mr_signer_seam)}: the TDX module is not Intel's",
+        )
+    else:
+        checks["mr_signer_seam"] = ("pass", "zero (the TDX module is signed by Intel)")
+    if report.mr_service_td is None:
+        checks["mr_service_td"] = ("skipped", "a TD 1.0 report has no mr_service_td")
+    else:
+        mandatory.add("mr_service_td")
+        own: tuple[CheckStatus, str] = (
+            ("fail", f"mr_service_td is {_short(report.mr_service_td)}, must be zero")
+            if any(report.mr_service_td)
+            else ("pass", "zero (no service TD bound)")
+        )
+        checks["mr_service_td"] = _combine(own, dcap["mr_service_td"])
+
+    replay = _replay(evidence)
+    checks["event_log"] = _event_log_check(evidence, replay, options)
+    checks["runtime_events"] = _runtime_events_check(evidence, replay)
+    if evidence.event_log_given:
+        mandatory.add("runtime_events")
+
+    derived = derive_app_info(report, replay.boot + replay.runtime, evidence.vm_config)
+    binding = _envelope_binding_check(evidence, derived)
+    if binding is None:
+        checks["envelope_binding"] = (
+            "skipped",
+            "a bare quote: no envelope claims to compare (its report_data is the only claim)",
+        )
+    else:
+        checks["envelope_binding"] = binding
+        mandatory.add("envelope_binding")
+
+    expected = options.expected_report_data
+    if expected is None:
+        checks["report_data"] = (
+            "skipped",
+            "no expectation given (--expect-report-data); the quote's report_data is reported",
+        )
+    else:
+        mandatory.add("report_data")
+        if hmac.compare_digest(expected.value, report.report_data):
+            checks["report_data"] = ("pass", f"equals the expected {expected.description} value")
+        else:
+            checks["report_data"] = (
+                "fail",
+                (
+                    f"quote report_data {_short(report.report_data)} is not the expected "
+                    f"{expected.description} value {_short(expected.value)}"
+                ),
+            )
+
+    checks["ratls_binding"], checks["ratls_chain"] = _ratls_checks(evidence, options)
+    if evidence.certificate is not None:
+        mandatory.add("ratls_binding")
+    checks["os_image"] = (
+        "skipped",
+        (
+            "OS image verification (recomputing MRTD and RTMR0-2 from the image os_image_hash "
+            "names) is not implemented; os_image_hash is reported as the vm_config states it"
+        ),
+    )
+
+    results = tuple(
+        CheckResult(
+            name=name, status=checks[name][0], detail=checks[name][1], mandatory=name in mandatory
+        )
+        for name in CHECK_NAMES
+    )
+    verdict: Literal["pass", "fail"] = (
+        "pass"
+        if all(r.status != "fail" for r in results)
+        and all(r.status == "pass" for r in results if r.mandatory)
+        else "fail"
+    )
+    ppid = outcome.ppid if outcome is not None else None
+    return VerificationResult(
+        verdict=verdict,
+        checks=results,
+        evidence_kind=evidence.kind,
+        platform=evidence.platform,
+        simulated=evidence.marked_simulated or options.root_ca_der is not None,
+        verified_at=options.now,
+        tcb_status=tcb_status,
+        advisory_ids=advisories,
+        quote_version=quote.version,
+        report_data=report.report_data,
+        mrtd=report.mr_td,
+        rtmrs=report.rtmrs,
+        mr_config_id=report.mr_config_id,
+        app_id=derived.app_id,
+        compose_hash=derived.compose_hash,
+        instance_id=derived.instance_id,
+        key_provider=_key_provider(derived.key_provider_info),
+        key_provider_info=derived.key_provider_info,
+        os_image_hash=derived.os_image_hash,
+        mr_aggregated=derived.mr_aggregated,
+        mr_system=derived.mr_system,
+        device_id=hashlib.sha256(ppid).digest() if ppid is not None else DEVICE_ID_UNVERIFIED,
+        init_script_hashes=_init_script_hashes(replay.runtime),
+    )
+
+
+def verify(
+    data: bytes | str, options: VerifyOptions, collateral: Collateral | None = None
+) -> VerificationResult:
+    """:func:`load_evidence` then :func:`verify_evidence`.
+
+    :raises EvidenceError: the evidence is malformed or of an unsupported platform.
+    """
+    return verify_evidence(load_evidence(data), options, collateral)
