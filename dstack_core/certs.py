@@ -645,6 +645,9 @@ class RaTlsCertificate:
         return ratls_report_data(self.spki_der)
 
 
+DER_SEQUENCE_TAG: Final = b"\x30"
+
+
 def load_certificate_chain(data: bytes | str) -> list[x509.Certificate]:
     """Parse one or more PEM certificates, or a single DER certificate, in the given order.
 
@@ -652,11 +655,11 @@ def load_certificate_chain(data: bytes | str) -> list[x509.Certificate]:
     """
     raw = data.encode("ascii", "replace") if isinstance(data, str) else bytes(data)
     try:
-        # A DER RA-TLS leaf contains PEM text inside its quote's PCK chain, so PEM is
-        # recognised by how the input starts, not by what it contains.
-        if raw.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificates(raw)
-        return [x509.load_der_x509_certificate(raw)]
+        # A DER RA-TLS leaf contains PEM text inside its quote's PCK chain, so DER is
+        # recognised by its leading SEQUENCE tag, not by the absence of PEM markers.
+        if raw.startswith(DER_SEQUENCE_TAG):
+            return [x509.load_der_x509_certificate(raw)]
+        return x509.load_pem_x509_certificates(raw)
     except ValueError as exc:
         raise EvidenceError(f"not a PEM or DER certificate: {exc}") from exc
 
