@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_eventlog
+from .cli_verify import register as register_verify
 from .config import PLATFORM_ENV, load_settings
 from .errors import ConfigurationError, DstackError
 from .platform import Platform
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--state-dir", type=Path, required=True, help="the agent's state dir")
     bundle.add_argument("--out", type=Path, required=True, help="output directory")
     bundle.set_defaults(func=_cmd_trust_bundle)
+    register_verify(commands)
+    cli_eventlog.register(commands)
     return parser
 
 
@@ -143,9 +146,12 @@ def _cmd_trust_bundle(args: argparse.Namespace) -> int:
     bundle = platform.trust_bundle_sync(args.state_dir)
     if bundle is None:
         raise ConfigurationError("the simulator plugin does not publish a trust bundle")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "root_ca.pem").write_bytes(bundle.root_ca_pem)
-    (args.out / "collateral.json").write_text(bundle.collateral_json)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "root_ca.pem").write_bytes(bundle.root_ca_pem)
+        (args.out / "collateral.json").write_text(bundle.collateral_json)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write the trust bundle: {exc}") from None
     print(f"wrote {args.out / 'root_ca.pem'} and {args.out / 'collateral.json'}")
     return 0
 

@@ -23,6 +23,28 @@ class Bundle:
     collateral_json: str
 
 
+@attrs.frozen(kw_only=True)
+class PlatformTraits:
+    """What the end-to-end tests expect of the platform behind the ``agent`` fixture."""
+
+    tag: str
+    simulated: bool
+    user_data_marker: bytes
+
+
+SIMULATOR_TRAITS = PlatformTraits(tag="simulator", simulated=True, user_data_marker=b"DSTACK-SIMULATOR")
+
+
+def input_path(agent: AgentProcess, name: str) -> Path:
+    """An agent's input file by its simulator state-dir name (``appkeys.json``, ...).
+
+    Agents on other platforms (e.g. :class:`~dstack_core.testing.fake_tee.FakeTdxAgent`) say
+    where their inputs are in ``input_files``.
+    """
+    files = getattr(agent, "input_files", None)
+    return files[name] if files else agent.state_dir / name
+
+
 def run_cli(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``dstack-agent ARGS`` as a subprocess, capturing text output."""
     return subprocess.run(
@@ -60,6 +82,12 @@ def upstream_agent() -> Iterator[AgentProcess]:
     yield proc
     proc.stop()
     shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def platform_traits() -> PlatformTraits:
+    """The simulator's markers; modules running the same tests on another platform override it."""
+    return SIMULATOR_TRAITS
 
 
 @pytest.fixture(scope="module")

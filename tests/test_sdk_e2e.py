@@ -25,7 +25,7 @@ from dstack_core.eventlog import events_from_json, replay_rtmrs
 from dstack_core.quote import TdxQuote
 from dstack_core.types import RootKey
 
-from .conftest import UPSTREAM_APPKEYS, Bundle
+from .conftest import UPSTREAM_APPKEYS, Bundle, input_path
 
 NOW = int(time.time())
 
@@ -36,7 +36,7 @@ def verify_quote(quote: bytes, bundle: Bundle) -> str:
 
 
 def app_public_key(agent) -> bytes:
-    root = RootKey.from_appkeys_json((agent.state_dir / "appkeys.json").read_bytes())
+    root = RootKey.from_appkeys_json(input_path(agent, "appkeys.json").read_bytes())
     return PublicKey.from_secret(root.k256_key).format()
 
 
@@ -125,10 +125,10 @@ class TestQuote:
         assert result.report_data == b"hello".ljust(64, b"\0").hex()
         assert verify_quote(quote, bundle) == "UpToDate"
 
-    def test_quote_marked_simulated_and_rejected_by_intel_root(self, agent, bundle):
-        """The header says DSTACK-SIMULATOR and Intel's real root rejects the quote."""
+    def test_quote_marked_simulated_and_rejected_by_intel_root(self, agent, bundle, platform_traits):
+        """The header carries the platform's marker (DSTACK-SIMULATOR) and Intel's root rejects it."""
         quote = DstackClient(str(agent.socket)).get_quote(b"x").decode_quote()
-        assert TdxQuote.from_bytes(quote).header.user_data.startswith(b"DSTACK-SIMULATOR")
+        assert TdxQuote.from_bytes(quote).header.user_data.startswith(platform_traits.user_data_marker)
         collateral = dcap_qvl.QuoteCollateralV3.from_json(bundle.collateral_json)
         with pytest.raises(ValueError):
             dcap_qvl.verify(quote, collateral, NOW)
@@ -178,13 +178,14 @@ class TestQuote:
 
 
 class TestAttest:
-    def test_envelope_round_trips_and_binds(self, agent, bundle):
-        """Attest returns our CBOR envelope: platform simulator, report data bound, quote valid."""
+    def test_envelope_round_trips_and_binds(self, agent, bundle, platform_traits):
+        """Attest returns our CBOR envelope: platform tag set, report data bound, quote valid."""
         raw = DstackClient(str(agent.socket)).attest(b"attest-me").decode_attestation()
         assert raw[0] == 0xD9
         envelope = Envelope.from_cbor(raw)
         assert envelope.to_cbor() == raw
-        assert envelope.platform == "simulator" and envelope.simulated
+        assert envelope.platform == platform_traits.tag
+        assert envelope.simulated == platform_traits.simulated
         assert envelope.report_data == b"attest-me".ljust(64, b"\0")
         report = TdxQuote.from_bytes(envelope.quote).report
         assert report.report_data == envelope.report_data
@@ -196,7 +197,7 @@ class TestInfo:
     def test_info_fields_are_consistent(self, agent):
         """Info's identity comes from the boot events and matches the inputs and the quote."""
         info = DstackClient(str(agent.socket)).info()
-        compose = (agent.state_dir / "app-compose.json").read_bytes()
+        compose = input_path(agent, "app-compose.json").read_bytes()
         compose_hash = hashlib.sha256(compose).hexdigest()
         assert info.compose_hash == compose_hash
         assert info.app_id == compose_hash[:40]
@@ -207,7 +208,7 @@ class TestInfo:
         tcb = info.tcb_info
         assert tcb.mr_aggregated == info.mr_aggregated
         assert info.os_image_hash == json.loads(json.loads(
-            (agent.state_dir / "sys-config.json").read_text())["vm_config"])["os_image_hash"]
+            input_path(agent, "sys-config.json").read_text())["vm_config"])["os_image_hash"]
         chain = certs.load_certificate_chain(info.app_cert.encode())
         assert chain[0].subject.rfc4514_string() == "CN=demo-cert"
 
