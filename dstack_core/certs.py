@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,8 @@ from typing import Final
 import attrs
 from Crypto.Hash import keccak
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm as _CryptoUnsupported
+from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import UnsupportedAlgorithm as _CryptoUnsupported
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -39,6 +41,7 @@ from .errors import (
     UnsupportedAlgorithm,
 )
 from .keys import derive_key
+from .types import KeyProvider, RootKey
 
 __all__ = [
     "RATLS_OID_ARC",
@@ -68,6 +71,7 @@ __all__ = [
     "RaTlsCertificate",
     "load_certificate_chain",
     "verify_chain",
+    "new_local_root_key",
 ]
 
 RATLS_OID_ARC: Final = "1.3.6.1.4.1.62397.1"
@@ -682,3 +686,16 @@ def verify_chain(chain: Sequence[x509.Certificate]) -> None:
             raise EvidenceError(
                 f"certificate {index} is not issued by certificate {index + 1}: {detail}"
             ) from exc
+
+
+def new_local_root_key(*, now: datetime) -> RootKey:
+    """Fresh app keys with a local CA (key provider ``None``), as dstack-util makes them
+    without a KMS: random secp256k1 app key, no KMS signature, a self-signed app CA."""
+    ca_key = new_tls_key()
+    return RootKey(
+        k256_key=os.urandom(32),
+        disk_crypt_key=os.urandom(32),
+        env_crypt_key=os.urandom(32),
+        ca_cert_pem=new_app_ca(ca_key, now=now).cert_pem,
+        key_provider=KeyProvider(kind="None", name="none", key_pem=private_key_pem(ca_key)),
+    )

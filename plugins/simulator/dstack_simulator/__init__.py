@@ -32,7 +32,6 @@ from typing import Any, Final
 from dstack_core import (
     ConfigurationError,
     InvalidRequest,
-    KeyProvider,
     Measurements,
     PlatformConfig,
     PlatformEvidence,
@@ -86,18 +85,6 @@ DEFAULT_SYS_CONFIG: Final = {
         separators=(",", ":"),
     ),
 }
-
-
-def _new_root_key() -> RootKey:
-    ca_key = certs.new_tls_key()
-    ca = certs.new_app_ca(ca_key, now=datetime.now(UTC))
-    return RootKey(
-        k256_key=secrets.token_bytes(32),
-        disk_crypt_key=secrets.token_bytes(32),
-        env_crypt_key=secrets.token_bytes(32),
-        ca_cert_pem=ca.cert_pem,
-        key_provider=KeyProvider(kind="None", name="none", key_pem=certs.private_key_pem(ca_key)),
-    )
 
 
 def _write_default(path: Path, state_dir: Path, doc: dict[str, Any], what: str) -> None:
@@ -186,7 +173,7 @@ class SimulatorPlatform:
     def _load_root_key(self, config: PlatformConfig) -> RootKey:
         path = config.appkeys or config.state_dir / APPKEYS_FILE
         if config.appkeys is None and not path.exists():
-            root_key = _new_root_key()
+            root_key = certs.new_local_root_key(now=datetime.now(UTC))
             atomic_write(path, root_key.to_appkeys_json().encode(), mode=0o600)
             log.info("created new simulator app keys in %s", path)
             return root_key
