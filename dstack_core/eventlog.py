@@ -39,7 +39,8 @@ from typing import Any, Final, Literal
 
 import attrs
 
-from dstack_core.errors import EvidenceError, InvalidRequest, StateError
+from . import strictjson
+from .errors import EvidenceError, InvalidRequest, StateError
 
 __all__ = [
     "ACPI_DATA_EVENT_NAMES",
@@ -471,27 +472,6 @@ def events_to_json(
     return json.dumps(items, separators=(",", ":"), ensure_ascii=False)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("duplicate key in JSON object")
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _loads_strict(text: str | bytes) -> Any:
-    """``json.loads`` without NaN/Infinity or duplicate keys; ValueError on any problem."""
-    try:
-        return json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
 def events_from_json(text_or_list: str | bytes | Sequence[object]) -> tuple[TdxEvent, ...]:
     """Parse a JSON event log: JSON text, or an already decoded list.
 
@@ -506,7 +486,7 @@ def events_from_json(text_or_list: str | bytes | Sequence[object]) -> tuple[TdxE
             raise EvidenceError("event log JSON is too large")
         text = bytes(text_or_list) if isinstance(text_or_list, bytearray) else text_or_list
         try:
-            decoded = _loads_strict(text)
+            decoded = strictjson.loads(text)
         except ValueError as exc:
             raise EvidenceError(f"event log is not valid JSON: {exc}") from None
     else:
@@ -600,7 +580,7 @@ class RuntimeEvent:
         :raises EvidenceError: if the line is not a valid event.
         """
         try:
-            obj = _loads_strict(line)
+            obj = strictjson.loads(line)
         except ValueError as exc:
             raise EvidenceError(f"runtime event line is not valid JSON: {exc}") from None
         return cls.from_json(obj)

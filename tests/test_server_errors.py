@@ -238,7 +238,7 @@ class TestBodies:
             pytest.param(b"42", "invalid_json", "JSON object", id="number"),
             pytest.param(b"null", "invalid_json", "JSON object", id="null"),
             pytest.param(b"true", "invalid_json", "JSON object", id="bool"),
-            pytest.param(b'{"x": 1, "x": 1}', "invalid_request", "duplicate", id="duplicate"),
+            pytest.param(b'{"x": 1, "x": 1}', "invalid_json", "duplicate", id="duplicate"),
             pytest.param(b'{"x": "\xff"}', "invalid_json", "UTF-8", id="bad-utf8"),
             pytest.param(b"\xef\xbb\xbf{}", "invalid_json", "BOM", id="bom"),
             pytest.param(b"[" * 100_000, "invalid_json", "deeply", id="deep-array"),

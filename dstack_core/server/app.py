@@ -18,9 +18,10 @@ from typing import Any, Final
 import attrs
 from aiohttp import web
 
-from ..errors import DstackError, NotFound, PayloadTooLarge
+from ..errors import NotFound
 from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
-from .codec import Field, Schema, decode_args, parse_json_body, parse_query, to_json_bytes
+from .codec import Field, Schema, decode_args, parse_json_body, parse_query
+from .errors import error_middleware, json_response
 
 __all__ = ["create_app", "SERVICE_KEY", "DEFAULT_MAX_BODY", "DSTACK_METHODS", "TAPPD_METHODS"]
 
@@ -185,17 +186,13 @@ TAPPD_METHODS: Final[dict[str, Method]] = {
 }
 
 
-def _json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=to_json_bytes(obj), status=status, content_type="application/json")
-
-
 async def _call(request: web.Request, method: Method) -> web.Response:
     if request.method == "POST":
         doc = parse_json_body(await request.read()) if method.schema else {}
     else:
         doc = parse_query(request.query, method.schema)
     args = decode_args(method.schema, doc)
-    return _json_response(await method.handler(request.app[SERVICE_KEY], args))
+    return json_response(await method.handler(request.app[SERVICE_KEY], args))
 
 
 async def _dstack(request: web.Request) -> web.Response:
@@ -219,39 +216,9 @@ async def _prpc(request: web.Request) -> web.Response:
     return await _call(request, method)
 
 
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DstackError as exc:
-        if exc.http_status >= 500:
-            log.warning("%s %s failed: %s", request.method, request.path, exc)
-        return _json_response(exc.to_json(), exc.http_status)
-    except web.HTTPRequestEntityTooLarge as exc:
-        err = PayloadTooLarge(f"failed to read data: payload too large ({exc.text})")
-        return _json_response(err.to_json(), err.http_status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        response = _json_response({"error": exc.reason, "code": code}, exc.status)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except ConnectionResetError:
-        # The client hung up mid-request (e.g. while we read its body): not our bug.
-        log.debug("%s %s: client disconnected", request.method, request.path)
-        return _json_response({"error": "client disconnected", "code": "client_disconnected"}, 400)
-    except Exception:
-        log.exception("unexpected error handling %s %s", request.method, request.path)
-        return _json_response({"error": "internal error", "code": "internal_error"}, 500)
-
-
 def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
     """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
-    app = web.Application(middlewares=[_errors], client_max_size=max_body)
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
     app[SERVICE_KEY] = service
     # add_get also answers HEAD, as upstream's Rocket routes do.
     for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):

@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 import attrs
 from multidict import MultiMapping
 
+from .. import strictjson
 from ..errors import InvalidRequest
 
 __all__ = ["Field", "Schema", "parse_json_body", "parse_query", "decode_args", "to_json_bytes"]
@@ -114,38 +115,14 @@ _DECODERS: Final = {
 }
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in doc:
-            raise InvalidRequest(f"duplicate field {key!r} in the JSON body")
-        doc[key] = value
-    return doc
-
-
-def _reject_constant(name: str) -> Any:
-    raise InvalidRequest(f"{name} is not valid JSON", code="invalid_json")
-
-
 def parse_json_body(body: bytes) -> dict[str, Any]:
     """Decode a POST body: empty means ``{}``; otherwise exactly one JSON object."""
     if not body.strip():
         return {}
     try:
-        doc = json.loads(
-            body.decode("utf-8"),
-            object_pairs_hook=_reject_duplicates,
-            parse_constant=_reject_constant,
-        )
-    except UnicodeDecodeError:
-        raise InvalidRequest("request body is not UTF-8", code="invalid_json") from None
-    except RecursionError:
-        raise InvalidRequest("request body nests too deeply", code="invalid_json") from None
-    except json.JSONDecodeError as exc:
+        doc = strictjson.loads(body)
+    except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
-    except ValueError:
-        # Python refuses integers longer than sys.get_int_max_str_digits() (4300 by default).
-        raise InvalidRequest("request body has an integer too long to decode", code="invalid_json") from None
     if not isinstance(doc, dict):
         raise InvalidRequest(
             f"request body must be a JSON object, got {type(doc).__name__}", code="invalid_json"

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,7 +29,7 @@ import attrs
 from aiohttp import web
 
 from ..collateral import CollateralCache, CollateralSource, load_collateral_file
-from ..errors import ConfigurationError, DstackError, EvidenceError, PayloadTooLarge
+from ..errors import ConfigurationError, EvidenceError
 from ..verify import (
     DEFAULT_ALLOWED_TCB_STATUSES,
     MAX_EVIDENCE_SIZE,
@@ -40,6 +40,7 @@ from ..verify import (
     string_set,
     verify_evidence,
 )
+from .errors import error_middleware, json_response
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -125,14 +126,6 @@ class VerifierSettings:
 SETTINGS_KEY: Final = web.AppKey("verifier_settings", VerifierSettings)
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=json.dumps(obj, separators=(",", ":")).encode(),
-        status=status,
-        content_type="application/json",
-    )
-
-
 def _request_doc(body: bytes) -> Mapping[str, Any]:
     try:
         doc = json.loads(body)
@@ -177,40 +170,16 @@ async def _verify(request: web.Request) -> web.Response:
         collateral,
         collateral_error=problem,
     )
-    return _json(result.to_upstream_json())
+    return json_response(result.to_upstream_json())
 
 
 async def _health(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "service": SERVICE_NAME})
-
-
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DstackError as exc:
-        status = min(500, exc.http_status)
-        return _json(exc.to_json(), status)
-    except web.HTTPRequestEntityTooLarge as exc:
-        error = PayloadTooLarge(f"request body too large ({exc.text})")
-        return _json(error.to_json(), error.http_status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _json({"error": exc.reason, "code": code}, exc.status)
-    except ConnectionResetError:
-        return _json({"error": "client disconnected", "code": "client_disconnected"}, 400)
-    except Exception:
-        log.exception("unexpected error handling %s %s", request.method, request.path)
-        return _json({"error": "internal error", "code": "internal_error"}, 500)
+    return json_response({"status": "ok", "service": SERVICE_NAME})
 
 
 def create_verifier_app(settings: VerifierSettings) -> web.Application:
     """The aiohttp application: ``POST /verify``, ``GET /health``."""
-    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_size)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
     app[SETTINGS_KEY] = settings
     app.router.add_post("/verify", _verify)
     app.router.add_get("/health", _health)
