@@ -321,7 +321,8 @@ class AgentService:
                 "rtmr3": report.rtmr3.hex(),
             }
         else:
-            tcb = dict.fromkeys(("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"))
+            # Upstream writes null here; the SDKs' TcbInfo models require strings.
+            tcb = dict.fromkeys(("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"), "")
         tcb.update(
             mr_aggregated=app.mr_aggregated.hex(),
             os_image_hash=app.os_image_hash.hex(),
@@ -347,7 +348,8 @@ class AgentService:
         )
 
     async def _demo_certificate(self) -> str:
-        if not self._demo_cert:
+        """Info's ``app_cert``: a demo RA-TLS chain, or ``""`` without a local CA."""
+        if not self._demo_cert and self._ca is not None:
             result = await self.get_tls_key(
                 TlsKeyRequest(subject=DEMO_CERT_SUBJECT, usage_ra_tls=True, usage_client_auth=True)
             )

@@ -16,9 +16,8 @@ import os
 import signal
 import socket
 import stat
-from pathlib import Path
-
 from collections.abc import Iterator
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError

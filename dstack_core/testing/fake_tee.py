@@ -1,4 +1,4 @@
-"""A fake of the Linux Intel TDX guest kernel interfaces, for tests only.
+"""Fakes of the Linux Intel TDX and AMD SEV-SNP guest kernel interfaces, for tests only.
 
 **Nothing here is secure or meant for production.** It lets a TDX platform plugin run end to
 end on a machine without TDX, against a kernel model derived from the kernel sources (see
@@ -28,11 +28,27 @@ across restarts, and a test can flip a switch that the agent observes on its nex
 Quotes are signed by a :class:`~dstack_core.mockpki.MockIntelPki` seeded per machine; their
 header user data says ``DSTACK-FAKE-TDX``. A verifier accepts them only when given
 :meth:`FakeTdxMachine.trust_bundle`, never with Intel's root.
+
+The SEV-SNP side (spec sections 1, 4 and 6.3) follows the same pattern:
+
+* :class:`FakeSnpMachine` lays out an SNP guest's ``/``: configfs-tsm with the ``sev_guest``
+  provider (``privlevel``, ``privlevel_floor``, ``auxblob``; the SVSM attributes under a
+  VMPL above 0), ``/dev/sev-guest``, and the host-shared app-compose and sys-config. Its
+  state lives in ``<root>/.fake-snp/state.json``.
+* :class:`FakeSnpKernelIO` adds the kernel's side effects: configfs reports are the bare
+  1184-byte SNP report; the ``SNP_GET_REPORT``, ``SNP_GET_DERIVED_KEY`` and
+  ``SNP_GET_EXT_REPORT`` ioctls decode the real 32-byte ``snp_guest_request_ioctl`` and
+  dereference its pointers with ctypes, answer MSG_REPORT_RSP / MSG_KEY_RSP, refuse
+  ``msg_version`` 0 with EINVAL, copy ``exitinfo2`` back on failure (subject to CPython's
+  small-buffer rule), and disable the VMPCK after a transport failure, as the kernel does.
+* Reports are signed by a test P-384 key derived from the machine's seed (never AMD's) and
+  carry ``family_id`` ``DSTACK-FAKE-SNP``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -43,12 +59,16 @@ import signal
 import stat
 import struct
 import threading
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import attrs
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from dstack_core import certs
 from dstack_core.ccel import (
@@ -69,17 +89,34 @@ from .agent import AgentProcess
 __all__ = [
     "ALLOW_FAKE_KERNEL_ENV",
     "CRASH_POINTS",
+    "DEFAULT_SNP_MEASUREMENT",
+    "FAKE_SNP_FAMILY_ID",
     "FAKE_TDX_USER_DATA",
     "FAULT_OPS",
     "KERNEL_PROFILES",
+    "SEV_GUEST_PROVIDER",
+    "SEV_RET_INVALID_KEY",
+    "SEV_RET_INVALID_PARAM",
+    "SNP_FAULT_OPS",
+    "SNP_GET_DERIVED_KEY",
+    "SNP_GET_EXT_REPORT",
+    "SNP_GET_REPORT",
+    "SNP_GUEST_VMM_ERR_BUSY",
+    "SNP_GUEST_VMM_ERR_INVALID_LEN",
+    "SNP_KERNEL_PROFILES",
     "TDX_CMD_EXTEND_RTMR_IOR",
     "TDX_CMD_EXTEND_RTMR_IOW",
     "TDX_CMD_GET_REPORT0",
     "FakeKernelIO",
+    "FakeSnpAgent",
+    "FakeSnpKernelIO",
+    "FakeSnpMachine",
+    "FakeSnpPaths",
     "FakeTdxAgent",
     "FakeTdxMachine",
     "FakeTdxPaths",
     "KernelProfile",
+    "SnpKernelProfile",
     "default_boot_log",
 ]
 
@@ -310,9 +347,11 @@ class _StateStore:
     """The hardware state file, shared across processes under an ``flock``."""
 
     _thread_lock = threading.Lock()
+    state_dir: str = STATE_DIR
+    missing_hint: str = "not a fake TDX tree (build one with FakeTdxMachine.create)"
 
     def __init__(self, root: Path) -> None:
-        self.dir = root / STATE_DIR
+        self.dir = root / self.state_dir
         self.path = self.dir / STATE_FILE
         self.lock_path = self.dir / LOCK_FILE
 
@@ -327,8 +366,7 @@ class _StateStore:
                     before = self.path.read_text()
                 except FileNotFoundError:
                     raise FileNotFoundError(
-                        f"{self.path} does not exist: not a fake TDX tree "
-                        "(build one with FakeTdxMachine.create)"
+                        f"{self.path} does not exist: {self.missing_hint}"
                     ) from None
                 state = json.loads(before)
                 try:
@@ -1090,6 +1128,935 @@ class FakeTdxAgent(AgentProcess):
         self.machine = machine
         self.input_files = {
             "appkeys.json": machine.paths.appkeys,
+            "app-compose.json": machine.paths.app_compose,
+            "sys-config.json": machine.paths.sys_config,
+        }
+
+
+# --- AMD SEV-SNP --------------------------------------------------------------------------
+#
+# The SNP side of the fake: a guest whose kernel offers configfs-tsm with the ``sev_guest``
+# provider and ``/dev/sev-guest`` (spec section 4). It shares the helpers above but not the
+# TDX state: its hardware lives in ``<root>/.fake-snp/state.json``. Layouts are written out
+# here from the spec, independently of dstack_core.snp, so the fake does not share code with
+# the parser under test.
+
+SNP_STATE_DIR: Final = ".fake-snp"
+SEV_GUEST_PROVIDER: Final = "sev_guest"
+FAKE_SNP_FAMILY_ID: Final = b"DSTACK-FAKE-SNP\0"
+"""The family_id (set by the guest owner at launch) of every fake SNP report."""
+
+SNP_GUEST_REQUEST_SIZE: Final = 32
+SNP_GET_REPORT: Final = (3 << 30) | (SNP_GUEST_REQUEST_SIZE << 16) | (ord("S") << 8) | 0
+SNP_GET_DERIVED_KEY: Final = (3 << 30) | (SNP_GUEST_REQUEST_SIZE << 16) | (ord("S") << 8) | 1
+SNP_GET_EXT_REPORT: Final = (3 << 30) | (SNP_GUEST_REQUEST_SIZE << 16) | (ord("S") << 8) | 2
+assert (SNP_GET_REPORT, SNP_GET_DERIVED_KEY, SNP_GET_EXT_REPORT) == (
+    0xC0205300, 0xC0205301, 0xC0205302)
+
+_SNP_GUEST_REQUEST: Final = struct.Struct("<B7xQQQ")
+"""``struct snp_guest_request_ioctl``: u8 msg_version, pad, u64 req_data, resp_data, exitinfo2."""
+_SNP_EXITINFO2_OFFSET: Final = 24
+_SNP_REPORT_REQ: Final = struct.Struct("<64sI28s")
+"""``struct snp_report_req``: user_data[64], u32 vmpl, rsvd[28] (96 bytes)."""
+_SNP_DERIVED_KEY_REQ: Final = struct.Struct("<IIQIIQ")
+"""``struct snp_derived_key_req``: root_key_select, rsvd, guest_field_select, vmpl,
+guest_svn, tcb_version (32 bytes)."""
+_SNP_EXT_REPORT_REQ: Final = struct.Struct("<96sQI4x")
+"""``struct snp_ext_report_req``: the report request, u64 certs_address, u32 certs_len (112)."""
+_SNP_REPORT_RESP_SIZE: Final = 4000
+"""``struct snp_report_resp``: the kernel copies all 4000 bytes to ``resp_data``."""
+_SNP_DERIVED_KEY_RESP_SIZE: Final = 64
+_MSG_RSP_HEADER: Final = struct.Struct("<II24x")
+"""MSG_REPORT_RSP: u32 status, u32 report_size, 24 reserved bytes; the report at 32."""
+_MSG_KEY_RSP: Final = struct.Struct("<I28x32s")
+"""MSG_KEY_RSP: u32 status, 28 reserved bytes, the 32-byte key at 0x20."""
+_FCNTL_STACK_BUFFER: Final = 1024
+"""CPython's ``fcntl.ioctl`` copies buffers up to this size through a temporary."""
+
+SEV_RET_SUCCESS: Final = 0
+SEV_RET_INVALID_PARAM: Final = 0x16
+SEV_RET_INVALID_KEY: Final = 0x27
+SNP_GUEST_VMM_ERR_INVALID_LEN: Final = 1
+SNP_GUEST_VMM_ERR_BUSY: Final = 2
+SEV_FW_BLOB_MAX_SIZE: Final = 0x4000
+_PAGE_SIZE: Final = 4096
+_GUEST_FIELD_SELECT_BITS: Final = 0x3F
+"""policy, image_id, family_id, measurement, guest_svn, tcb_version (bits 0-5)."""
+
+_SNP_REPORT_SIZE: Final = 0x4A0
+_SNP_SIGNED_SIZE: Final = 0x2A0
+_SNP_REPORT_VERSION: Final = 3
+_SNP_DEFAULT_POLICY: Final = (1 << 17) | (1 << 16)
+"""The must-be-one bit and SMT allowed; DEBUG (bit 19) clear."""
+_SNP_DEFAULT_TCB: Final = 0xD315000000000304
+"""A Milan-shaped TCB_VERSION: microcode 0xD3, SNP 0x15, TEE 3, boot loader 4 (made up)."""
+DEFAULT_SNP_MEASUREMENT: Final = hashlib.sha384(b"dstack-core fake SEV-SNP launch (not hardware)").digest()
+
+SNP_FAULT_OPS: Final = frozenset(
+    {"mkdir", "rmdir", "provider", "generation", "inblob", "commit", "privlevel", "outblob",
+     "ioctl"}
+)
+"""Where :meth:`FakeSnpMachine.inject` can make a syscall fail (as :data:`FAULT_OPS`;
+``privlevel`` fails that text attribute's ``write(2)``; ``ioctl`` fails an ioctl before the
+kernel reads its argument, so nothing is copied back)."""
+SNP_FIRMWARE_REQUESTS: Final = frozenset({"report", "key", "any"})
+
+_SNP_ATTRIBUTE_MODES: Final = {
+    "generation": 0o444,
+    "provider": 0o444,
+    "privlevel": 0o200,
+    "privlevel_floor": 0o444,
+    "inblob": 0o200,
+    "outblob": 0o444,
+    "auxblob": 0o444,
+}
+_SVSM_ATTRIBUTE_MODES: Final = {
+    "service_provider": 0o200,
+    "service_guid": 0o200,
+    "service_manifest_version": 0o200,
+    "manifestblob": 0o444,
+}
+_SNP_BLOBS: Final = frozenset({"outblob", "auxblob", "manifestblob"})
+_SNP_TEXT_OPTIONS: Final = frozenset(
+    {"privlevel", "service_provider", "service_guid", "service_manifest_version"}
+)
+_PRIVLEVEL_MAX: Final = 3
+
+
+@attrs.frozen(kw_only=True)
+class SnpKernelProfile:
+    """What a kernel version offers an SEV-SNP guest (spec sections 1.7, 4 and 7).
+
+    :ivar configfs: configfs-tsm with the ``sev_guest`` provider (6.7+).
+    :ivar svsm: the ``service_*`` and ``manifestblob`` attributes when running under an
+        SVSM (VMPL above 0; 6.10+).
+    :ivar outblob_max: ``TSM_REPORT_OUTBLOB_MAX``.
+    """
+
+    configfs: bool
+    svsm: bool = False
+    outblob_max: int = 32 * 1024
+
+
+SNP_KERNEL_PROFILES: Final[Mapping[str, SnpKernelProfile]] = {
+    "5.19": SnpKernelProfile(configfs=False),
+    "6.7": SnpKernelProfile(configfs=True),
+    "6.10": SnpKernelProfile(configfs=True, svsm=True),
+    "7.0": SnpKernelProfile(configfs=True, svsm=True, outblob_max=16 << 20),
+}
+"""SNP kernel profiles by name: ``5.19`` has only ``/dev/sev-guest``."""
+
+
+@attrs.frozen
+class FakeSnpPaths:
+    """Where everything lives in a fake SNP tree (the same relative paths as in a guest)."""
+
+    root: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / SNP_STATE_DIR
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "sys/kernel/config/tsm/report"
+
+    @property
+    def device(self) -> Path:
+        return self.root / "dev/sev-guest"
+
+    @property
+    def host_shared(self) -> Path:
+        return self.root / "dstack/.host-shared"
+
+    @property
+    def app_compose(self) -> Path:
+        return self.host_shared / "app-compose.json"
+
+    @property
+    def sys_config(self) -> Path:
+        return self.host_shared / ".sys-config.json"
+
+    @property
+    def runtime_log(self) -> Path:
+        return self.root / "run/log/dstack/runtime_events.log"
+
+
+class _SnpStateStore(_StateStore):
+    state_dir = SNP_STATE_DIR
+    missing_hint = "not a fake SEV-SNP tree (build one with FakeSnpMachine.create)"
+
+
+_VCEK_CACHE: dict[bytes, ec.EllipticCurvePrivateKey] = {}
+
+
+def _fake_vcek(seed_hex: str) -> ec.EllipticCurvePrivateKey:
+    """The machine's test P-384 "VCEK": derived from its seed, never AMD's."""
+    seed = bytes.fromhex(seed_hex)
+    key = _VCEK_CACHE.get(seed)
+    if key is None:
+        order = int("ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf"
+                    "581a0db248b0a77aecec196accc52973", 16)
+        scalar = int.from_bytes(hashlib.sha384(b"fake-snp-vcek" + seed).digest(), "big")
+        key = _VCEK_CACHE[seed] = ec.derive_private_key(scalar % (order - 1) + 1, ec.SECP384R1())
+    return key
+
+
+def _snp_report(state: dict[str, Any], report_data: bytes, vmpl: int) -> bytes:
+    """A 1184-byte report laid out as spec 4.2, signed with the fake VCEK if enabled."""
+    report = bytearray(_SNP_REPORT_SIZE)
+    version = int(state["report_version"])
+    tcb = int(state["tcb"])
+    struct.pack_into("<IIQ", report, 0x000, version, int(state["guest_svn"]), int(state["policy"]))
+    report[0x010:0x020] = bytes.fromhex(state["family_id"])
+    report[0x020:0x030] = bytes.fromhex(state["image_id"])
+    # vmpl, signature_algo (1 = ECDSA P-384/SHA-384), current_tcb, platform_info (SMT on),
+    # signer_info (signing key 0 = VCEK).
+    struct.pack_into("<IIQQI", report, 0x030, vmpl, 1, tcb, 1, 0)
+    report[0x050:0x090] = report_data
+    report[0x090:0x0C0] = bytes.fromhex(state["measurement"])
+    report[0x0C0:0x0E0] = bytes.fromhex(state["host_data"])
+    report[0x140:0x160] = bytes.fromhex(state["report_id"])
+    report[0x160:0x180] = b"\xff" * 32  # report_id_ma: no migration agent
+    struct.pack_into("<Q", report, 0x180, tcb)
+    if version >= 3:
+        report[0x188:0x18B] = bytes((0x19, 0x01, 0x01))  # family 19h, model 1, stepping 1
+    report[0x1A0:0x1E0] = bytes.fromhex(state["chip_id"])
+    struct.pack_into("<Q", report, 0x1E0, tcb)
+    report[0x1E8:0x1EB] = bytes((0x15, 0x37, 0x01))  # firmware 1.55 build 0x15
+    report[0x1EC:0x1EF] = bytes((0x15, 0x37, 0x01))
+    struct.pack_into("<Q", report, 0x1F0, tcb)
+    if state["sign"]:
+        der = _fake_vcek(state["seed"]).sign(
+            bytes(report[:_SNP_SIGNED_SIZE]), ec.ECDSA(hashes.SHA384())
+        )
+        r, s = decode_dss_signature(der)
+        report[0x2A0:0x2E8] = r.to_bytes(72, "little")
+        report[0x2E8:0x330] = s.to_bytes(72, "little")
+    return bytes(report)
+
+
+def _snp_derived_key(state: dict[str, Any], root_key_select: int, field_select: int,
+                     vmpl: int, guest_svn: int, tcb_version: int) -> bytes:
+    """The firmware's derived key: the selected root secret mixed with the selected fields."""
+    root = "vmrk" if root_key_select & 1 else "seed"
+    material = [
+        b"fake-snp-derived-key", bytes.fromhex(state[root]),
+        struct.pack("<IQ", vmpl, field_select),
+    ]
+    for bit, value in (
+        (0, struct.pack("<Q", int(state["policy"]))),
+        (1, bytes.fromhex(state["image_id"])),
+        (2, bytes.fromhex(state["family_id"])),
+        (3, bytes.fromhex(state["measurement"])),
+        (4, struct.pack("<I", guest_svn)),
+        (5, struct.pack("<Q", tcb_version)),
+    ):
+        if field_select >> bit & 1:
+            material.append(value)
+    return hashlib.sha256(b"".join(material)).digest()
+
+
+class _GuestRequestFailed(Exception):
+    """An ioctl failure: the errno, and the exitinfo2 the kernel copies back (0: none)."""
+
+    def __init__(self, code: int, exitinfo2: int, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.exitinfo2, self.detail = code, exitinfo2, detail
+
+
+class FakeSnpKernelIO(OsSysIO):
+    """A :class:`~dstack_core.sysio.SysIO` over a fake SEV-SNP tree: real syscalls plus the
+    kernel's side effects (configfs-tsm with the ``sev_guest`` provider, ``/dev/sev-guest``).
+
+    The ioctl handler decodes the real 32-byte ``snp_guest_request_ioctl`` from the buffer
+    it is given and **dereferences** ``req_data``/``resp_data`` (and ``certs_address``) as
+    the kernel does, with ctypes, so a plugin's marshalling is exercised for real: the
+    kernel copies 4000 bytes to a report's ``resp_data`` and 64 to a key's, whatever the
+    caller allocated. Buffers of up to 1024 bytes behave as CPython's ``fcntl.ioctl``
+    treats them: copied through a temporary, copied back only on success (the newest
+    CPython; :meth:`FakeSnpMachine.set_copyback` selects the older "always").
+
+    :ivar calls: ``(operation, path relative to root, byte count)`` of every call.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        self.paths = FakeSnpPaths(self.root)
+        self._store = _SnpStateStore(self.root)
+        self.calls: list[tuple[str, str, int]] = []
+        with self._store.transaction() as state:
+            self.profile = SNP_KERNEL_PROFILES[state["kernel"]]
+
+    # --- path classification ---
+
+    def _relative(self, path: Path) -> str | None:
+        try:
+            return Path(os.path.abspath(path)).relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+
+    def _entry(self, path: Path) -> tuple[str, str] | None:
+        absolute = Path(os.path.abspath(path))
+        if absolute.parent.parent == self.paths.report_dir:
+            return absolute.parent.name, absolute.name
+        return None
+
+    def _record(self, op: str, path: Path, size: int = 0) -> None:
+        self.calls.append((op, self._relative(path) or str(path), size))
+
+    def _attributes(self, state: dict[str, Any]) -> dict[str, int]:
+        """The attributes ``sev_report_attr_visible`` shows for this guest."""
+        modes = dict(_SNP_ATTRIBUTE_MODES)
+        if self.profile.svsm and state["vmpl"] > 0:
+            modes.update(_SVSM_ATTRIBUTE_MODES)
+        return modes
+
+    # --- SysIO ---
+
+    def exists(self, path: Path) -> bool:
+        self._record("exists", path)
+        return super().exists(path)
+
+    def mkdir(self, path: Path) -> None:
+        self._record("mkdir", path)
+        absolute = Path(os.path.abspath(path))
+        if absolute.parent != self.paths.report_dir:
+            return super().mkdir(path)
+        with self._store.transaction() as state:
+            if state["provider"] is None:
+                raise _oserror(errno.ENXIO, path, "no TSM provider registered")
+            if (code := _take(state, "mkdir")) is not None:
+                raise _oserror(code, path, "injected")
+            super().mkdir(path)
+            for name, mode in self._attributes(state).items():
+                (absolute / name).touch()
+                os.chmod(absolute / name, mode)
+            FakeKernelIO._mirror(absolute / "generation", b"0\n")
+            FakeKernelIO._mirror(absolute / "provider", state["provider"].encode() + b"\n")
+            FakeKernelIO._mirror(absolute / "privlevel_floor", b"%d\n" % state["vmpl"])
+            state["entries"][absolute.name] = {
+                "wgen": 0, "rgen": 0, "inblob": None, "deferred": None, "privlevel": 0,
+                "service_provider": None, "blobs": None,
+            }
+
+    def rmdir(self, path: Path) -> None:
+        self._record("rmdir", path)
+        absolute = Path(os.path.abspath(path))
+        if absolute.parent != self.paths.report_dir:
+            return super().rmdir(path)
+        with self._store.transaction() as state:
+            if (code := _take(state, "rmdir")) is not None:
+                raise _oserror(code, path, "injected")
+            if absolute.is_dir():
+                known = set(_SNP_ATTRIBUTE_MODES) | set(_SVSM_ATTRIBUTE_MODES)
+                for child in absolute.iterdir():
+                    if child.name in known:
+                        child.unlink()  # configfs removes the attributes itself
+            super().rmdir(path)
+            state["entries"].pop(absolute.name, None)
+
+    def read(self, path: Path) -> bytes:
+        located = self._entry(path)
+        if located is not None:
+            data = self._read_attribute(Path(path), *located)
+        else:
+            if self._relative(path) is not None and os.path.exists(path):
+                FakeKernelIO._check_mode(Path(path), read=True)
+            data = super().read(path)
+        self._record("read", path, len(data))
+        return data
+
+    def _read_attribute(self, path: Path, name: str, attribute: str) -> bytes:
+        with self._store.transaction() as state:
+            entry = state["entries"].get(name)
+            if entry is None or attribute not in self._attributes(state):
+                return super().read(path)
+            FakeKernelIO._check_mode(path, read=True)
+            if attribute == "generation":
+                FakeKernelIO._poll_deferred(entry)
+                if (code := _take(state, "generation")) is not None:
+                    raise _oserror(code, path, "injected")
+                FakeKernelIO._mirror(path, b"%d\n" % entry["wgen"])
+                return super().read(path)
+            if attribute == "provider":
+                if state["provider"] is None:
+                    raise _oserror(errno.ENXIO, path, "TSM provider unregistered")
+                if (code := _take(state, "provider")) is not None:
+                    raise _oserror(code, path, "injected")
+                return super().read(path)
+            if attribute == "privlevel_floor":
+                return super().read(path)
+            blob = self._blob(state, entry, path, attribute)
+            if len(blob) > self.profile.outblob_max:
+                raise _oserror(errno.EFBIG, path, f"blob exceeds {self.profile.outblob_max}")
+            FakeKernelIO._mirror(path, blob)
+            return super().read(path)
+
+    def _blob(self, state: dict[str, Any], entry: dict[str, Any], path: Path,
+              attribute: str) -> bytes:
+        """``tsm_report_read``: generate (``sev_report_new``) unless the cache is current."""
+        if not entry["inblob"]:
+            raise _oserror(errno.EINVAL, path, "inblob was never written")
+        if state["provider"] is None:
+            raise _oserror(errno.ENXIO, path, "TSM provider unregistered")
+        if entry["blobs"] is None or entry["rgen"] != entry["wgen"]:
+            entry["blobs"] = None
+            if (code := _take(state, "outblob")) is not None:
+                raise _oserror(code, path, "injected")
+            inblob = bytes.fromhex(entry["inblob"])
+            if len(inblob) != 64:
+                raise _oserror(errno.EINVAL, path, "sev_guest needs 64 bytes of inblob")
+            try:
+                FakeSnpKernelIO._send(state)
+            except _GuestRequestFailed as failure:
+                raise _oserror(failure.code, path, failure.detail) from None
+            status = _firmware_status(state, "report", entry["privlevel"])
+            if status in (SEV_RET_INVALID_PARAM, SEV_RET_INVALID_KEY):
+                raise _oserror(errno.EINVAL, path, f"firmware status {status:#x}")
+            if status != SEV_RET_SUCCESS:
+                raise _oserror(errno.ENXIO, path, f"firmware status {status:#x}")
+            if _take_counter(state, "counters", "empty_outblob"):
+                report = b""
+            else:
+                report = _snp_report(state, inblob, entry["privlevel"])
+            certs = bytes.fromhex(state["certs"]) if state["certs"] else b""
+            entry["blobs"] = {"outblob": report.hex(), "auxblob": certs.hex(), "manifestblob": ""}
+            entry["rgen"] = entry["wgen"]
+            if _take_counter(state, "races", "outblob"):
+                entry["wgen"] = (entry["wgen"] + 1) & U64_MASK
+                entry["inblob"] = (b"\xee" * 64).hex()
+        return bytes.fromhex(entry["blobs"][attribute])
+
+    def write(self, path: Path, data: bytes) -> None:
+        self._record("write", path, len(data))
+        located = self._entry(path)
+        if located is not None:
+            return self._write_attribute(Path(path), *located, bytes(data))
+        if self._relative(path) is not None and os.path.exists(path):
+            FakeKernelIO._check_mode(Path(path), write=True)
+        return super().write(path, data)
+
+    def _write_attribute(self, path: Path, name: str, attribute: str, data: bytes) -> None:
+        with self._store.transaction() as state:
+            entry = state["entries"].get(name)
+            if entry is None or attribute not in self._attributes(state):
+                return super().write(path, data)
+            FakeKernelIO._check_mode(path, write=True)
+            if attribute in _SNP_TEXT_OPTIONS:
+                return self._write_option(state, entry, path, attribute, data)
+            # inblob: buffered, committed at close with the errors dropped (as for TDX).
+            if len(data) > INBLOB_MAX:
+                FakeKernelIO._commit(state, entry, b"")
+                raise _oserror(errno.EFBIG, path, f"inblob holds at most {INBLOB_MAX} bytes")
+            if (code := _take(state, "inblob")) is not None:
+                FakeKernelIO._commit(state, entry, b"")
+                raise _oserror(code, path, "injected")
+            super().write(path, data)
+            FakeKernelIO._commit(state, entry, data)
+
+    @staticmethod
+    def _write_option(state: dict[str, Any], entry: dict[str, Any], path: Path,
+                      attribute: str, data: bytes) -> None:
+        """A text attribute: checked and stored during ``write(2)``, errors returned there."""
+        if attribute == "privlevel" and (code := _take(state, "privlevel")) is not None:
+            raise _oserror(code, path, "injected")
+        text = data.decode("ascii", "replace").strip()
+        if attribute == "privlevel":
+            try:
+                value: Any = int(text, 10)
+            except ValueError:
+                raise _oserror(errno.EINVAL, path, "not an integer") from None
+            if not state["vmpl"] <= value <= _PRIVLEVEL_MAX:
+                raise _oserror(errno.EINVAL, path, f"privlevel outside {state['vmpl']}..3")
+        elif attribute == "service_provider":
+            if text != "svsm":
+                raise _oserror(errno.EINVAL, path, "only 'svsm' is supported")
+            value = text
+        elif attribute == "service_guid":
+            try:
+                value = str(uuid.UUID(text))
+            except ValueError:
+                raise _oserror(errno.EINVAL, path, "not a GUID") from None
+        else:
+            try:
+                value = int(text, 10)
+            except ValueError:
+                raise _oserror(errno.EINVAL, path, "not an integer") from None
+        if entry["wgen"] == (entry["rgen"] - 1) & U64_MASK:
+            raise _oserror(errno.EBUSY, path, "write generation would wrap")
+        entry[attribute] = value
+        entry["wgen"] = (entry["wgen"] + 1) & U64_MASK
+        entry["blobs"] = None
+
+    # --- /dev/sev-guest ---
+
+    def ioctl(self, device: Path, request: int, arg: bytearray) -> int:
+        self._record("ioctl", device, len(arg))
+        if Path(os.path.abspath(device)) != self.paths.device:
+            return super().ioctl(device, request, arg)
+        with self._store.transaction() as state:
+            FakeKernelIO._check_mode(Path(device), read=True, write=True)
+            if (code := _take(state, "ioctl")) is not None:
+                raise _oserror(code, device, "injected")
+            # What fcntl.ioctl hands the kernel: the buffer itself when larger than 1024
+            # bytes, else a temporary copy that CPython copies back afterwards.
+            direct = len(arg) > _FCNTL_STACK_BUFFER
+            user = arg if direct else bytearray(arg)
+            try:
+                self._guest_ioctl(state, request, user)
+            except _GuestRequestFailed as failure:
+                if failure.exitinfo2 and len(user) >= SNP_GUEST_REQUEST_SIZE:
+                    struct.pack_into("<Q", user, _SNP_EXITINFO2_OFFSET, failure.exitinfo2)
+                if not direct and state["copyback"] == "always":
+                    arg[:] = user
+                raise _oserror(failure.code, device, failure.detail) from None
+            if not direct:
+                arg[:] = user
+            return 0
+
+    def _guest_ioctl(self, state: dict[str, Any], request: int, user: bytearray) -> None:
+        """``snp_guest_ioctl``: copy in 32 bytes, exitinfo2 = 0xff, dispatch, copy back the
+        struct when exitinfo2 is non-zero (done by the caller)."""
+        if len(user) < SNP_GUEST_REQUEST_SIZE:
+            raise _GuestRequestFailed(errno.EFAULT, 0, "argument shorter than 32 bytes")
+        msg_version, req_data, resp_data, _ = _SNP_GUEST_REQUEST.unpack_from(user, 0)
+        if msg_version == 0:
+            raise _GuestRequestFailed(errno.EINVAL, 0, "msg_version must be non-zero")
+        if request not in (SNP_GET_REPORT, SNP_GET_DERIVED_KEY, SNP_GET_EXT_REPORT):
+            raise _GuestRequestFailed(errno.ENOTTY, 0xFF, f"unknown ioctl {request:#x}")
+        if not req_data or not resp_data:
+            raise _GuestRequestFailed(errno.EINVAL, 0xFF, "req_data and resp_data are required")
+        if request == SNP_GET_DERIVED_KEY:
+            self._derived_key(state, req_data, resp_data)
+        elif request == SNP_GET_REPORT:
+            request_bytes = ctypes.string_at(req_data, _SNP_REPORT_REQ.size)
+            self._report(state, request_bytes, resp_data)
+        else:
+            self._ext_report(state, req_data, resp_data)
+
+    @staticmethod
+    def _send(state: dict[str, Any]) -> None:
+        """``snp_send_guest_request``: a disabled VMPCK, or an injected transport failure
+        (which disables the VMPCK unless it is the non-fatal INVALID_LEN)."""
+        if state["vmpck_disabled"]:
+            raise _GuestRequestFailed(errno.ENOTTY, 0xFF, "VMPCK is disabled until reboot")
+        failure = _take_guest_error(state)
+        if failure is not None:
+            if failure["disable_vmpck"]:
+                state["vmpck_disabled"] = True
+            exitinfo2 = (failure["vmm_error"] << 32) | failure["fw_error"]
+            raise _GuestRequestFailed(failure["errno"], exitinfo2, "injected guest request failure")
+
+    def _report(self, state: dict[str, Any], request_bytes: bytes, resp_data: int) -> None:
+        user_data, vmpl, reserved = _SNP_REPORT_REQ.unpack(request_bytes)
+        self._send(state)
+        status = _firmware_status(state, "report", vmpl)
+        if any(reserved):
+            status = status or SEV_RET_INVALID_PARAM
+        response = bytearray(_SNP_REPORT_RESP_SIZE)
+        if status == SEV_RET_SUCCESS:
+            _MSG_RSP_HEADER.pack_into(response, 0, SEV_RET_SUCCESS, _SNP_REPORT_SIZE)
+            response[32 : 32 + _SNP_REPORT_SIZE] = _snp_report(state, user_data, vmpl)
+        else:
+            _MSG_RSP_HEADER.pack_into(response, 0, status, 0)
+        ctypes.memmove(resp_data, bytes(response), len(response))
+
+    def _derived_key(self, state: dict[str, Any], req_data: int, resp_data: int) -> None:
+        fields = _SNP_DERIVED_KEY_REQ.unpack(ctypes.string_at(req_data, _SNP_DERIVED_KEY_REQ.size))
+        root_key_select, reserved, field_select, vmpl, guest_svn, tcb_version = fields
+        self._send(state)
+        status = _firmware_status(state, "key", vmpl)
+        if status == SEV_RET_SUCCESS and (
+            root_key_select & ~1 or reserved or field_select & ~_GUEST_FIELD_SELECT_BITS
+            or guest_svn > state["guest_svn"] or tcb_version > state["tcb"]
+        ):
+            status = SEV_RET_INVALID_PARAM
+        if status == SEV_RET_SUCCESS and root_key_select & 1 and state["vmrk"] is None:
+            status = SEV_RET_INVALID_KEY  # no VMRK installed (approximated; unverified)
+        key = bytes(32)
+        if status == SEV_RET_SUCCESS:
+            key = _snp_derived_key(state, root_key_select, field_select, vmpl, guest_svn,
+                                   tcb_version)
+        ctypes.memmove(resp_data, _MSG_KEY_RSP.pack(status, key), _SNP_DERIVED_KEY_RESP_SIZE)
+
+    def _ext_report(self, state: dict[str, Any], req_data: int, resp_data: int) -> None:
+        """``get_ext_report``: a plain report without a certificate buffer; else the
+        certificate-length dance (page-aligned, at most 16 KiB, EIO + INVALID_LEN)."""
+        raw = ctypes.string_at(req_data, _SNP_EXT_REPORT_REQ.size)
+        report_request, certs_address, certs_len = _SNP_EXT_REPORT_REQ.unpack(raw)
+        if not certs_address or not certs_len:
+            return self._report(state, report_request, resp_data)
+        if certs_len > SEV_FW_BLOB_MAX_SIZE or certs_len % _PAGE_SIZE:
+            raise _GuestRequestFailed(errno.EINVAL, 0xFF, "certs_len not page-aligned or too big")
+        certs = bytes.fromhex(state["certs"]) if state["certs"] else b""
+        needed = -(-len(certs) // _PAGE_SIZE) * _PAGE_SIZE
+        if certs_len < needed:
+            ctypes.memmove(
+                req_data, _SNP_EXT_REPORT_REQ.pack(report_request, certs_address, needed),
+                _SNP_EXT_REPORT_REQ.size,
+            )
+            raise _GuestRequestFailed(
+                errno.EIO, SNP_GUEST_VMM_ERR_INVALID_LEN << 32, "certificate buffer too small"
+            )
+        self._report(state, report_request, resp_data)
+        ctypes.memmove(certs_address, certs.ljust(certs_len, b"\0"), certs_len)
+
+
+def _take_guest_error(state: dict[str, Any]) -> dict[str, Any] | None:
+    errors = state["guest_errors"]
+    if not errors:
+        return None
+    failure = errors[0]
+    if failure["times"] > 0:
+        failure["times"] -= 1
+        if failure["times"] == 0:
+            errors.pop(0)
+    return dict(failure)
+
+
+def _firmware_status(state: dict[str, Any], request: str, vmpl: int) -> int:
+    """The payload status the firmware answers: injected, else INVALID_PARAM for a VMPL
+    below the guest's own or above 3, else success."""
+    for entry in state["firmware_status"]:
+        if entry["request"] in (request, "any"):
+            if entry["times"] > 0:
+                entry["times"] -= 1
+                if entry["times"] == 0:
+                    state["firmware_status"].remove(entry)
+            return int(entry["status"])
+    if not state["vmpl"] <= vmpl <= _PRIVLEVEL_MAX:
+        return SEV_RET_INVALID_PARAM
+    return SEV_RET_SUCCESS
+
+
+class FakeSnpMachine:
+    """A fake SEV-SNP guest rooted in a directory: build with :meth:`create`, reopen with
+    the constructor (in any process), flip failure switches, change the launch measurement.
+
+    For tests only: its reports are signed (if at all) by a P-384 key derived from the
+    machine's seed (:meth:`vcek_public_key`), and carry ``family_id`` ``DSTACK-FAKE-SNP``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        """Open an existing fake tree.
+
+        :raises FileNotFoundError: ``root`` holds no fake SNP state.
+        """
+        self.root = Path(root).absolute()
+        self.paths = FakeSnpPaths(self.root)
+        self._store = _SnpStateStore(self.root)
+        with self._store.transaction() as state:
+            self.kernel = state["kernel"]
+        self.profile = SNP_KERNEL_PROFILES[self.kernel]
+
+    @classmethod
+    def create(
+        cls,
+        root: Path,
+        *,
+        kernel: str = "6.10",
+        vmpl: int = 0,
+        measurement: bytes = DEFAULT_SNP_MEASUREMENT,
+        host_data: bytes | None = None,
+        policy: int = _SNP_DEFAULT_POLICY,
+        guest_svn: int = 0,
+        report_version: int = _SNP_REPORT_VERSION,
+        sign: bool = True,
+        seed: bytes | None = None,
+        vmrk: bool = False,
+        app_compose: str | None = None,
+        sys_config: str | None = None,
+    ) -> FakeSnpMachine:
+        """Lay out a freshly launched SNP guest under ``root`` (which must hold no tree).
+
+        :param kernel: a :data:`SNP_KERNEL_PROFILES` name.
+        :param vmpl: the VMPL the guest runs at (``privlevel_floor``; above 0 under an SVSM).
+        :param measurement: the 48-byte launch measurement.
+        :param host_data: the 32 bytes the host bound at launch (default: SHA-256 of the
+            app-compose, a stand-in for dstack's MrConfigV3 binding).
+        :param policy: the guest policy (default: SMT allowed, DEBUG clear).
+        :param sign: sign reports with the fake VCEK (else the signature field is zero).
+        :param seed: 32 bytes from which the chip secret and the fake VCEK derive.
+        :param vmrk: whether a VM root key is installed (else VMRK derivation fails).
+        """
+        if kernel not in SNP_KERNEL_PROFILES:
+            raise ValueError(
+                f"unknown SNP kernel profile {kernel!r}; known: {sorted(SNP_KERNEL_PROFILES)}"
+            )
+        if not 0 <= vmpl <= _PRIVLEVEL_MAX:
+            raise ValueError("vmpl must be 0..3")
+        if len(measurement) != 48:
+            raise ValueError("measurement must be 48 bytes")
+        root = Path(root).absolute()
+        paths = FakeSnpPaths(root)
+        if (paths.state_dir / STATE_FILE).exists():
+            raise FileExistsError(f"{root} already holds a fake SEV-SNP tree")
+        seed = secrets.token_bytes(32) if seed is None else seed
+        if len(seed) != 32:
+            raise ValueError("seed must be 32 bytes")
+        compose_text = _default_app_compose() if app_compose is None else app_compose
+        if host_data is None:
+            host_data = hashlib.sha256(compose_text.encode()).digest()
+        if len(host_data) != 32:
+            raise ValueError("host_data must be 32 bytes")
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "kernel": kernel,
+            "provider": SEV_GUEST_PROVIDER,
+            "vmpl": vmpl,
+            "seed": seed.hex(),
+            "vmrk": hashlib.sha256(b"fake-snp-vmrk" + seed).hexdigest() if vmrk else None,
+            "measurement": measurement.hex(),
+            "host_data": host_data.hex(),
+            "policy": policy,
+            "guest_svn": guest_svn,
+            "family_id": FAKE_SNP_FAMILY_ID.hex(),
+            "image_id": bytes(16).hex(),
+            "report_version": report_version,
+            "report_id": hashlib.sha256(b"fake-snp-report-id" + seed).hexdigest(),
+            "chip_id": hashlib.sha512(b"fake-snp-chip-id" + seed).hexdigest(),
+            "tcb": _SNP_DEFAULT_TCB,
+            "sign": sign,
+            "certs": None,
+            "copyback": "success-only",
+            "vmpck_disabled": False,
+            "faults": [],
+            "guest_errors": [],
+            "firmware_status": [],
+            "counters": {},
+            "races": {},
+            "entries": {},
+        }
+        _SnpStateStore(root).write_initial(state)
+        if SNP_KERNEL_PROFILES[kernel].configfs:
+            paths.report_dir.mkdir(parents=True, exist_ok=True)
+        paths.device.parent.mkdir(parents=True, exist_ok=True)
+        paths.device.touch()
+        os.chmod(paths.device, 0o600)
+        paths.host_shared.mkdir(parents=True, exist_ok=True)
+        paths.app_compose.write_text(compose_text)
+        paths.sys_config.write_text(_default_sys_config() if sys_config is None else sys_config)
+        paths.runtime_log.parent.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    # --- hardware ---
+
+    def io(self) -> FakeSnpKernelIO:
+        """A fresh :class:`FakeSnpKernelIO` over this tree."""
+        return FakeSnpKernelIO(self.root)
+
+    def report(self, report_data: bytes, *, vmpl: int | None = None) -> bytes:
+        """A report as the firmware would make it now (no kernel interface involved)."""
+        with self._store.transaction() as state:
+            return _snp_report(state, report_data, state["vmpl"] if vmpl is None else vmpl)
+
+    def vcek_public_key(self) -> ec.EllipticCurvePublicKey:
+        """The fake VCEK's public key (P-384): what verifies this machine's signatures."""
+        with self._store.transaction() as state:
+            return _fake_vcek(state["seed"]).public_key()
+
+    @property
+    def measurement(self) -> bytes:
+        with self._store.transaction() as state:
+            return bytes.fromhex(state["measurement"])
+
+    @property
+    def host_data(self) -> bytes:
+        with self._store.transaction() as state:
+            return bytes.fromhex(state["host_data"])
+
+    @property
+    def vmpck_disabled(self) -> bool:
+        """Whether a transport failure has disabled the VMPCK (every request: ENOTTY)."""
+        with self._store.transaction() as state:
+            return bool(state["vmpck_disabled"])
+
+    def entries(self) -> list[str]:
+        """Report entries present in the configfs report directory."""
+        if not self.paths.report_dir.exists():
+            return []
+        return sorted(p.name for p in self.paths.report_dir.iterdir())
+
+    def relaunch(self, *, measurement: bytes | None = None, host_data: bytes | None = None,
+                 policy: int | None = None) -> None:
+        """Launch the guest again, optionally with another image, host data or policy.
+
+        Clears a disabled VMPCK (a new launch has fresh keys), as a reboot does.
+        """
+        with self._store.transaction() as state:
+            if measurement is not None:
+                if len(measurement) != 48:
+                    raise ValueError("measurement must be 48 bytes")
+                state["measurement"] = measurement.hex()
+            if host_data is not None:
+                if len(host_data) != 32:
+                    raise ValueError("host_data must be 32 bytes")
+                state["host_data"] = host_data.hex()
+            if policy is not None:
+                state["policy"] = int(policy)
+            state["vmpck_disabled"] = False
+
+    # --- failure switches ---
+
+    def inject(self, op: str, code: int, times: int = 1) -> None:
+        """Make the next ``times`` syscalls at ``op`` fail with ``code`` (``times=-1``: all).
+
+        :param op: one of :data:`SNP_FAULT_OPS`.
+        """
+        if op not in SNP_FAULT_OPS:
+            raise ValueError(f"unknown fault op {op!r}; known: {sorted(SNP_FAULT_OPS)}")
+        with self._store.transaction() as state:
+            state["faults"].append({"op": op, "errno": int(code), "times": int(times)})
+
+    def inject_guest_error(
+        self,
+        *,
+        fw_error: int = 0,
+        vmm_error: int = 0,
+        code: int = errno.EIO,
+        times: int = 1,
+        disable_vmpck: bool | None = None,
+    ) -> None:
+        """Fail the next ``times`` guest requests at the transport level.
+
+        The ioctl fails with ``code`` and copies back ``exitinfo2 = vmm_error << 32 |
+        fw_error``; the configfs path fails the report read with ``code``.
+
+        :param disable_vmpck: whether the kernel then disables the VMPCK (every later
+            request: ENOTTY until :meth:`reboot`); default: unless ``vmm_error`` is
+            ``SNP_GUEST_VMM_ERR_INVALID_LEN``, the only non-fatal failure.
+        """
+        if disable_vmpck is None:
+            disable_vmpck = vmm_error != SNP_GUEST_VMM_ERR_INVALID_LEN
+        with self._store.transaction() as state:
+            state["guest_errors"].append({
+                "fw_error": int(fw_error), "vmm_error": int(vmm_error), "errno": int(code),
+                "times": int(times), "disable_vmpck": bool(disable_vmpck),
+            })
+
+    def firmware_status(self, status: int, *, request: str = "any", times: int = 1) -> None:
+        """The firmware answers the next ``times`` requests with a non-zero payload status
+        (the ioctl succeeds, the response's ``status`` says it failed).
+
+        :param request: ``report``, ``key`` or ``any``.
+        """
+        if request not in SNP_FIRMWARE_REQUESTS:
+            raise ValueError(f"request must be one of {sorted(SNP_FIRMWARE_REQUESTS)}")
+        with self._store.transaction() as state:
+            state["firmware_status"].append(
+                {"status": int(status), "request": request, "times": int(times)}
+            )
+
+    def reboot(self) -> None:
+        """Re-enable a disabled VMPCK (the kernel only does so on reboot)."""
+        with self._store.transaction() as state:
+            state["vmpck_disabled"] = False
+
+    def set_provider(self, name: str | None) -> None:
+        """Register a TSM provider by name (``sev_guest``, ``tdx_guest``) or none."""
+        with self._store.transaction() as state:
+            state["provider"] = name
+
+    def set_certs(self, table: bytes | None) -> None:
+        """The certificate table the host supplies (auxblob, SNP_GET_EXT_REPORT), or none."""
+        with self._store.transaction() as state:
+            state["certs"] = None if table is None else table.hex()
+
+    def set_copyback(self, mode: str) -> None:
+        """How ``fcntl.ioctl`` treats buffers of up to 1024 bytes after a *failed* ioctl:
+        ``success-only`` (CPython main, 2025+: the kernel's exitinfo2 is lost) or
+        ``always`` (CPython 3.13 and older)."""
+        if mode not in ("success-only", "always"):
+            raise ValueError("copyback must be 'success-only' or 'always'")
+        with self._store.transaction() as state:
+            state["copyback"] = mode
+
+    def empty_outblob(self, times: int = 1) -> None:
+        """The next ``times`` configfs reports are empty."""
+        with self._store.transaction() as state:
+            state["counters"]["empty_outblob"] = state["counters"].get("empty_outblob", 0) + times
+
+    def defer_commit(self, polls: int) -> None:
+        """Delay every inblob commit until ``generation`` has been read ``polls`` times."""
+        with self._store.transaction() as state:
+            state["counters"]["defer_commit"] = int(polls)
+
+    def race(self, stage: str, times: int = 1) -> None:
+        """Another writer races on the next ``times`` report entries (``inblob``/``outblob``)."""
+        if stage not in ("inblob", "outblob"):
+            raise ValueError("race stage must be 'inblob' or 'outblob'")
+        with self._store.transaction() as state:
+            state["races"][stage] = state["races"].get(stage, 0) + times
+
+    def clear_faults(self) -> None:
+        """Remove every injected fault and switch; re-enable the VMPCK and the provider."""
+        with self._store.transaction() as state:
+            state["faults"] = []
+            state["guest_errors"] = []
+            state["firmware_status"] = []
+            state["counters"] = {}
+            state["races"] = {}
+            state["vmpck_disabled"] = False
+            state["provider"] = SEV_GUEST_PROVIDER
+
+    # --- running an agent on it ---
+
+    def agent_options(self, **extra: str) -> dict[str, str]:
+        """``--platform-option`` values that point the ``sev-snp-stub`` plugin at this tree."""
+        return {"root": str(self.root), "sysio": "fake", **extra}
+
+    def agent_args(self, **options: str) -> list[str]:
+        """``serve`` arguments (besides ``--platform sev-snp-stub``) for an agent on this tree."""
+        args = [
+            "--app-compose", str(self.paths.app_compose),
+            "--sys-config", str(self.paths.sys_config),
+            "--runtime-log", str(self.paths.runtime_log),
+        ]
+        for key, value in self.agent_options(**options).items():
+            args += ["--platform-option", f"{key}={value}"]
+        return args
+
+    @staticmethod
+    def agent_env() -> dict[str, str]:
+        """The environment that lets the plugin accept ``sysio=fake``."""
+        return {ALLOW_FAKE_KERNEL_ENV: "1"}
+
+    def agent(
+        self,
+        *,
+        workdir: Path | None = None,
+        extra_args: Sequence[str] = (),
+        options: Mapping[str, str] | None = None,
+    ) -> FakeSnpAgent:
+        """An (unstarted) ``dstack-agent serve --platform sev-snp-stub`` on this tree."""
+        return FakeSnpAgent(self, workdir=workdir, extra_args=extra_args, options=options)
+
+
+class FakeSnpAgent(AgentProcess):
+    """An :class:`~dstack_core.testing.AgentProcess` serving ``--platform sev-snp-stub`` on
+    a fake SNP tree.
+
+    :ivar machine: the fake machine.
+    :ivar input_files: ``app-compose.json`` and ``sys-config.json`` in the tree.
+    """
+
+    def __init__(
+        self,
+        machine: FakeSnpMachine,
+        *,
+        workdir: Path | None = None,
+        extra_args: Sequence[str] = (),
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            "sev-snp-stub",
+            workdir=workdir,
+            extra_args=[*machine.agent_args(**dict(options or {})), *extra_args],
+            env=machine.agent_env(),
+        )
+        self.machine = machine
+        self.input_files = {
             "app-compose.json": machine.paths.app_compose,
             "sys-config.json": machine.paths.sys_config,
         }

@@ -1,0 +1,367 @@
+"""pytest plugin: fixtures for testing a dstack-core platform plugin.
+
+Registered through the ``pytest11`` entry point ``dstack_core``, so it is active in every
+pytest run of an environment where dstack-core is installed (``-p no:dstack_core`` turns it
+off). It adds two command-line options and one ini option:
+
+* ``--dstack-platform NAME`` (ini ``dstack_platform``): the platform under test, as it is
+  registered in the ``dstack_core.platforms`` entry-point group. There is no default: a
+  fixture that needs a platform fails with a message naming the option.
+* ``--dstack-platform-option KEY=VALUE`` (repeatable): platform options, exactly as
+  ``dstack-agent serve --platform-option`` takes them.
+
+A plugin author runs the conformance suite against an installed plugin by naming it::
+
+    pytest --dstack-platform myplat --pyargs dstack_core.testing.conformance
+
+Fixtures (all function-scoped except the name, so any of them can be overridden in a
+``conftest.py`` at any scope):
+
+* :func:`dstack_platform_name`: the platform's name.
+* :func:`dstack_platform_env`: a :class:`PlatformEnv`, the prepared environment (fake
+  hardware, input files, environment variables, trust anchors). Empty by default.
+* :func:`dstack_platform_options`: the ``options`` mapping of the platform's config.
+* :func:`dstack_platform_config`: a :class:`~dstack_core.types.PlatformConfig` on a fresh
+  temporary state directory.
+* :func:`dstack_plugin_manager`: the plugin manager :func:`~dstack_core.plugins.load_platform`
+  returns for the platform (with :attr:`PlatformEnv.env` applied to ``os.environ``).
+* :func:`dstack_platform_info`: the platform's :class:`~dstack_core.types.PlatformInfo`,
+  without configuring it.
+* :func:`dstack_platform`: the configured :class:`~dstack_core.platform.Platform` façade,
+  closed after the test.
+* :func:`dstack_agent`: a running ``dstack-agent serve`` subprocess for the platform on a
+  temporary Unix socket (a :class:`PlatformAgent`), stopped after the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import pluggy
+import pytest
+
+from ..platform import Platform
+from ..plugins import load_platform
+from ..types import PlatformConfig, PlatformInfo, TrustBundle
+from .agent import AgentProcess, short_tempdir
+
+__all__ = [
+    "DEFAULT_APP_COMPOSE",
+    "DEFAULT_SYS_CONFIG",
+    "PlatformAgent",
+    "PlatformEnv",
+    "configured_platform",
+    "dstack_agent",
+    "dstack_platform",
+    "dstack_platform_config",
+    "dstack_platform_env",
+    "dstack_platform_info",
+    "dstack_platform_name",
+    "dstack_platform_options",
+    "dstack_plugin_manager",
+]
+
+PLATFORM_OPTION: Final = "--dstack-platform"
+PLATFORM_INI: Final = "dstack_platform"
+OPTION_OPTION: Final = "--dstack-platform-option"
+
+# The suite is imported by test modules that re-export it; rewrite its asserts there too.
+pytest.register_assert_rewrite("dstack_core.testing.conformance")
+
+DEFAULT_APP_COMPOSE: Final[Mapping[str, Any]] = {
+    "manifest_version": 2,
+    "name": "dstack-conformance-app",
+    "runner": "docker-compose",
+    "docker_compose_file": "services: {}\n",
+    "kms_enabled": False,
+    "gateway_enabled": False,
+    "public_logs": True,
+    "public_sysinfo": True,
+    "public_tcbinfo": True,
+}
+"""The app-compose the kit writes when :attr:`PlatformEnv.app_compose` is not set."""
+
+DEFAULT_SYS_CONFIG: Final[Mapping[str, Any]] = {
+    "kms_urls": [],
+    "gateway_urls": [],
+    "pccs_url": "",
+    "docker_registry": "",
+    "host_api_url": "",
+    "vm_config": json.dumps(
+        {"os_image_hash": "00" * 32, "cpu_count": 1, "memory_size": 2147483648},
+        separators=(",", ":"),
+    ),
+}
+"""The sys-config the kit writes when :attr:`PlatformEnv.sys_config` is not set."""
+
+
+def _str_mapping(value: Mapping[str, str]) -> dict[str, str]:
+    out = dict(value)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in out.items()):
+        raise TypeError("PlatformEnv env and options must map str to str")
+    return out
+
+
+def _optional_path(value: Path | str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+@attrs.frozen(kw_only=True)
+class PlatformEnv:
+    """The prepared environment a platform runs in under test.
+
+    What :func:`dstack_platform_env` returns. The default is empty, which suits platforms
+    that need nothing but a state directory (the simulator). A platform on fake hardware
+    returns the fake's settings, and every fixture (the in-process façade and the agent
+    subprocess alike) then runs on that fake.
+
+    :ivar env: environment variables for the plugin: set with ``monkeypatch`` around the
+        in-process plugin manager, and passed to the agent subprocess. Plugins should read
+        them in ``configure``, not at import time (a module is imported once per process).
+    :ivar options: platform options (``--platform-option``); :func:`dstack_platform_options`
+        starts from these.
+    :ivar appkeys: an upstream ``appkeys.json`` to hand to the platform, or None.
+    :ivar app_compose: the app-compose file; None writes :data:`DEFAULT_APP_COMPOSE` to a
+        temporary file.
+    :ivar sys_config: the sys-config file; None writes :data:`DEFAULT_SYS_CONFIG`.
+    :ivar runtime_log: the runtime (RTMR3) event log; None puts it in the state directory.
+        Set it when the fake hardware's RTMR3 already carries boot events from a log it wrote.
+    :ivar trust_bundle: the anchors that verify the platform's quotes in tests (fake
+        hardware signed by a mock PKI). None when the platform publishes its own (the
+        ``trust_bundle`` hook) or its quotes need real collateral.
+    """
+
+    env: Mapping[str, str] = attrs.field(factory=dict, converter=_str_mapping)
+    options: Mapping[str, str] = attrs.field(factory=dict, converter=_str_mapping)
+    appkeys: Path | None = attrs.field(default=None, converter=_optional_path)
+    app_compose: Path | None = attrs.field(default=None, converter=_optional_path)
+    sys_config: Path | None = attrs.field(default=None, converter=_optional_path)
+    runtime_log: Path | None = attrs.field(default=None, converter=_optional_path)
+    trust_bundle: TrustBundle | None = None
+
+    def platform_config(
+        self, workdir: Path, options: Mapping[str, str] | None = None, *, reset: bool = False
+    ) -> PlatformConfig:
+        """A config with its state directory at ``workdir/state``; writes default inputs.
+
+        :param workdir: a directory the caller owns; the state dir and default input files
+            are created inside it.
+        :param options: the platform options; :attr:`options` when None.
+        """
+        state_dir = workdir / "state"
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return PlatformConfig(
+            state_dir=state_dir,
+            runtime_log=self.runtime_log or state_dir / "runtime_events.log",
+            appkeys=self.appkeys,
+            app_compose=self.app_compose
+            or _write_json(workdir / "app-compose.json", DEFAULT_APP_COMPOSE),
+            sys_config=self.sys_config
+            or _write_json(workdir / "sys-config.json", DEFAULT_SYS_CONFIG),
+            options=dict(self.options if options is None else options),
+            reset=reset,
+        )
+
+    def serve_args(self, workdir: Path, options: Mapping[str, str] | None = None) -> list[str]:
+        """``dstack-agent serve`` flags (besides ``--platform``, ``--socket`` and
+        ``--state-dir``) that give an agent in ``workdir`` the same config."""
+        config = self.platform_config(workdir, options)
+        args = [
+            "--app-compose", str(config.app_compose),
+            "--sys-config", str(config.sys_config),
+            "--runtime-log", str(config.runtime_log),
+        ]
+        if config.appkeys is not None:
+            args += ["--appkeys", str(config.appkeys)]
+        for key, value in config.options.items():
+            args += ["--platform-option", f"{key}={value}"]
+        return args
+
+
+def _write_json(path: Path, doc: Mapping[str, Any]) -> Path:
+    if not path.exists():
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+class PlatformAgent(AgentProcess):
+    """The :func:`dstack_agent` fixture's agent: an :class:`AgentProcess` that knows its
+    :class:`~dstack_core.types.PlatformConfig` (input files, runtime log, options)."""
+
+    def __init__(self, platform: str, *, env: PlatformEnv, options: Mapping[str, str]) -> None:
+        workdir = short_tempdir("dsa")
+        super().__init__(
+            platform,
+            workdir=workdir,
+            extra_args=env.serve_args(workdir, options),
+            env=env.env,
+        )
+        self.config = env.platform_config(workdir, options)
+
+
+@contextlib.contextmanager
+def configured_platform(pm: pluggy.PluginManager, config: PlatformConfig) -> Iterator[Platform]:
+    """Wrap ``pm`` in a :class:`Platform`, configure it with ``config``, close it after.
+
+    Restart a platform by calling this twice, each time with a fresh
+    ``load_platform(name)``, on the same config.
+    """
+    platform = Platform.from_plugin_manager(pm)
+    try:
+        platform.configure(config)
+        yield platform
+    finally:
+        platform.close()
+
+
+def _parse_option(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise pytest.UsageError(f"{OPTION_OPTION} expects KEY=VALUE, got {value!r}")
+    return key, val
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dstack", "dstack-core platform plugins")
+    group.addoption(
+        PLATFORM_OPTION,
+        dest="dstack_platform",
+        metavar="NAME",
+        default=None,
+        help="platform plugin under test (entry point in dstack_core.platforms); "
+        f"overrides the ini option {PLATFORM_INI}",
+    )
+    group.addoption(
+        OPTION_OPTION,
+        dest="dstack_platform_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="platform option for the platform under test (repeatable)",
+    )
+    parser.addini(PLATFORM_INI, help="platform plugin under test (see --dstack-platform)")
+
+
+@pytest.fixture(scope="session")
+def dstack_platform_name(pytestconfig: pytest.Config) -> str:
+    """The name of the platform under test: ``--dstack-platform``, else the ini option.
+
+    Fails the test when neither names one: the kit never picks a platform by itself.
+    Override it in a ``conftest.py`` (or a test module) to pin a platform.
+    """
+    name = pytestconfig.getoption("dstack_platform") or pytestconfig.getini(PLATFORM_INI)
+    if not name:
+        pytest.fail(
+            f"no platform under test: pass {PLATFORM_OPTION} NAME, set '{PLATFORM_INI}' in the "
+            "pytest ini options, or override the dstack_platform_name fixture",
+            pytrace=False,
+        )
+    return str(name)
+
+
+@pytest.fixture
+def dstack_platform_env() -> PlatformEnv:
+    """The environment the platform runs in: empty by default.
+
+    Override it to prepare one, for example fake hardware built per test::
+
+        @pytest.fixture
+        def dstack_platform_env(tmp_path):
+            machine = FakeTdxMachine.create(tmp_path / "tdx")
+            return PlatformEnv(env=machine.agent_env(), options=machine.agent_options(), ...)
+
+    A yield fixture may tear the environment down after the test.
+    """
+    return PlatformEnv()
+
+
+@pytest.fixture
+def dstack_platform_options(
+    pytestconfig: pytest.Config, dstack_platform_env: PlatformEnv
+) -> dict[str, str]:
+    """Platform options: :attr:`PlatformEnv.options`, then each ``--dstack-platform-option``.
+
+    Override it to set options directly.
+    """
+    options = dict(dstack_platform_env.options)
+    options.update(_parse_option(v) for v in pytestconfig.getoption("dstack_platform_options"))
+    return options
+
+
+@pytest.fixture
+def dstack_platform_config(
+    dstack_platform_env: PlatformEnv, dstack_platform_options: dict[str, str]
+) -> Iterator[PlatformConfig]:
+    """A :class:`~dstack_core.types.PlatformConfig` on a fresh temporary state directory,
+    with the environment's input files and the options; removed after the test."""
+    workdir = short_tempdir("dsc")
+    try:
+        yield dstack_platform_env.platform_config(workdir, dstack_platform_options)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def dstack_plugin_manager(
+    dstack_platform_name: str, dstack_platform_env: PlatformEnv, monkeypatch: pytest.MonkeyPatch
+) -> pluggy.PluginManager:
+    """A fresh plugin manager with the platform loaded (and a fresh plugin instance).
+
+    :attr:`PlatformEnv.env` is in ``os.environ`` for the rest of the test. A plugin that
+    cannot be loaded fails the test with the :class:`~dstack_core.errors.PluginError`.
+    """
+    for key, value in dstack_platform_env.env.items():
+        monkeypatch.setenv(key, value)
+    return load_platform(dstack_platform_name)
+
+
+@pytest.fixture
+def dstack_platform_info(dstack_plugin_manager: pluggy.PluginManager) -> PlatformInfo:
+    """The platform's :class:`~dstack_core.types.PlatformInfo`, read without configuring it."""
+    return Platform.from_plugin_manager(dstack_plugin_manager).info
+
+
+@pytest.fixture
+def dstack_platform(
+    dstack_plugin_manager: pluggy.PluginManager, dstack_platform_config: PlatformConfig
+) -> Iterator[Platform]:
+    """The platform's façade, configured with :func:`dstack_platform_config`.
+
+    Built on :func:`dstack_plugin_manager` (so hooks can also be called directly through
+    it) and closed after the test. Its methods are async: ``asyncio.run(p.get_quote(rd))``.
+    """
+    with configured_platform(dstack_plugin_manager, dstack_platform_config) as platform:
+        yield platform
+
+
+@pytest.fixture
+def dstack_agent(
+    dstack_platform_name: str,
+    dstack_platform_env: PlatformEnv,
+    dstack_platform_options: dict[str, str],
+) -> Iterator[PlatformAgent]:
+    """A running ``dstack-agent serve --platform NAME`` on a temporary Unix socket.
+
+    It has its own state directory (not :func:`dstack_platform_config`'s) and the same
+    environment, inputs and options. After the test it gets SIGTERM; if it was still
+    running and does not exit 0, the test errors with the agent's log. Tests may
+    ``stop()`` and ``start()`` it to restart on the same state.
+    """
+    agent = PlatformAgent(dstack_platform_name, env=dstack_platform_env,
+                          options=dstack_platform_options)
+    try:
+        agent.start()
+        yield agent
+    finally:
+        was_running = agent.proc is not None and agent.proc.poll() is None
+        code = agent.stop() if agent.proc is not None else 0
+        output = agent.output()
+        shutil.rmtree(agent.workdir, ignore_errors=True)
+    if was_running and code != 0:
+        pytest.fail(f"agent exited with {code} on SIGTERM:\n{output}", pytrace=False)

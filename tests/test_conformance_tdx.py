@@ -1,0 +1,32 @@
+"""The platform conformance suite against the TDX plugin on the kernel-faithful fake."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dstack_core.testing.conformance import *
+from dstack_core.testing.fake_tee import FakeTdxMachine
+from dstack_core.testing.pytest_plugin import PlatformEnv
+
+
+@pytest.fixture(scope="session")
+def dstack_platform_name() -> str:
+    """The platform under test."""
+    return "tdx"
+
+
+@pytest.fixture
+def dstack_platform_env(tmp_path: Path) -> Iterator[PlatformEnv]:
+    """A fresh fake TD (configfs-tsm, sysfs RTMRs, CCEL, provisioned inputs) per test."""
+    machine = FakeTdxMachine.create(tmp_path / "td")
+    yield PlatformEnv(
+        env=machine.agent_env(),
+        options=machine.agent_options(),
+        app_compose=machine.paths.app_compose,
+        sys_config=machine.paths.sys_config,
+        runtime_log=machine.paths.runtime_log,
+        trust_bundle=machine.trust_bundle(),
+    )
