@@ -18,7 +18,7 @@ import ipaddress
 import os
 import warnings
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Final
@@ -125,7 +125,7 @@ REPORT_DATA_HASHES: Final[Mapping[str, Callable[[bytes], bytes]]] = MappingProxy
 )
 
 # CA curves rcgen can sign with, and the digest it pairs with each.
-_CA_SIGNATURE_HASHES: Final[dict[str, type[hashes.HashAlgorithm]]] = {
+_CA_SIGNATURE_HASHES: Final[dict[str, type[hashes.SHA256] | type[hashes.SHA384]]] = {
     ec.SECP256R1.name: hashes.SHA256,
     ec.SECP384R1.name: hashes.SHA384,
 }
@@ -254,7 +254,7 @@ def _parse_der_octet_string(der: bytes, what: str) -> bytes:
     return der[start:]
 
 
-def _ca_hash(key: ec.EllipticCurvePrivateKey) -> hashes.HashAlgorithm:
+def _ca_hash(key: ec.EllipticCurvePrivateKey) -> hashes.SHA256 | hashes.SHA384:
     hash_type = _CA_SIGNATURE_HASHES.get(key.curve.name)
     if hash_type is None:
         raise ConfigurationError(f"unsupported CA key curve {key.curve.name}")
@@ -401,6 +401,10 @@ def _check_utf8(what: str) -> Callable[[object, attrs.Attribute[str], str], None
     return check
 
 
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 def _check_alt_names(
     _instance: object, _attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
 ) -> None:
@@ -445,7 +449,7 @@ class TlsCertificateRequest:
 
     subject: str = attrs.field(default="", validator=_check_utf8("subject"))
     alt_names: tuple[str, ...] = attrs.field(
-        default=(), converter=tuple, validator=_check_alt_names
+        default=(), converter=_str_tuple, validator=_check_alt_names
     )
     usage_server_auth: bool = attrs.field(default=False, validator=_BOOL)
     usage_client_auth: bool = attrs.field(default=False, validator=_BOOL)

@@ -161,7 +161,7 @@ class Envelope:
         try:
             return cls(
                 platform=_expect(doc["platform"], str, "platform"),
-                evidence_format=evidence_format,  # type: ignore[arg-type]
+                evidence_format=evidence_format,
                 quote=_expect(doc["quote"], bytes, "quote"),
                 event_log=tuple(_event_from_map(e, i) for i, e in enumerate(events)),
                 report_data=_expect(doc["report_data"], bytes, "report_data"),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final
 
 import attrs
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__, certs, keys
 from .appinfo import DEVICE_ID_UNVERIFIED, derive_app_info
@@ -366,7 +367,7 @@ class AgentService:
         """
         return await self._issue(certs.new_tls_key(), request)
 
-    async def _issue(self, key: certs.ec.EllipticCurvePrivateKey, request: TlsKeyRequest) -> TlsKeyResult:
+    async def _issue(self, key: ec.EllipticCurvePrivateKey, request: TlsKeyRequest) -> TlsKeyResult:
         ca = self._require_ca()
         cert_request = certs.TlsCertificateRequest(
             subject=request.subject,

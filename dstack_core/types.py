@@ -7,7 +7,7 @@ so a plugin that returns a dict or ``None`` is caught at the boundary, not deep 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -107,12 +107,19 @@ class Quote:
     data: bytes = attrs.field(validator=attrs.validators.min_len(1))
 
 
+def _four_registers(value: Iterable[bytes]) -> tuple[bytes, bytes, bytes, bytes]:
+    registers = tuple(value)
+    if len(registers) != 4:
+        raise ValueError(f"Measurements.rtmrs must be four registers, got {len(registers)}")
+    return registers
+
+
 @attrs.frozen(kw_only=True)
 class Measurements:
     """Current measurement registers: MRTD and RTMR0..3, 48 bytes each."""
 
     mrtd: bytes = attrs.field(validator=_length(RTMR_LENGTH))
-    rtmrs: tuple[bytes, bytes, bytes, bytes] = attrs.field(converter=tuple)
+    rtmrs: tuple[bytes, bytes, bytes, bytes] = attrs.field(converter=_four_registers)
 
     @rtmrs.validator
     def _check_rtmrs(self, attribute: attrs.Attribute[Any], value: tuple[bytes, ...]) -> None:

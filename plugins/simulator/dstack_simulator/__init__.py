@@ -192,7 +192,7 @@ class SimulatorPlatform:
     def _load_machine(self) -> dict[str, Any] | None:
         assert self._machine_file is not None
         try:
-            doc = json.loads(self._machine_file.read_text())
+            doc: dict[str, Any] = json.loads(self._machine_file.read_text())
             rtmrs = doc["rtmrs"]
             if not (isinstance(rtmrs, list) and len(rtmrs) == 4 and isinstance(doc["boot_inputs"], str)
                     and all(len(bytes.fromhex(r)) == 48 for r in rtmrs)):
@@ -287,7 +287,7 @@ class SimulatorPlatform:
     @hookimpl
     def read_measurements(self) -> Measurements:
         with self._lock:
-            return Measurements(mrtd=self._mrtd, rtmrs=tuple(self._rtmrs))  # type: ignore[arg-type]
+            return Measurements(mrtd=self._mrtd, rtmrs=self._rtmrs)
 
     @hookimpl
     def extend_rtmr(self, index: int, digest: bytes) -> None:

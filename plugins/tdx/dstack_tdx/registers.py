@@ -93,7 +93,7 @@ class MeasurementRegisters:
         if self.measurements_dir is not None:
             mrtd = self._read_file(self.measurements_dir / "mrtd:sha384")
             r0, r1, r2, r3 = (self._read_file(self._rtmr_file(i)) for i in range(4))
-            return Measurements(mrtd=mrtd, rtmrs=(r0, r1, r2, r3))  # type: ignore[arg-type]
+            return Measurements(mrtd=mrtd, rtmrs=(r0, r1, r2, r3))
         report = self._tdreport()
         r0, r1, r2, r3 = (
             report[TDREPORT_RTMR0 + i * RTMR_LENGTH : TDREPORT_RTMR0 + (i + 1) * RTMR_LENGTH]
@@ -101,7 +101,7 @@ class MeasurementRegisters:
         )
         return Measurements(
             mrtd=report[TDREPORT_MRTD : TDREPORT_MRTD + RTMR_LENGTH],
-            rtmrs=(r0, r1, r2, r3),  # type: ignore[arg-type]
+            rtmrs=(r0, r1, r2, r3),
         )
 
     def read_rtmr3(self) -> bytes:
