@@ -248,7 +248,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         collateral = None
         problem = None
         try:
-            collateral = asyncio.run(source.collateral_for(evidence.quote.raw, now=now))
+            if evidence.quote is not None:  # SEV-SNP evidence has no DCAP collateral
+                collateral = asyncio.run(source.collateral_for(evidence.quote.raw, now=now))
         except EvidenceError as exc:
             problem = exc.message
         result = verify_evidence(evidence, options, collateral, collateral_error=problem)

@@ -8,8 +8,8 @@ inputs):
    envelopes, a bare TDX quote, the JSON body of a GetQuote / Attest response (or of an
    upstream ``/verify`` request), or an RA-TLS certificate chain in PEM or DER. Hex text
    of any binary form is accepted too. Malformed evidence raises
-   :class:`~dstack_core.errors.EvidenceError`; unsupported platforms (SEV-SNP, Nitro, GCP)
-   raise it with ``code="unsupported_evidence"``.
+   :class:`~dstack_core.errors.EvidenceError`; unsupported platforms (Nitro, GCP, and
+   upstream's SEV-SNP envelopes) raise it with ``code="unsupported_evidence"``.
 2. :func:`verify_evidence` runs every check and returns a :class:`VerificationResult`. A
    failed check is data in the result, never an exception.
 
@@ -29,6 +29,14 @@ The verdict is ``pass`` only if no check failed and every *mandatory* check pass
 checks are mandatory depends on the evidence: the quote checks and the event log always;
 ``envelope_binding`` for envelopes; ``ratls_binding`` for certificates; ``report_data``
 when an expectation was given.
+
+SEV-SNP evidence (our envelope with evidence format ``sev-snp``, also inside an RA-TLS
+certificate) has its own checks, :data:`SNP_CHECK_NAMES`: the report is parsed
+(:mod:`dstack_core.snp`), its report data and guest policy are checked, and
+``snp_signature`` and ``vcek_chain`` are always ``skipped`` (there is no VCEK certificate
+chain to check the signature with) yet mandatory. The verdict for SNP evidence is therefore
+always ``fail``, with the reason "signature not verified (no VCEK chain)" when nothing else
+failed; there is no option to accept an unverified report.
 """
 
 from __future__ import annotations
@@ -71,6 +79,7 @@ from .eventlog import (
 )
 from .mockpki import SIMULATOR_USER_DATA
 from .quote import TdxQuote, is_tdx_quote
+from .snp import POLICY_RESERVED_ONE, SIGNATURE_ALGO_ECDSA_P384_SHA384, SnpReport
 from .types import REPORT_DATA_LENGTH
 from .upstream import UpstreamAttestation, decode_attestation, is_upstream_attestation
 
@@ -79,6 +88,7 @@ __all__ = [
     "DEFAULT_ALLOWED_TCB_STATUSES",
     "MAX_EVIDENCE_SIZE",
     "SIMULATOR_MARKER",
+    "SNP_CHECK_NAMES",
     "CheckResult",
     "CheckStatus",
     "Evidence",
@@ -117,7 +127,21 @@ CHECK_NAMES: Final = (
     "ratls_chain",
     "os_image",
 )
-"""Every check, in the order results list them. Names are stable API."""
+"""Every check of TDX evidence, in the order results list them. Names are stable API."""
+
+SNP_CHECK_NAMES: Final = (
+    "evidence",
+    "snp_policy",
+    "event_log",
+    "envelope_binding",
+    "report_data",
+    "ratls_binding",
+    "ratls_chain",
+    "snp_signature",
+    "vcek_chain",
+)
+"""Every check of SEV-SNP evidence, in the order results list them (the two that can never
+pass last, so that ``reason`` names a real failure first). Names are stable API."""
 
 DEFAULT_ALLOWED_TCB_STATUSES: Final = frozenset({"UpToDate"})
 """TCB statuses accepted unless the caller allows more (upstream KMS's default)."""
@@ -130,7 +154,9 @@ SIMULATOR_MARKER: Final = SIMULATOR_USER_DATA[:16]
 
 SIMULATOR_PLATFORM: Final = "simulator"
 TDX_FORMAT: Final = "tdx"
+SNP_FORMAT: Final = "sev-snp"
 TEE_VARIANT_TDX: Final = "dstack-tdx"
+TEE_VARIANT_SNP: Final = "dstack-amd-sev-snp"
 APP_DATA_TAG: Final = "app-data"
 
 _DCAP_CHECKS: Final = (
@@ -160,7 +186,7 @@ def _check_status(_inst: object, _attr: attrs.Attribute[str], value: str) -> Non
 
 
 def _check_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-    if value not in CHECK_NAMES:
+    if value not in CHECK_NAMES and value not in SNP_CHECK_NAMES:
         raise ValueError(f"unknown check name {value!r}")
 
 
@@ -168,7 +194,7 @@ def _check_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
 class CheckResult:
     """The outcome of one check.
 
-    :ivar name: one of :data:`CHECK_NAMES`.
+    :ivar name: one of :data:`CHECK_NAMES` or :data:`SNP_CHECK_NAMES`.
     :ivar status: ``pass``, ``fail`` or ``skipped`` (not checked; ``detail`` says why).
     :ivar detail: what was compared or what the underlying library said, for humans.
     :ivar mandatory: whether the verdict needs this check to pass for this evidence.
@@ -270,7 +296,9 @@ class Evidence:
     :ivar kind: the outer format (a certificate's embedded format is ``attestation_kind``).
     :ivar platform: the producing platform's tag: the envelope's ``platform`` for ours,
         ``tdx`` for upstream TDX envelopes and bare quotes.
-    :ivar quote: the parsed TDX quote.
+    :ivar quote: the parsed TDX quote (None for SEV-SNP evidence).
+    :ivar snp_report: the parsed SEV-SNP report (None for TDX evidence); exactly one of
+        ``quote`` and ``snp_report`` is set.
     :ivar event_log: the event log as given (boot events, then RTMR3 events).
     :ivar event_log_given: False for a bare quote without a log.
     :ivar runtime_events: upstream only: the separate runtime event list upstream replays.
@@ -286,7 +314,8 @@ class Evidence:
 
     kind: EvidenceKind
     platform: str
-    quote: TdxQuote
+    quote: TdxQuote | None = None
+    snp_report: SnpReport | None = None
     event_log: tuple[TdxEvent, ...] = ()
     event_log_given: bool = True
     runtime_events: tuple[RuntimeEvent, ...] | None = None
@@ -299,13 +328,39 @@ class Evidence:
     certificate_chain: tuple[x509.Certificate, ...] = ()
     attestation_kind: str | None = None
 
+    def __attrs_post_init__(self) -> None:
+        if (self.quote is None) == (self.snp_report is None):
+            raise ValueError("Evidence carries exactly one of a TDX quote and an SNP report")
+
+    @property
+    def evidence_format(self) -> Literal["tdx", "sev-snp"]:
+        """``tdx`` or ``sev-snp``: which of ``quote`` and ``snp_report`` is set."""
+        return "tdx" if self.quote is not None else "sev-snp"
+
+    @property
+    def bound_report_data(self) -> bytes:
+        """The 64 bytes of report data the hardware evidence binds."""
+        if self.quote is not None:
+            return self.quote.report_data
+        assert self.snp_report is not None
+        return self.snp_report.report_data
+
     @property
     def marked_simulated(self) -> bool:
         """Whether the evidence says it comes from the simulator (platform tag or quote
         header ``DSTACK-SIMULATOR``). Never trusted to say *not* simulated."""
-        return self.platform == SIMULATOR_PLATFORM or self.quote.header.user_data.startswith(
+        if self.platform == SIMULATOR_PLATFORM:
+            return True
+        return self.quote is not None and self.quote.header.user_data.startswith(
             SIMULATOR_MARKER
         )
+
+
+def _tdx(evidence: Evidence) -> TdxQuote:
+    """The TDX quote of evidence the TDX checks run on."""
+    if evidence.quote is None:
+        raise TypeError("the TDX checks need TDX evidence")
+    return evidence.quote
 
 
 @attrs.frozen(kw_only=True)
@@ -339,6 +394,8 @@ class VerificationResult:
     mr_system: bytes = b""
     device_id: bytes = b""
     init_script_hashes: tuple[bytes, ...] = ()
+    evidence_format: Literal["tdx", "sev-snp"] = "tdx"
+    snp_report: SnpReport | None = None
 
     @property
     def passed(self) -> bool:
@@ -407,14 +464,22 @@ class VerificationResult:
                 "init_script_hashes": [h.hex() for h in self.init_script_hashes],
             }
         )
+        if self.snp_report is not None:
+            doc["evidence_format"] = self.evidence_format
+            doc["sev_snp"] = self.snp_report.to_json()
         return doc
 
     def to_upstream_json(self) -> dict[str, Any]:
         """The upstream verifier's ``/verify`` response shape (formats.md 2.4), plus our
         ``verdict``, ``simulated`` and per-check ``checks``."""
 
+        listed = {c.name: c.status for c in self.checks}
+
         def passed(*names: str) -> bool:
-            return all(self.check(n).status == "pass" for n in names)
+            return all(listed.get(n) == "pass" for n in names)
+
+        snp = self.snp_report is not None
+        tee_variant = TEE_VARIANT_SNP if snp else TEE_VARIANT_TDX
 
         key_provider = dict(self.key_provider) if self.key_provider is not None else None
         app_info = {
@@ -429,19 +494,19 @@ class VerificationResult:
             "init_script_hashes": [h.hex() for h in self.init_script_hashes],
         }
         details = {
-            "quote_verified": passed(*_DCAP_CHECKS),
-            "event_log_verified": passed("event_log")
-            and self.check("runtime_events").status != "fail",
+            "quote_verified": passed("snp_signature", "vcek_chain") if snp
+            else passed(*_DCAP_CHECKS),
+            "event_log_verified": passed("event_log") and listed.get("runtime_events") != "fail",
             "os_image_hash_verified": passed("os_image"),
             "acpi_tables_verified": False,
-            "tee_variant": TEE_VARIANT_TDX,
+            "tee_variant": tee_variant,
             "report_data": self.report_data.hex(),
             "tcb_status": self.tcb_status,
             "advisory_ids": list(self.advisory_ids),
             "key_provider": key_provider,
             "app_info": app_info,
             "boot_info": {
-                "teeVariant": TEE_VARIANT_TDX,
+                "teeVariant": tee_variant,
                 "mrAggregated": self.mr_aggregated.hex(),
                 "osImageHash": self.os_image_hash.hex(),
                 "mrSystem": self.mr_system.hex(),
@@ -580,7 +645,8 @@ def _load_attestation(data: bytes) -> Evidence:
 
 def _unsupported(platform: str) -> EvidenceError:
     return EvidenceError(
-        f"{platform} evidence is not supported yet: this verifier checks Intel TDX only",
+        f"{platform} evidence is not supported yet: this verifier checks Intel TDX, and "
+        "dstack-core's own SEV-SNP envelopes",
         code="unsupported_evidence",
     )
 
@@ -598,6 +664,16 @@ def _platform_of(quote: TdxQuote) -> str:
 
 
 def _from_envelope(envelope: Envelope) -> Evidence:
+    if envelope.evidence_format == SNP_FORMAT:
+        return Evidence(
+            kind="dstack-core",
+            platform=envelope.platform,
+            snp_report=SnpReport.from_bytes(envelope.quote),
+            event_log=envelope.event_log,
+            report_data=envelope.report_data,
+            vm_config=envelope.vm_config,
+            app_info=envelope.app_info,
+        )
     if envelope.evidence_format != TDX_FORMAT:
         raise _unsupported(envelope.evidence_format)
     return Evidence(
@@ -1035,7 +1111,7 @@ def _event_log_check(
 ) -> tuple[CheckStatus, str]:
     if not evidence.event_log_given:
         return "skipped", "no event log given: the quoted RTMR0-3 cannot be tied to any events"
-    quoted = evidence.quote.report.rtmrs
+    quoted = _tdx(evidence).report.rtmrs
     counts = [sum(1 for e in replay.boot if e.imr == i) for i in range(3)] + [len(replay.runtime)]
     mismatched = []
     parts = []
@@ -1125,7 +1201,7 @@ _APP_INFO_COMPARED: Final = (
 
 def _envelope_binding_check(evidence: Evidence, derived: AppInfo) -> tuple[CheckStatus, str] | None:
     """None when not applicable (a bare quote without claims)."""
-    quoted = evidence.quote.report_data
+    quoted = _tdx(evidence).report_data
     problems = []
     done = []
     if evidence.report_data is None:
@@ -1158,7 +1234,7 @@ def _envelope_binding_check(evidence: Evidence, derived: AppInfo) -> tuple[Check
     if (
         evidence.app_info is not None
         and evidence.platform != SIMULATOR_PLATFORM
-        and evidence.quote.header.user_data.startswith(SIMULATOR_MARKER)
+        and _tdx(evidence).header.user_data.startswith(SIMULATOR_MARKER)
     ):
         problems.append(
             f"the envelope says platform {evidence.platform!r} but the quote is marked "
@@ -1177,7 +1253,7 @@ def _ratls_checks(
         skipped: tuple[CheckStatus, str] = ("skipped", "the evidence is not an RA-TLS certificate")
         return skipped, skipped
     expected = ratls_report_data(leaf.spki_der)
-    quoted = evidence.quote.report_data
+    quoted = evidence.bound_report_data
     if hmac.compare_digest(expected, quoted):
         binding: tuple[CheckStatus, str] = (
             "pass",
@@ -1256,7 +1332,7 @@ def _simulator_policy(evidence: Evidence, options: VerifyOptions) -> tuple[Check
     if marked:
         reasons.append(
             f"the evidence is marked simulated (platform {evidence.platform!r}, quote user_data "
-            f"{evidence.quote.header.user_data[:16].decode('ascii', 'replace')!r})"
+            f"{_tdx(evidence).header.user_data[:16].decode('ascii', 'replace')!r})"
         )
     if external:
         reasons.append("an external root CA replaces Intel's")
@@ -1288,9 +1364,12 @@ def verify_evidence(
         ``skipped``, so the verdict is ``fail``).
     :param collateral_error: why there is no collateral (e.g. the PCCS was unreachable),
         reported in the skipped checks' detail.
-    :returns: the result, never None; failed checks are data in it.
+    :returns: the result, never None; failed checks are data in it. SEV-SNP evidence gets
+        the checks of :data:`SNP_CHECK_NAMES` (``collateral`` is not used).
     """
-    quote = evidence.quote
+    if evidence.snp_report is not None:
+        return _verify_snp(evidence, evidence.snp_report, options)
+    quote = _tdx(evidence)
     report = quote.report
     checks: dict[str, tuple[CheckStatus, str]] = {}
     mandatory = {
@@ -1473,3 +1552,148 @@ def verify(
     :raises EvidenceError: the evidence is malformed or of an unsupported platform.
     """
     return verify_evidence(load_evidence(data), options, collateral)
+
+
+# --- SEV-SNP ---------------------------------------------------------------------------
+
+SNP_SIGNATURE_SKIPPED: Final = (
+    "signature not verified (no VCEK chain): the report's ECDSA P-384 signature can only be "
+    "checked with the chip's VCEK certificate, and none was given or fetched; the report is "
+    "unauthenticated"
+)
+SNP_CHAIN_SKIPPED: Final = (
+    "no VCEK certificate chain (VCEK -> ASK -> AMD ARK): the envelope carries no certificate "
+    "table and the verifier does not fetch from AMD's KDS"
+)
+
+
+def _snp_policy_check(report: SnpReport) -> tuple[CheckStatus, str]:
+    problems = []
+    if report.is_debug:
+        problems.append(
+            f"guest policy {report.policy:#x} allows DEBUG: the host can read and change the "
+            "guest's memory"
+        )
+    if not report.policy & POLICY_RESERVED_ONE:
+        problems.append(f"guest policy {report.policy:#x} has the must-be-one bit 17 clear")
+    if problems:
+        return "fail", "; ".join(problems)
+    return "pass", f"guest policy {report.policy:#x}: DEBUG not allowed; VMPL {report.vmpl}"
+
+
+def _snp_signature_check(report: SnpReport) -> tuple[CheckStatus, str]:
+    if report.signature_algo != SIGNATURE_ALGO_ECDSA_P384_SHA384:
+        return "fail", (
+            f"signature algorithm {report.signature_algo} is not ECDSA P-384 with SHA-384 "
+            f"({SIGNATURE_ALGO_ECDSA_P384_SHA384}); it could never be verified"
+        )
+    if not any(report.signature):
+        return "fail", "the report carries no signature (the signature field is all zero)"
+    return "skipped", SNP_SIGNATURE_SKIPPED
+
+
+def _snp_binding_check(evidence: Evidence, report: SnpReport) -> tuple[CheckStatus, str] | None:
+    if evidence.report_data is None:
+        return None
+    problems = []
+    done = []
+    if hmac.compare_digest(evidence.report_data, report.report_data):
+        done.append("envelope report_data equals the report's")
+    else:
+        problems.append(
+            f"envelope report_data {_short(evidence.report_data)} differs from the report's "
+            f"{_short(report.report_data)}"
+        )
+    if evidence.app_info is not None and evidence.app_info != AppInfo():
+        problems.append(
+            "the envelope makes app_info claims, which an SEV-SNP report cannot back (there "
+            "are no runtime registers to recompute them from)"
+        )
+    if problems:
+        return "fail", "; ".join(problems)
+    return "pass", "; ".join(done)
+
+
+def _verify_snp(
+    evidence: Evidence, report: SnpReport, options: VerifyOptions
+) -> VerificationResult:
+    """The SEV-SNP checks: structure, policy and bindings; the signature is never passed."""
+    checks: dict[str, tuple[CheckStatus, str]] = {}
+    mandatory = {"evidence", "snp_policy", "snp_signature", "vcek_chain"}
+    inner = f", embedded {evidence.attestation_kind}" if evidence.attestation_kind else ""
+    checks["evidence"] = (
+        "pass",
+        (
+            f"decoded {evidence.kind}{inner}: SEV-SNP report v{report.version} "
+            f"({len(report.raw)} bytes), VMPL {report.vmpl}, measurement "
+            f"{_short(report.measurement)}, {len(evidence.event_log)} events"
+        ),
+    )
+    checks["snp_policy"] = _snp_policy_check(report)
+    if evidence.event_log:
+        checks["event_log"] = (
+            "skipped",
+            (
+                f"{len(evidence.event_log)} events are carried, but SEV-SNP has no runtime "
+                "measurement registers to bind them: they are unverified claims"
+            ),
+        )
+    else:
+        checks["event_log"] = (
+            "skipped",
+            "SEV-SNP has no runtime measurement registers; the evidence carries no event log",
+        )
+    binding = _snp_binding_check(evidence, report)
+    if binding is None:
+        checks["envelope_binding"] = ("skipped", "no envelope claims to compare")
+    else:
+        checks["envelope_binding"] = binding
+        mandatory.add("envelope_binding")
+    expected = options.expected_report_data
+    if expected is None:
+        checks["report_data"] = (
+            "skipped",
+            "no expectation given (--expect-report-data); the report's report_data is reported",
+        )
+    else:
+        mandatory.add("report_data")
+        if hmac.compare_digest(expected.value, report.report_data):
+            checks["report_data"] = ("pass", f"equals the expected {expected.description} value")
+        else:
+            checks["report_data"] = (
+                "fail",
+                (
+                    f"report report_data {_short(report.report_data)} is not the expected "
+                    f"{expected.description} value {_short(expected.value)}"
+                ),
+            )
+    checks["ratls_binding"], checks["ratls_chain"] = _ratls_checks(evidence, options)
+    if evidence.certificate is not None:
+        mandatory.add("ratls_binding")
+    checks["snp_signature"] = _snp_signature_check(report)
+    checks["vcek_chain"] = ("skipped", SNP_CHAIN_SKIPPED)
+
+    results = tuple(
+        CheckResult(
+            name=name, status=checks[name][0], detail=checks[name][1], mandatory=name in mandatory
+        )
+        for name in SNP_CHECK_NAMES
+    )
+    verdict: Literal["pass", "fail"] = (
+        "pass"
+        if all(r.status != "fail" for r in results)
+        and all(r.status == "pass" for r in results if r.mandatory)
+        else "fail"
+    )
+    return VerificationResult(
+        verdict=verdict,
+        checks=results,
+        evidence_kind=evidence.kind,
+        platform=evidence.platform,
+        simulated=evidence.marked_simulated,
+        verified_at=options.now,
+        quote_version=report.version,
+        report_data=report.report_data,
+        evidence_format="sev-snp",
+        snp_report=report,
+    )

@@ -26,6 +26,7 @@ from dstack_core.server.verifier import (
     create_verifier_app,
     settings_from_env,
 )
+from dstack_core.snp import build_report
 from dstack_core.testing import short_tempdir
 from dstack_core.verify import CHECK_NAMES
 
@@ -202,14 +203,26 @@ class TestErrors:
         assert set(doc) == {"error", "code"} and doc["code"] == code and doc["error"]
 
     def test_unsupported_platform_is_400(self, settings):
-        """SEV-SNP evidence: 400 unsupported_evidence."""
+        """Evidence of an unsupported platform (upstream V0 GCP TDX): 400 unsupported_evidence."""
+        gcp_v0 = b"\x00\x01" + bytes(80)
+        status, doc = request(settings, "POST", "/verify", {"attestation": gcp_v0.hex()})
+        assert status == 400 and doc["code"] == "unsupported_evidence"
+
+    def test_sev_snp_envelope_is_verified_but_never_valid(self, settings):
+        """An SEV-SNP envelope is checked (200), never valid: the signature is skipped."""
+        report = build_report(report_data=b"\x07" * 64, signature=b"\x01" * 144)
         envelope = Envelope(
-            platform="sev-snp", evidence_format="sev-snp", quote=bytes(1184), report_data=bytes(64)
+            platform="sev-snp", evidence_format="sev-snp", quote=report, report_data=b"\x07" * 64
         )
         status, doc = request(
             settings, "POST", "/verify", {"attestation": envelope.to_cbor().hex()}
         )
-        assert status == 400 and doc["code"] == "unsupported_evidence"
+        assert status == 200 and doc["is_valid"] is False
+        assert doc["details"]["tee_variant"] == "dstack-amd-sev-snp"
+        assert doc["details"]["quote_verified"] is False
+        assert doc["checks"]["envelope_binding"]["status"] == "pass"
+        assert doc["checks"]["snp_signature"]["status"] == "skipped"
+        assert doc["reason"].startswith("snp_signature: signature not verified (no VCEK chain)")
 
     def test_body_limit(self, settings, sample):
         """Bodies over max_body_size are refused with payload_too_large."""

@@ -675,17 +675,18 @@ class TestMalformed:
             load_evidence(b"\xd9\xd9\xf7" + bytes(MAX_EVIDENCE_SIZE))
         assert time.perf_counter() - started < 1.0
 
-    def test_sev_snp_envelope_not_supported_yet(self):
-        """Our envelope with evidence_format sev-snp fails with a clear 'not supported yet'."""
+    def test_sev_snp_envelope_with_zero_report_is_malformed(self):
+        """Our sev-snp envelope is recognised (tests/test_snp.py verifies it); an all-zero
+        report (version 0) is malformed, not unsupported."""
         envelope = Envelope(
             platform="sev-snp",
             evidence_format="sev-snp",
             quote=bytes(1184),
             report_data=bytes(64),
         )
-        with pytest.raises(EvidenceError, match="not supported yet") as info:
+        with pytest.raises(EvidenceError, match="SEV-SNP report version 0") as info:
             load_evidence(envelope.to_cbor())
-        assert info.value.code == "unsupported_evidence"
+        assert info.value.code == "malformed_evidence"
 
     def test_envelope_with_non_tdx_quote(self):
         """A 'tdx' envelope whose quote is not a TDX quote is malformed."""

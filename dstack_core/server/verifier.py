@@ -159,7 +159,8 @@ async def _verify(request: web.Request) -> web.Response:
     collateral = None
     problem = None
     try:
-        collateral = await settings.collateral.collateral_for(evidence.quote.raw, now=now)
+        if evidence.quote is not None:  # SEV-SNP evidence has no DCAP collateral
+            collateral = await settings.collateral.collateral_for(evidence.quote.raw, now=now)
     except EvidenceError as exc:
         problem = exc.message
         log.warning("no collateral for a /verify request: %s", problem)

@@ -972,7 +972,7 @@ class FakeTdxMachine:
         with self._store.transaction() as state:
             r0, r1, r2, r3 = (bytes.fromhex(r) for r in state["rtmrs"])
             return Measurements(
-                mrtd=bytes.fromhex(state["mrtd"]), rtmrs=(r0, r1, r2, r3)  # type: ignore[arg-type]
+                mrtd=bytes.fromhex(state["mrtd"]), rtmrs=(r0, r1, r2, r3)
             )
 
     def pki(self) -> MockIntelPki:

@@ -1,0 +1,260 @@
+"""The sev-snp-stub platform end to end: a real agent subprocess on the fake SEV-SNP kernel,
+driven by the official SDK; then the verifier on what it produced.
+
+Each test checks the cryptography, not only the response shapes: keys recover to the
+firmware-derived app key, reports parse and carry the fake firmware's signature, the RA-TLS
+certificate binds its key, and the verifier recognises the envelope but never passes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import coincurve
+import nacl.signing
+import pytest
+from coincurve import PublicKey
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from dstack_sdk import AsyncDstackClient, DstackClient
+from dstack_sev_snp_stub import SevSnpStubPlatform
+
+from dstack_core import certs, keys
+from dstack_core.envelope import Envelope
+from dstack_core.snp import SnpReport
+from dstack_core.testing import short_tempdir
+from dstack_core.testing.fake_tee import FakeSnpAgent, FakeSnpMachine
+from dstack_core.types import PlatformConfig, RootKey
+from dstack_core.verify import (
+    SNP_CHECK_NAMES,
+    ExpectedReportData,
+    VerifyOptions,
+    load_evidence,
+    verify_evidence,
+)
+
+from .conftest import run_cli
+
+NOW = int(time.time())
+
+
+def _agent(kernel: str = "6.10", **options: str) -> Iterator[FakeSnpAgent]:
+    workdir = short_tempdir("esnp")
+    machine = FakeSnpMachine.create(workdir / "tree", kernel=kernel)
+    agent = machine.agent(workdir=workdir, options=options).start()
+    yield agent
+    if agent.proc is not None:
+        agent.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[FakeSnpAgent]:
+    """An sev-snp-stub agent on a freshly launched fake SNP guest (configfs-tsm)."""
+    yield from _agent()
+
+
+@pytest.fixture(scope="module")
+def root_key(agent: FakeSnpAgent, tmp_path_factory: pytest.TempPathFactory) -> RootKey:
+    """The root key the plugin derives on the agent's machine, derived again in process."""
+    machine = agent.machine
+    tmp = tmp_path_factory.mktemp("rk")
+    platform = SevSnpStubPlatform(machine.io())
+    platform.configure(PlatformConfig(
+        state_dir=tmp, runtime_log=machine.paths.runtime_log,
+        app_compose=machine.paths.app_compose, sys_config=machine.paths.sys_config,
+        options={"root": str(machine.root)},
+    ))
+    return platform.derive_root_key()
+
+
+def client(agent: FakeSnpAgent) -> DstackClient:
+    return DstackClient(str(agent.socket))
+
+
+def app_public_key(root_key: RootKey) -> bytes:
+    return PublicKey.from_secret(root_key.k256_key).format()
+
+
+class TestGetKey:
+    def test_signature_chain_recovers_to_the_derived_app_key(self, agent, root_key):
+        """GetKey's chain recovers to the firmware-derived app key; no KMS signature."""
+        result = client(agent).get_key("wallet/eth", "ethereum")
+        pub = PublicKey.from_secret(result.decode_key()).format()
+        sig0, kms_sig = result.decode_signature_chain()
+        message = keys.keccak256(f"ethereum:{pub.hex()}".encode())
+        recovered = PublicKey.from_signature_and_message(sig0, message, hasher=None).format()
+        assert recovered == app_public_key(root_key)
+        assert kms_sig == b""
+
+    def test_deterministic_per_path(self, agent):
+        """The same path gives the same key; another path another; ed25519 shares the secret."""
+        c = client(agent)
+        a = c.get_key("p/a", "x")
+        assert c.get_key("p/a", "x").key == a.key != c.get_key("p/b", "x").key
+        assert c.get_key("p/a", "x", "ed25519").key == a.key
+
+
+class TestSignVerify:
+    def test_secp256k1(self, agent, root_key):
+        """Sign verifies with libsecp256k1 and through Verify; the chain links to the app key."""
+        c = client(agent)
+        result = c.sign("secp256k1", b"hello snp")
+        sig = result.decode_signature()
+        der = coincurve.ecdsa.cdata_to_der(coincurve.ecdsa.deserialize_compact(sig))
+        assert PublicKey(result.decode_public_key()).verify(
+            der, hashlib.sha256(b"hello snp").digest(), hasher=None)
+        assert c.verify("secp256k1", b"hello snp", sig, result.decode_public_key()).valid
+        assert not c.verify("secp256k1", b"hello snP", sig, result.decode_public_key()).valid
+        chain = result.decode_signature_chain()
+        message = keys.keccak256(f"signing:{result.public_key}".encode())
+        assert PublicKey.from_signature_and_message(chain[1], message, hasher=None).format() == (
+            app_public_key(root_key))
+
+    def test_ed25519(self, agent):
+        """An ed25519 signature verifies with PyNaCl and through Verify."""
+        c = client(agent)
+        result = c.sign("ed25519", b"payload")
+        nacl.signing.VerifyKey(result.decode_public_key()).verify(
+            b"payload", result.decode_signature())
+        assert c.verify("ed25519", b"payload", result.decode_signature(),
+                        result.decode_public_key()).valid
+
+
+class TestQuote:
+    def test_get_quote_is_the_snp_report(self, agent):
+        """GetQuote's quote is the 1184-byte report over the padded report data, with the
+        launch measurement, signed by the (fake) firmware; the event log is empty."""
+        result = client(agent).get_quote(b"hello")
+        report = SnpReport.from_bytes(result.decode_quote())
+        padded = b"hello".ljust(64, b"\0")
+        assert report.report_data == padded and result.report_data == padded.hex()
+        assert report.measurement == agent.machine.measurement
+        report.verify_signature(agent.machine.vcek_public_key())
+        assert json.loads(result.event_log) == []
+
+    def test_async_client(self, agent):
+        """AsyncDstackClient works too (quote, info, key)."""
+        import asyncio
+
+        async def main():
+            c = AsyncDstackClient(str(agent.socket))
+            return await c.get_quote(b"async"), await c.info(), await c.get_key("a", "b")
+
+        quote, info, key = asyncio.run(main())
+        assert SnpReport.from_bytes(quote.decode_quote()).report_data.startswith(b"async")
+        assert info.app_name and len(key.decode_key()) == 32
+
+    def test_emit_event_refused_and_agent_serves_on(self, agent):
+        """EmitEvent through the SDK fails (501 platform_unsupported); the agent serves on."""
+        with pytest.raises(Exception, match="501"):
+            client(agent).emit_event("app-event", b"x")
+        status, body = agent.call("EmitEvent", {"event": "app-event", "payload": "78"})
+        assert (status, body["code"]) == (501, "platform_unsupported")
+        assert SnpReport.from_bytes(client(agent).get_quote(b"after").decode_quote())
+
+
+class TestAttest:
+    def test_envelope_is_sev_snp_and_bound(self, agent):
+        """Attest returns our CBOR envelope with platform and format sev-snp, bound, no log."""
+        raw = client(agent).attest(b"attest-me").decode_attestation()
+        envelope = Envelope.from_cbor(raw)
+        assert envelope.to_cbor() == raw
+        assert (envelope.platform, envelope.evidence_format) == ("sev-snp", "sev-snp")
+        assert envelope.report_data == b"attest-me".ljust(64, b"\0")
+        assert SnpReport.from_bytes(envelope.quote).report_data == envelope.report_data
+        assert envelope.event_log == () and envelope.extra == {}
+
+    def test_verifier_recognises_it_and_skips_the_signature(self, agent):
+        """The verifier parses the envelope, checks its bindings, reports the signature
+        skipped, and fails the verdict for that reason."""
+        raw = client(agent).attest(b"verify-me").decode_attestation()
+        expected = ExpectedReportData.raw(b"verify-me")
+        result = verify_evidence(load_evidence(raw),
+                                 VerifyOptions(now=NOW, expected_report_data=expected))
+        assert [c.name for c in result.checks] == list(SNP_CHECK_NAMES)
+        statuses = {c.name: c.status for c in result.checks}
+        assert statuses["envelope_binding"] == statuses["report_data"] == "pass"
+        assert statuses["snp_policy"] == "pass"
+        assert statuses["snp_signature"] == statuses["vcek_chain"] == "skipped"
+        assert result.verdict == "fail" and result.failed == ()
+        assert result.reason.startswith("snp_signature: signature not verified (no VCEK chain)")
+        assert result.platform == "sev-snp" and not result.simulated
+
+    def test_cli_verify(self, agent, tmp_path: Path):
+        """dstack-agent verify on the Attest JSON body: exit 1, the skipped signature named."""
+        body = agent.call("Attest", {"report_data": b"cli".hex()})[1]
+        path = tmp_path / "attest.json"
+        path.write_text(json.dumps(body))
+        done = run_cli("verify", str(path), "--expect-report-data", b"cli".hex(), check=False)
+        assert done.returncode == 1, done.stderr
+        doc = json.loads(done.stdout)
+        assert doc["checks"]["report_data"]["status"] == "pass"
+        assert doc["checks"]["snp_signature"]["status"] == "skipped"
+        assert doc["sev_snp"]["measurement"] == agent.machine.measurement.hex()
+
+
+class TestInfo:
+    def test_info(self, agent, root_key):
+        """Info parses with the SDK: app name from the compose, no TDX registers, and a demo
+        certificate issued by the derived CA."""
+        info = client(agent).info()
+        compose = json.loads(agent.input_files["app-compose.json"].read_text())
+        assert info.app_name == compose["name"]
+        assert info.tcb_info.mrtd in (None, "") and info.tcb_info.rtmr3 in (None, "")
+        chain = certs.load_certificate_chain(info.app_cert.encode())
+        ca = x509.load_pem_x509_certificate(root_key.ca_cert_pem.encode())
+        chain[0].verify_directly_issued_by(ca)
+
+
+class TestTlsKey:
+    def test_chain_verifies_to_the_derived_ca(self, agent, root_key):
+        """GetTlsKey's chain ends in the derived CA, which signs the leaf."""
+        result = client(agent).get_tls_key(subject="app.example", usage_server_auth=True)
+        leaf_pem, ca_pem = result.certificate_chain
+        assert ca_pem == root_key.ca_cert_pem
+        x509.load_pem_x509_certificate(leaf_pem.encode()).verify_directly_issued_by(
+            x509.load_pem_x509_certificate(ca_pem.encode()))
+
+    def test_ra_tls_certificate_carries_the_snp_envelope(self, agent):
+        """The RA-TLS leaf embeds an SNP envelope binding its key; the verifier checks the
+        binding and the chain, and still fails on the unverified signature."""
+        result = client(agent).get_tls_key(subject="ratls", usage_ra_tls=True)
+        leaf = x509.load_pem_x509_certificate(result.certificate_chain[0].encode())
+        envelope = Envelope.from_cbor(certs.RaTlsCertificate.from_certificate(leaf).attestation)
+        spki = leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert envelope.evidence_format == "sev-snp"
+        assert SnpReport.from_bytes(envelope.quote).report_data == hashlib.sha512(
+            b"ratls-cert:" + spki).digest()
+        outcome = verify_evidence(load_evidence("".join(result.certificate_chain)),
+                                  VerifyOptions(now=NOW))
+        statuses = {c.name: c.status for c in outcome.checks}
+        assert statuses["ratls_binding"] == statuses["ratls_chain"] == "pass"
+        assert statuses["snp_signature"] == "skipped" and outcome.verdict == "fail"
+
+
+class TestRestart:
+    def test_keys_and_ca_survive_a_restart(self):
+        """After a restart the agent derives the same keys and the byte-identical CA."""
+        for agent in _agent():
+            c = client(agent)
+            key = c.get_key("stable", "x").key
+            ca = c.get_tls_key(subject="a").certificate_chain[1]
+            assert agent.stop() == 0
+            agent.start()
+            c = client(agent)
+            assert c.get_key("stable", "x").key == key
+            assert c.get_tls_key(subject="a").certificate_chain[1] == ca
+
+    def test_ioctl_only_kernel(self):
+        """On a 5.19 guest (no configfs-tsm) the agent serves through /dev/sev-guest."""
+        for agent in _agent(kernel="5.19"):
+            report = SnpReport.from_bytes(client(agent).get_quote(b"ioctl").decode_quote())
+            assert report.report_data.startswith(b"ioctl")
+            assert "via ioctl" in agent.output()
