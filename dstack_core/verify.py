@@ -55,6 +55,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from . import strictjson
 from .appinfo import DEVICE_ID_UNVERIFIED, SYSTEM_READY, derive_app_info
 from .certs import (
     RaTlsCertificate,
@@ -746,7 +747,7 @@ def _from_certificates(chain: Sequence[x509.Certificate]) -> Evidence:
         if leaf.legacy_event_log is None:
             raise EvidenceError("legacy RA-TLS certificate has a quote but no event log")
         try:
-            events = _strict_json(leaf.legacy_event_log)
+            events = strictjson.loads(leaf.legacy_event_log)
         except ValueError as exc:
             raise EvidenceError(f"legacy event log extension is not JSON: {exc}") from None
         if not isinstance(events, list):
@@ -764,29 +765,9 @@ def _from_certificates(chain: Sequence[x509.Certificate]) -> Evidence:
     )
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) != len(pairs):
-        raise ValueError("duplicate key in JSON object")
-    return doc
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _strict_json(text: str | bytes) -> Any:
-    try:
-        return json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
-        )
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
 def _json_object(data: bytes) -> Mapping[str, Any]:
     try:
-        doc = _strict_json(data)
+        doc = strictjson.loads(data)
     except ValueError as exc:  # includes UnicodeDecodeError
         raise EvidenceError(f"evidence is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -822,7 +803,7 @@ def evidence_from_json(doc: Mapping[str, Any]) -> Evidence:
         log = doc.get("event_log")
         if isinstance(log, str) and log.strip():
             try:
-                decoded = _strict_json(log)
+                decoded = strictjson.loads(log)
             except ValueError as exc:
                 raise EvidenceError(f"event_log is not valid JSON: {exc}") from None
             if not isinstance(decoded, list):

@@ -44,6 +44,7 @@ from ..keys import keccak256
 from ..platform import Platform
 from ..plugins import load_platform
 from ..quote import HEADER_SIZE, TdxQuote
+from ..snp import SnpReport
 from ..types import (
     REPORT_DATA_LENGTH,
     RTMR_LENGTH,
@@ -313,13 +314,18 @@ class TestQuote:
         """A non-empty quote, cut anywhere, is rejected by the parser with EvidenceError."""
         data = run(dstack_platform.get_quote(REPORT_DATA_PATTERNS["random"])).data
         assert len(data) > 0
-        if dstack_platform.info.evidence_format != "tdx":
-            pytest.skip(f"dstack_core has no {dstack_platform.info.evidence_format} parser")
-        parsed = TdxQuote.from_bytes(data)
-        for cut in (0, 1, HEADER_SIZE - 1, HEADER_SIZE, parsed.report_data_offset,
-                    len(parsed.signed_region), len(parsed.raw) // 2, len(parsed.raw) - 1):
+        if dstack_platform.info.evidence_format == "sev-snp":
+            SnpReport.from_bytes(data)
+            cuts: tuple[int, ...] = (0, 1, 0x50, 0x90, len(data) // 2, len(data) - 1)
+            parse: Any = SnpReport.from_bytes
+        else:
+            parsed = TdxQuote.from_bytes(data)
+            cuts = (0, 1, HEADER_SIZE - 1, HEADER_SIZE, parsed.report_data_offset,
+                    len(parsed.signed_region), len(parsed.raw) // 2, len(parsed.raw) - 1)
+            parse = TdxQuote.from_bytes
+        for cut in cuts:
             with pytest.raises(EvidenceError):
-                TdxQuote.from_bytes(data[:cut])
+                parse(data[:cut])
 
     def test_quote_carries_current_registers(self, dstack_platform: Platform) -> None:
         """A TDX quote carries the MRTD and RTMR0-3 that read_measurements reports."""
