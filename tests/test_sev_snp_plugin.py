@@ -33,7 +33,6 @@ from dstack_sev_snp_stub.abi import (
     SnpReportReq,
     SnpReportResp,
 )
-from dstack_sev_snp_stub.configfs import ENTRY_PREFIX
 
 from dstack_core import certs
 from dstack_core.errors import (
@@ -55,6 +54,7 @@ from dstack_core.testing.fake_tee import (
     FakeSnpKernelIO,
     FakeSnpMachine,
 )
+from dstack_core.tsm import ENTRY_PREFIX
 from dstack_core.types import PlatformConfig
 
 RD = bytes(range(64))

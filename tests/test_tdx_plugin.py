@@ -18,7 +18,7 @@ from pathlib import Path
 import attrs
 import pytest
 from dstack_tdx import TdxOptions, TdxPlatform
-from dstack_tdx.configfs import ENTRY_PREFIX, QuoteGenerator
+from dstack_tdx.configfs import TDX_GUEST
 from dstack_tdx.paths import TdxPaths
 from dstack_tdx.registers import MeasurementRegisters
 
@@ -41,6 +41,7 @@ from dstack_core.testing.fake_tee import (
     FakeKernelIO,
     FakeTdxMachine,
 )
+from dstack_core.tsm import ENTRY_PREFIX, TsmReportClient
 from dstack_core.types import PlatformConfig, RootKey
 
 from .conftest import run_cli
@@ -701,17 +702,17 @@ class TestRealHardware:
     """Read-only checks on a real TD (RTMR3 is never extended: that would break its log)."""
 
     @pytest.fixture
-    def hardware(self) -> tuple[QuoteGenerator, MeasurementRegisters]:
+    def hardware(self) -> tuple[TsmReportClient, MeasurementRegisters]:
         paths = TdxPaths(Path("/"))
         io = OsSysIO()
         measurements = paths.measurements_dir if io.exists(paths.measurements_dir) else None
-        return (QuoteGenerator(io, paths.report_dir),
+        return (TsmReportClient(io, paths.report_dir, TDX_GUEST),
                 MeasurementRegisters(io, measurements_dir=measurements, device=paths.device))
 
     def test_quote_binds_report_data(self, hardware):
         """A real quote carries our report data and the live registers."""
         quotes, registers = hardware
-        quote = TdxQuote.from_bytes(quotes.quote(RD))
+        quote = TdxQuote.from_bytes(quotes.report(RD))
         assert quote.report_data == RD
         assert quote.report.rtmrs == registers.read().rtmrs
 

@@ -4,8 +4,8 @@ It talks to the Linux kernel of an SEV-SNP guest as the mainline interfaces defi
 
 * **reports** (``get_quote``, ``attest``): the bare 1184-byte SNP attestation report over
   the caller's 64 bytes, through configfs-tsm with the ``sev_guest`` provider (Linux 6.7+;
-  :mod:`.configfs`) or the ``SNP_GET_REPORT`` ioctl on ``/dev/sev-guest`` (5.19+;
-  :mod:`.device`);
+  :mod:`dstack_core.tsm` with :mod:`.configfs`) or the ``SNP_GET_REPORT`` ioctl on
+  ``/dev/sev-guest`` (5.19+; :mod:`.device`);
 * the **root key** (``derive_root_key``): ``SNP_GET_DERIVED_KEY`` with the launch
   measurement (and by default the guest policy) mixed in, so a different image gets a
   different key; the app's secp256k1 key and the P-256 app CA key are HKDF-derived from it
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -80,14 +79,28 @@ from dstack_core import (
 )
 from dstack_core.eventlog import TdxEvent
 from dstack_core.keys import derive_key
+from dstack_core.platform_options import (
+    ALLOW_FAKE_KERNEL_ENV,
+    check_known,
+    open_sysio,
+    parse_root,
+    parse_seconds,
+    parse_sysio,
+)
 from dstack_core.snp import SnpReport
-from dstack_core.sysio import OsSysIO, SysIO
+from dstack_core.sysio import SysIO
+from dstack_core.tsm import (
+    DEFAULT_COMMIT_TIMEOUT,
+    MAX_COMMIT_TIMEOUT,
+    REPORT_DIR,
+    TsmReportClient,
+    entry_failure,
+)
 from dstack_core.types import REPORT_DATA_LENGTH
 
 from .abi import GUEST_FIELDS, ROOT_KEY_VCEK, ROOT_KEY_VMRK
-from .configfs import DEFAULT_COMMIT_TIMEOUT, SEV_PROVIDER, ConfigfsReports
+from .configfs import SEV_GUEST, privlevel_attributes
 from .device import MAX_VMPL, SevGuestDevice
-from .kerrors import errno_name
 
 __all__ = [
     "ALLOW_FAKE_KERNEL_ENV",
@@ -99,10 +112,8 @@ __all__ = [
     "root_key_from_derived",
 ]
 
-ALLOW_FAKE_KERNEL_ENV: Final = "DSTACK_ALLOW_FAKE_KERNEL"
-"""Only with this set to ``1`` does ``sysio=fake`` select the test-only fake kernel."""
-
-REPORT_DIR: Final = PurePosixPath("sys/kernel/config/tsm/report")
+PLUGIN: Final = "sev-snp-stub"
+"""The plugin's name in option errors."""
 SEV_GUEST_DEVICE: Final = PurePosixPath("dev/sev-guest")
 
 APP_KEY_LABEL: Final = b"dstack-sev-snp-stub:app-key:v1"
@@ -152,16 +163,10 @@ class SevSnpStubOptions:
     def parse(cls, options: Mapping[str, str]) -> SevSnpStubOptions:
         """:raises ConfigurationError: an unknown option or a bad value."""
         known = {"root", "report", "vmpl", "root_key", "key_fields", "commit_timeout", "sysio"}
-        unknown = set(options) - known
-        if unknown:
-            raise ConfigurationError(
-                f"unknown sev-snp-stub options: {sorted(unknown)}; known: {sorted(known)}"
-            )
+        check_known(PLUGIN, options, known)
         values: dict[str, object] = {}
         if "root" in options:
-            if not options["root"]:
-                raise ConfigurationError("sev-snp-stub option root must not be empty")
-            values["root"] = Path(options["root"])
+            values["root"] = parse_root(PLUGIN, options["root"])
         if "report" in options:
             if options["report"] not in _REPORT_METHODS:
                 raise ConfigurationError(
@@ -198,42 +203,18 @@ class SevSnpStubOptions:
                 )
             values["key_fields"] = tuple(dict.fromkeys(names))
         if "commit_timeout" in options:
-            try:
-                timeout = float(options["commit_timeout"])
-            except ValueError:
-                timeout = -1.0
-            if not 0 < timeout <= 300:
-                raise ConfigurationError(
-                    f"sev-snp-stub option commit_timeout must be seconds in (0, 300], "
-                    f"got {options['commit_timeout']!r}"
-                )
-            values["commit_timeout"] = timeout
+            values["commit_timeout"] = parse_seconds(
+                PLUGIN, "commit_timeout", options["commit_timeout"], maximum=MAX_COMMIT_TIMEOUT
+            )
         if "sysio" in options:
-            if options["sysio"] not in ("os", "fake"):
-                raise ConfigurationError(
-                    f"sev-snp-stub option sysio must be 'os' or 'fake', got {options['sysio']!r}"
-                )
-            values["sysio"] = options["sysio"]
+            values["sysio"] = parse_sysio(PLUGIN, options["sysio"])
         return cls(**values)  # type: ignore[arg-type]
 
 
 def _fake_kernel(root: Path) -> SysIO:
-    if os.environ.get(ALLOW_FAKE_KERNEL_ENV) != "1":
-        raise ConfigurationError(
-            "sev-snp-stub option sysio=fake selects the fake kernel of dstack_core.testing, "
-            "which is for tests only; refusing it (a test environment sets "
-            f"{ALLOW_FAKE_KERNEL_ENV}=1)"
-        )
     from dstack_core.testing.fake_tee import FakeSnpKernelIO
 
-    try:
-        io = FakeSnpKernelIO(root)
-    except FileNotFoundError as exc:
-        raise ConfigurationError(f"sev-snp-stub option sysio=fake: {exc}") from None
-    log.warning(
-        "TEST ONLY: platform sev-snp-stub runs on the FAKE kernel under %s, not on hardware", root
-    )
-    return io
+    return FakeSnpKernelIO(root)
 
 
 def _stable_ca(key: ec.EllipticCurvePrivateKey) -> certs.CertificateAuthority:
@@ -298,7 +279,7 @@ class SevSnpStubPlatform:
         self._given_io = sysio
         self._lock = threading.Lock()
         self._device: SevGuestDevice | None = None
-        self._configfs: ConfigfsReports | None = None
+        self._configfs: TsmReportClient | None = None
         self._vmpl = 0
         self._root_key: RootKey | None = None
         self.method: str | None = None
@@ -329,9 +310,7 @@ class SevSnpStubPlatform:
                 "platform sev-snp-stub derives its keys from the SEV-SNP firmware "
                 "(SNP_GET_DERIVED_KEY); it does not take app keys (--appkeys)"
             )
-        io = self._given_io or (
-            _fake_kernel(options.root) if options.sysio == "fake" else OsSysIO()
-        )
+        io = self._given_io or open_sysio(PLUGIN, options.sysio, options.root, _fake_kernel)
         device_path = _under(options.root, SEV_GUEST_DEVICE)
         report_dir = _under(options.root, REPORT_DIR)
         if not io.exists(device_path):
@@ -348,8 +327,6 @@ class SevSnpStubPlatform:
                 f"platform sev-snp-stub: vmpl {vmpl} is below the guest's own VMPL {floor} "
                 "(privlevel_floor); the firmware refuses such requests"
             )
-        if configfs is not None:
-            configfs.privlevel = vmpl
         self._device, self._configfs, self._vmpl = device, configfs, vmpl
         self.method = "configfs" if configfs is not None else "ioctl"
         try:
@@ -381,7 +358,7 @@ class SevSnpStubPlatform:
     @staticmethod
     def _choose_reports(
         io: SysIO, report_dir: Path, options: SevSnpStubOptions
-    ) -> tuple[ConfigfsReports | None, int | None]:
+    ) -> tuple[TsmReportClient | None, int | None]:
         """The configfs report generator (or None for the ioctl) and ``privlevel_floor``
         (read from configfs when it is there, whichever way reports go, so that the default
         VMPL, and with it the derived key, does not depend on the report method)."""
@@ -389,10 +366,10 @@ class SevSnpStubPlatform:
             floor = None
             if io.exists(report_dir):
                 try:
-                    probe = ConfigfsReports(io, report_dir).probe()
+                    probe = TsmReportClient(io, report_dir, SEV_GUEST).probe()
                 except (OSError, ValueError):
                     probe = None
-                if probe is not None and probe.provider == SEV_PROVIDER:
+                if probe is not None and probe.provider == SEV_GUEST.name:
                     floor = probe.privlevel_floor
             return None, floor
         if not io.exists(report_dir):
@@ -404,7 +381,9 @@ class SevSnpStubPlatform:
                 )
             log.info("no configfs-tsm at %s; SNP reports through the ioctl", report_dir)
             return None, None
-        generator = ConfigfsReports(io, report_dir, commit_timeout=options.commit_timeout)
+        generator = TsmReportClient(
+            io, report_dir, SEV_GUEST, commit_timeout=options.commit_timeout
+        )
         try:
             probe = generator.probe()
         except OSError as exc:
@@ -412,19 +391,17 @@ class SevSnpStubPlatform:
                 log.info("no configfs-tsm provider registered; SNP reports through the ioctl")
                 return None, None
             raise ConfigurationError(
-                f"platform sev-snp-stub cannot start: cannot create a configfs-tsm report "
-                f"entry in {report_dir}: {exc.strerror} ({errno_name(exc.errno)})"
+                f"platform sev-snp-stub cannot start: {entry_failure(report_dir, exc)}"
             ) from None
         except ValueError:
             raise ConfigurationError(
                 f"platform sev-snp-stub cannot start: privlevel_floor in {report_dir} is "
                 "not a number"
             ) from None
-        if probe.provider != SEV_PROVIDER:
+        if probe.provider != SEV_GUEST.name:
             raise ConfigurationError(
-                f"platform sev-snp-stub cannot start: the configfs-tsm provider is "
-                f"{probe.provider.decode(errors='replace')!r}, not 'sev_guest': this is not an "
-                "SEV-SNP guest (select the platform of this TEE)"
+                f"platform sev-snp-stub cannot start: {SEV_GUEST.mismatch(probe.provider)} "
+                "(select the platform of this TEE)"
             )
         return generator, probe.privlevel_floor
 
@@ -445,7 +422,9 @@ class SevSnpStubPlatform:
             )
         with self._lock:
             if self._configfs is not None:
-                report = self._configfs.report(report_data)
+                report = self._configfs.report(
+                    report_data, attributes=privlevel_attributes(self._vmpl)
+                )
             else:
                 report = self._device.report(report_data, vmpl=self._vmpl)
         try:

@@ -1,8 +1,9 @@
 """Kernel errnos, ``exitinfo2`` and firmware status codes to dstack-core errors.
 
-The same errno means different things on the two interfaces, so each has its own table.
-Every message names the errno (and, for the device, ``fw_error``/``vmm_error``) and the
-path, so an operator can match it with the kernel's documentation. Sources: spec
+The same errno means different things on the two interfaces, so each has its own table
+(:func:`dstack_core.kernel_errors.kernel_error` builds the configfs messages). Every message
+names the errno (and, for the device, ``fw_error``/``vmm_error``) and the path, so an
+operator can match it with the kernel's documentation. Sources: spec
 ``linux-tee-interfaces.md`` sections 1.3, 4.1 and 4.4.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Final
 
 from dstack_core.errors import DstackError, PlatformBusy, PlatformError, PlatformUnsupported
+from dstack_core.kernel_errors import PERMISSION_DENIED, ErrnoTable, errno_name, explain
 
 from .abi import (
     SEV_RET_NAMES,
@@ -21,11 +23,8 @@ from .abi import (
     split_exitinfo2,
 )
 
-__all__ = ["configfs_error", "errno_name", "firmware_status_error", "ioctl_error", "status_name"]
+__all__ = ["CONFIGFS_ERRNOS", "firmware_status_error", "ioctl_error", "status_name"]
 
-_Entry = tuple[type[PlatformError], str]
-
-_PERMISSION: Final = "permission denied: the agent must run as root"
 _VMPCK: Final = (
     "the kernel has disabled the guest's VMPCK after an earlier failed request: every SNP "
     "request fails until the guest reboots"
@@ -33,7 +32,7 @@ _VMPCK: Final = (
 _NOT_REACHED: Final = 0xFF
 """The ``exitinfo2`` the kernel starts with: still 0xff means the firmware was not reached."""
 
-_CONFIGFS: Final[dict[int, _Entry]] = {
+CONFIGFS_ERRNOS: Final[ErrnoTable] = {
     errno.EBUSY: (PlatformBusy, "the report entry is busy (its generation would wrap); retry"),
     errno.EAGAIN: (PlatformBusy, "the SEV guest request service is busy; retry later"),
     errno.ETIMEDOUT: (
@@ -56,16 +55,10 @@ _CONFIGFS: Final[dict[int, _Entry]] = {
     errno.ENOMEM: (PlatformError, "the report is larger than the kernel's buffer"),
     errno.EFBIG: (PlatformError, "the report is larger than configfs-tsm can return"),
     errno.EINTR: (PlatformError, "the report request was interrupted by a signal"),
-    errno.EACCES: (PlatformError, _PERMISSION),
-    errno.EPERM: (PlatformError, _PERMISSION),
-    errno.ENOENT: (
-        PlatformError,
-        "the configfs-tsm interface is missing (is configfs mounted at /sys/kernel/config?)",
-    ),
-    errno.EEXIST: (PlatformBusy, "a report entry of that name already exists; retry"),
 }
+"""configfs-tsm report entries of ``sev_guest`` (``dstack_core.tsm.TSM_ERRNOS`` has the rest)."""
 
-_IOCTL: Final[dict[int, _Entry]] = {
+_IOCTL: Final[ErrnoTable] = {
     errno.EINVAL: (
         PlatformError,
         ("the kernel rejected the request as malformed (msg_version 0, a missing buffer, or a "
@@ -81,36 +74,17 @@ _IOCTL: Final[dict[int, _Entry]] = {
     errno.EIO: (PlatformError, "the guest request failed in the host or the firmware"),
     errno.EFAULT: (PlatformError, "the kernel could not access the request buffers"),
     errno.ENOMEM: (PlatformError, "the kernel ran out of memory"),
-    errno.EACCES: (PlatformError, _PERMISSION),
-    errno.EPERM: (PlatformError, _PERMISSION),
+    errno.EACCES: (PlatformError, PERMISSION_DENIED),
+    errno.EPERM: (PlatformError, PERMISSION_DENIED),
     errno.ENOENT: (PlatformUnsupported, "there is no /dev/sev-guest: not an SEV-SNP guest"),
     errno.ENODEV: (PlatformUnsupported, "there is no SEV guest device: not an SEV-SNP guest"),
     errno.ENXIO: (PlatformUnsupported, "the SEV guest device is not available"),
 }
 
 
-def errno_name(code: int | None) -> str:
-    """``"EBUSY"`` for ``errno.EBUSY``; ``"errno N"`` for codes without a name."""
-    if code is None:
-        return "no errno"
-    return errno.errorcode.get(code, f"errno {code}")
-
-
 def status_name(status: int) -> str:
     """``INVALID_PARAM (0x16)`` for a firmware status code."""
     return f"{SEV_RET_NAMES.get(status, 'status')} ({status:#x})"
-
-
-def configfs_error(exc: OSError, action: str, path: Path) -> DstackError:
-    """The error for a failed configfs-tsm syscall while producing an SNP report.
-
-    :param action: what was done, e.g. ``"reading"``, ``"creating"``.
-    """
-    code = exc.errno if exc.errno is not None else -1
-    cls, explanation = _CONFIGFS.get(code, (PlatformError, exc.strerror or str(exc)))
-    return cls(
-        f"SNP report failed: {explanation} ({errno_name(exc.errno)} {action} {path})"
-    )
 
 
 def ioctl_error(exc: OSError, exitinfo2: int, what: str, device: Path) -> DstackError:
@@ -120,8 +94,7 @@ def ioctl_error(exc: OSError, exitinfo2: int, what: str, device: Path) -> Dstack
         nothing): the firmware error in the low 32 bits, the VMM's in the high 32 bits.
     :param what: the request, e.g. ``"SNP_GET_REPORT"``.
     """
-    code = exc.errno if exc.errno is not None else -1
-    cls, explanation = _IOCTL.get(code, (PlatformError, exc.strerror or str(exc)))
+    cls, explanation = explain(_IOCTL, exc)
     fw_error, vmm_error = split_exitinfo2(exitinfo2)
     details = [errno_name(exc.errno)]
     if exitinfo2 == _NOT_REACHED:

@@ -3,7 +3,8 @@
 It talks to the Linux kernel of a TDX guest exactly as the mainline interfaces define them:
 
 * **quotes** through configfs-tsm (``/sys/kernel/config/tsm/report``, Linux 6.7+), one
-  private report entry per request, with the generation-counter checks (:mod:`.configfs`);
+  private report entry per request, with the generation-counter checks
+  (:mod:`dstack_core.tsm`, with the ``tdx_guest`` provider of :mod:`.configfs`);
 * **RTMR3** through the tsm-mr sysfs file ``.../tdx_guest/measurements/rtmr3:sha384``
   (Linux 6.16+), or the Intel out-of-tree ioctl when explicitly allowed (:mod:`.registers`);
 * the **boot event log** from the ACPI CCEL table (TCG2 crypto-agile, SHA-384), in
@@ -37,7 +38,6 @@ from __future__ import annotations
 import errno
 import hmac
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -59,32 +59,35 @@ from dstack_core import (
 )
 from dstack_core.ccel import CC_TYPE_TDX, parse_ccel, parse_ccel_table
 from dstack_core.eventlog import ZERO_REGISTER, TdxEvent, replay
-from dstack_core.sysio import OsSysIO, SysIO
+from dstack_core.kernel_errors import errno_name
+from dstack_core.platform_options import (
+    ALLOW_FAKE_KERNEL_ENV,
+    check_known,
+    open_sysio,
+    parse_flag,
+    parse_root,
+    parse_seconds,
+    parse_sysio,
+)
+from dstack_core.sysio import SysIO
+from dstack_core.tsm import (
+    DEFAULT_COMMIT_TIMEOUT,
+    MAX_COMMIT_TIMEOUT,
+    TsmReportClient,
+    entry_failure,
+)
 
-from .configfs import DEFAULT_COMMIT_TIMEOUT, TDX_PROVIDER, QuoteGenerator
-from .kerrors import errno_name
+from .configfs import TDX_GUEST
 from .paths import DEFAULT_APPKEYS, TdxPaths, under
 from .registers import RUNTIME_RTMR, MeasurementRegisters
 
 __all__ = ["ALLOW_FAKE_KERNEL_ENV", "TdxOptions", "TdxPlatform"]
 
-ALLOW_FAKE_KERNEL_ENV: Final = "DSTACK_ALLOW_FAKE_KERNEL"
-"""Only with this set to ``1`` does ``sysio=fake`` select the test-only fake kernel."""
-
 PRODUCTION_RUNTIME_LOG: Final = "/run/log/dstack/runtime_events.log"
+PLUGIN: Final = "tdx"
+"""The plugin's name in option errors."""
 
 log = logging.getLogger(__name__)
-
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
-
-
-def _flag(name: str, value: str) -> bool:
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise ConfigurationError(f"tdx option {name} must be 0 or 1, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -100,55 +103,27 @@ class TdxOptions:
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> TdxOptions:
         """:raises ConfigurationError: an unknown option or a bad value."""
-        known = {"root", "appkeys", "legacy_ioctl", "commit_timeout", "sysio"}
-        unknown = set(options) - known
-        if unknown:
-            raise ConfigurationError(
-                f"unknown tdx options: {sorted(unknown)}; known: {sorted(known)}"
-            )
+        check_known(PLUGIN, options, {"root", "appkeys", "legacy_ioctl", "commit_timeout", "sysio"})
         values: dict[str, object] = {}
         if "root" in options:
-            if not options["root"]:
-                raise ConfigurationError("tdx option root must not be empty")
-            values["root"] = Path(options["root"])
+            values["root"] = parse_root(PLUGIN, options["root"])
         if "appkeys" in options:
             values["appkeys"] = options["appkeys"]
         if "legacy_ioctl" in options:
-            values["legacy_ioctl"] = _flag("legacy_ioctl", options["legacy_ioctl"])
+            values["legacy_ioctl"] = parse_flag(PLUGIN, "legacy_ioctl", options["legacy_ioctl"])
         if "commit_timeout" in options:
-            try:
-                timeout = float(options["commit_timeout"])
-            except ValueError:
-                timeout = -1.0
-            if not 0 < timeout <= 300:
-                raise ConfigurationError(
-                    f"tdx option commit_timeout must be seconds in (0, 300], "
-                    f"got {options['commit_timeout']!r}"
-                )
-            values["commit_timeout"] = timeout
+            values["commit_timeout"] = parse_seconds(
+                PLUGIN, "commit_timeout", options["commit_timeout"], maximum=MAX_COMMIT_TIMEOUT
+            )
         if "sysio" in options:
-            if options["sysio"] not in ("os", "fake"):
-                raise ConfigurationError(
-                    f"tdx option sysio must be 'os' or 'fake', got {options['sysio']!r}"
-                )
-            values["sysio"] = options["sysio"]
+            values["sysio"] = parse_sysio(PLUGIN, options["sysio"])
         return cls(**values)  # type: ignore[arg-type]
 
 
 def _fake_kernel(root: Path) -> SysIO:
-    if os.environ.get(ALLOW_FAKE_KERNEL_ENV) != "1":
-        raise ConfigurationError(
-            "tdx option sysio=fake selects the fake kernel of dstack_core.testing, which is "
-            f"for tests only; refusing it (a test environment sets {ALLOW_FAKE_KERNEL_ENV}=1)"
-        )
     from dstack_core.testing.fake_tee import FakeKernelIO
 
-    try:
-        io = FakeKernelIO(root)
-    except FileNotFoundError as exc:
-        raise ConfigurationError(f"tdx option sysio=fake: {exc}") from None
-    log.warning("TEST ONLY: platform tdx runs on the FAKE kernel under %s, not on hardware", root)
-    return io
+    return FakeKernelIO(root)
 
 
 class TdxPlatform:
@@ -162,7 +137,7 @@ class TdxPlatform:
         self._given_io = sysio
         self._io: SysIO | None = None
         self._paths: TdxPaths | None = None
-        self._quotes: QuoteGenerator | None = None
+        self._quotes: TsmReportClient | None = None
         self._registers: MeasurementRegisters | None = None
         self._boot_events: tuple[TdxEvent, ...] = ()
         self._root_key: RootKey | None = None
@@ -184,7 +159,7 @@ class TdxPlatform:
     @hookimpl
     def configure(self, config: PlatformConfig) -> None:
         options = TdxOptions.parse(config.options)
-        io = self._given_io or (_fake_kernel(options.root) if options.sysio == "fake" else OsSysIO())
+        io = self._given_io or open_sysio(PLUGIN, options.sysio, options.root, _fake_kernel)
         paths = TdxPaths(options.root)
         appkeys = config.appkeys if config.appkeys is not None else under(options.root, options.appkeys)
         measurements_dir = next(
@@ -193,7 +168,9 @@ class TdxPlatform:
             None,
         )
         self._check_present(io, paths, options, measurements_dir, appkeys)
-        quotes = QuoteGenerator(io, paths.report_dir, commit_timeout=options.commit_timeout)
+        quotes = TsmReportClient(
+            io, paths.report_dir, TDX_GUEST, commit_timeout=options.commit_timeout
+        )
         self._check_provider(quotes, paths)
         registers = MeasurementRegisters(io, measurements_dir=measurements_dir, device=paths.device)
         boot_events = self._load_boot_log(io, paths)
@@ -254,9 +231,9 @@ class TdxPlatform:
             )
 
     @staticmethod
-    def _check_provider(quotes: QuoteGenerator, paths: TdxPaths) -> None:
+    def _check_provider(quotes: TsmReportClient, paths: TdxPaths) -> None:
         try:
-            provider = quotes.probe_provider()
+            provider = quotes.probe().provider
         except OSError as exc:
             if exc.errno == errno.ENXIO:
                 raise ConfigurationError(
@@ -265,14 +242,12 @@ class TdxPlatform:
                     "tdx_guest driver is not loaded, or this is not a TDX guest"
                 ) from None
             raise ConfigurationError(
-                f"platform tdx cannot start: cannot create a configfs-tsm report entry in "
-                f"{paths.report_dir}: {exc.strerror} ({errno_name(exc.errno)})"
+                f"platform tdx cannot start: {entry_failure(paths.report_dir, exc)}"
             ) from None
-        if provider != TDX_PROVIDER:
+        if provider != TDX_GUEST.name:
             raise ConfigurationError(
-                f"platform tdx cannot start: the configfs-tsm provider is "
-                f"{provider.decode(errors='replace')!r}, not 'tdx_guest': this is not a TDX "
-                "guest (select the platform of this TEE)"
+                f"platform tdx cannot start: {TDX_GUEST.mismatch(provider)} "
+                "(select the platform of this TEE)"
             )
 
     @staticmethod
@@ -316,7 +291,7 @@ class TdxPlatform:
 
     # --- evidence ---
 
-    def _ready(self) -> tuple[QuoteGenerator, MeasurementRegisters]:
+    def _ready(self) -> tuple[TsmReportClient, MeasurementRegisters]:
         if self._quotes is None or self._registers is None:
             raise PlatformError("platform tdx was not configured")
         return self._quotes, self._registers
@@ -330,7 +305,7 @@ class TdxPlatform:
     @hookimpl
     def get_quote(self, report_data: bytes) -> Quote:
         quotes, _ = self._ready()
-        return Quote(format="tdx", data=quotes.quote(report_data))
+        return Quote(format="tdx", data=quotes.report(report_data))
 
     @hookimpl
     def attest(self, report_data: bytes) -> PlatformEvidence:

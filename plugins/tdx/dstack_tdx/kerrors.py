@@ -1,9 +1,9 @@
-"""Kernel errnos to dstack-core errors, with messages that say what went wrong and where.
+"""What kernel errnos mean on the TDX guest's interfaces, as dstack-core errors.
 
 The same errno means different things on different files (``ENXIO`` is "no provider" on a
 configfs ``mkdir`` and "invalid operand" from the TDX module on an extend), so each kind of
-operation has its own table. Every message names the errno and the path, so an operator can
-match it with the kernel's documentation.
+operation has its own table; :func:`dstack_core.kernel_errors.kernel_error` builds the
+messages, which name the errno and the path.
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ import errno
 from pathlib import Path
 from typing import Final
 
-from dstack_core.errors import DstackError, PlatformBusy, PlatformError, PlatformUnsupported
+from dstack_core.errors import PlatformBusy, PlatformError, PlatformUnsupported
+from dstack_core.kernel_errors import PERMISSION_DENIED, ErrnoTable, kernel_error
 
-__all__ = ["errno_name", "extend_error", "quote_error", "register_error"]
+__all__ = ["QUOTE_ERRNOS", "extend_error", "register_error"]
 
-_Entry = tuple[type[PlatformError], str]
-
-_PERMISSION: Final = "permission denied: the agent must run as root"
-
-_QUOTE: Final[dict[int, _Entry]] = {
+QUOTE_ERRNOS: Final[ErrnoTable] = {
     errno.EBUSY: (
         PlatformBusy,
         ("the TDX quote service is busy (a previous request is still in flight); retry later"),
@@ -60,16 +57,10 @@ _QUOTE: Final[dict[int, _Entry]] = {
         ),
     ),
     errno.ENOMEM: (PlatformError, "the kernel ran out of memory generating the quote"),
-    errno.EACCES: (PlatformError, _PERMISSION),
-    errno.EPERM: (PlatformError, _PERMISSION),
-    errno.ENOENT: (
-        PlatformError,
-        ("the configfs-tsm interface is missing (is configfs mounted at /sys/kernel/config?)"),
-    ),
-    errno.EEXIST: (PlatformBusy, "a report entry of that name already exists; retry"),
 }
+"""configfs-tsm report entries of ``tdx_guest`` (``dstack_core.tsm.TSM_ERRNOS`` has the rest)."""
 
-_EXTEND: Final[dict[int, _Entry]] = {
+_EXTEND: Final[ErrnoTable] = {
     errno.EINVAL: (
         PlatformError,
         (
@@ -90,44 +81,24 @@ _EXTEND: Final[dict[int, _Entry]] = {
     errno.ENOENT: (PlatformUnsupported, "the RTMR interface is missing"),
 }
 
-_REGISTER: Final[dict[int, _Entry]] = {
+_REGISTER: Final[ErrnoTable] = {
     errno.EBUSY: (PlatformBusy, "the TDX module is busy; retry later"),
     errno.EIO: (PlatformError, "the TDX module failed to report the registers"),
     errno.ENXIO: (PlatformError, "the TDX module rejected the report request"),
-    errno.EACCES: (PlatformError, _PERMISSION),
-    errno.EPERM: (PlatformError, _PERMISSION),
+    errno.EACCES: (PlatformError, PERMISSION_DENIED),
+    errno.EPERM: (PlatformError, PERMISSION_DENIED),
     errno.ENOTTY: (PlatformUnsupported, "the kernel has no TDX_CMD_GET_REPORT0 ioctl"),
     errno.ENOENT: (PlatformUnsupported, "the measurement register interface is missing"),
 }
 
 
-def errno_name(code: int | None) -> str:
-    """``"EBUSY"`` for ``errno.EBUSY``; ``"errno N"`` for codes without a name."""
-    if code is None:
-        return "no errno"
-    return errno.errorcode.get(code, f"errno {code}")
-
-
-def _map(table: dict[int, _Entry], what: str, exc: OSError, action: str, path: Path) -> DstackError:
-    cls, explanation = table.get(
-        exc.errno if exc.errno is not None else -1, (PlatformError, exc.strerror or str(exc))
-    )
-    return cls(f"{what}: {explanation} ({errno_name(exc.errno)} {action} {path})")
-
-
-def quote_error(exc: OSError, action: str, path: Path) -> DstackError:
-    """The error for a failed configfs-tsm syscall while producing a quote.
-
-    :param action: what was done, e.g. ``"reading"``, ``"creating"``.
-    """
-    return _map(_QUOTE, "TDX quote failed", exc, action, path)
-
-
-def extend_error(exc: OSError, action: str, path: Path) -> DstackError:
+def extend_error(exc: OSError, action: str, path: Path) -> PlatformError:
     """The error for a failed RTMR extension (sysfs write or ioctl)."""
-    return _map(_EXTEND, "RTMR3 extend failed", exc, action, path)
+    return kernel_error(_EXTEND, "RTMR3 extend failed", exc, action, path)
 
 
-def register_error(exc: OSError, action: str, path: Path) -> DstackError:
+def register_error(exc: OSError, action: str, path: Path) -> PlatformError:
     """The error for a failed read of the measurement registers."""
-    return _map(_REGISTER, "reading the TDX measurement registers failed", exc, action, path)
+    return kernel_error(
+        _REGISTER, "reading the TDX measurement registers failed", exc, action, path
+    )

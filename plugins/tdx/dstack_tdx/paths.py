@@ -11,6 +11,8 @@ from typing import Final
 
 import attrs
 
+from dstack_core.tsm import REPORT_DIR
+
 __all__ = [
     "CCEL_DATA",
     "CCEL_TABLE",
@@ -22,8 +24,6 @@ __all__ = [
     "TdxPaths",
 ]
 
-REPORT_DIR: Final = PurePosixPath("sys/kernel/config/tsm/report")
-"""configfs-tsm report entries (Linux 6.7+, configfs mounted at /sys/kernel/config)."""
 MEASUREMENTS_DIR: Final = PurePosixPath("sys/devices/virtual/misc/tdx_guest/measurements")
 """tsm-mr measurement registers of the tdx_guest driver (Linux 6.16+)."""
 CLASS_MEASUREMENTS_DIR: Final = PurePosixPath("sys/class/misc/tdx_guest/measurements")
