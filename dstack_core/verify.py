@@ -1050,6 +1050,124 @@ def _short(value: bytes) -> str:
     return value.hex() if len(value) <= 8 else f"{value[:8].hex()}…"
 
 
+class _Checks:
+    """The outcome of each check of one verification, and which the verdict needs."""
+
+    def __init__(self, *mandatory: str) -> None:
+        self._outcomes: dict[str, tuple[CheckStatus, str]] = {}
+        self._mandatory = set(mandatory)
+
+    def __getitem__(self, name: str) -> tuple[CheckStatus, str]:
+        return self._outcomes[name]
+
+    def __setitem__(self, name: str, outcome: tuple[CheckStatus, str]) -> None:
+        self._outcomes[name] = outcome
+
+    def require(self, name: str) -> None:
+        """Make the verdict need ``name`` to pass."""
+        self._mandatory.add(name)
+
+    def claims(self, name: str, outcome: tuple[CheckStatus, str] | None, absent: str) -> None:
+        """A check of claims the evidence may not make: ``skipped`` with ``absent`` when
+        there are none (``outcome`` None), else ``outcome``, and then mandatory."""
+        if outcome is None:
+            self[name] = ("skipped", absent)
+        else:
+            self[name] = outcome
+            self.require(name)
+
+    def conclude(
+        self,
+        evidence: Evidence,
+        options: VerifyOptions,
+        names: Sequence[str],
+        *,
+        simulated: bool,
+        **extracted: Any,
+    ) -> VerificationResult:
+        """The result listing ``names`` in order (``pass`` only if none failed and every
+        mandatory one passed), with the values ``extracted`` from the evidence."""
+        results = tuple(
+            CheckResult(
+                name=name,
+                status=self[name][0],
+                detail=self[name][1],
+                mandatory=name in self._mandatory,
+            )
+            for name in names
+        )
+        verdict: Literal["pass", "fail"] = (
+            "pass"
+            if all(r.status != "fail" for r in results)
+            and all(r.status == "pass" for r in results if r.mandatory)
+            else "fail"
+        )
+        return VerificationResult(
+            verdict=verdict,
+            checks=results,
+            evidence_kind=evidence.kind,
+            platform=evidence.platform,
+            simulated=simulated,
+            verified_at=options.now,
+            report_data=evidence.bound_report_data,
+            **extracted,
+        )
+
+
+def _decoded(evidence: Evidence, what: str) -> tuple[CheckStatus, str]:
+    """The ``evidence`` check: which outer (and embedded) format was decoded into what."""
+    inner = f", embedded {evidence.attestation_kind}" if evidence.attestation_kind else ""
+    return "pass", f"decoded {evidence.kind}{inner}: {what}"
+
+
+def _claimed_report_data(
+    claimed: bytes, bound: bytes, whose: str
+) -> tuple[list[str], list[str]]:
+    """``(problems, done)`` of an envelope binding check, started with whether the
+    envelope's report_data is the one the hardware evidence binds (``whose``)."""
+    if hmac.compare_digest(claimed, bound):
+        return [], [f"envelope report_data equals {whose}"]
+    return [f"envelope report_data {_short(claimed)} differs from {whose} {_short(bound)}"], []
+
+
+def _outcome(problems: Sequence[str], done: Sequence[str]) -> tuple[CheckStatus, str]:
+    if problems:
+        return "fail", "; ".join(problems)
+    return "pass", "; ".join(done)
+
+
+def _report_data_and_ratls_checks(
+    checks: _Checks, evidence: Evidence, options: VerifyOptions, whose: str
+) -> None:
+    """``report_data`` (against the caller's expectation) and the RA-TLS checks, the same
+    for every TEE; ``whose`` names the hardware evidence (``quote``, ``report``)."""
+    expected = options.expected_report_data
+    actual = evidence.bound_report_data
+    if expected is None:
+        checks["report_data"] = (
+            "skipped",
+            (
+                f"no expectation given (--expect-report-data); the {whose}'s report_data is "
+                "reported"
+            ),
+        )
+    else:
+        checks.require("report_data")
+        if hmac.compare_digest(expected.value, actual):
+            checks["report_data"] = ("pass", f"equals the expected {expected.description} value")
+        else:
+            checks["report_data"] = (
+                "fail",
+                (
+                    f"{whose} report_data {_short(actual)} is not the expected "
+                    f"{expected.description} value {_short(expected.value)}"
+                ),
+            )
+    checks["ratls_binding"], checks["ratls_chain"] = _ratls_checks(evidence, options)
+    if evidence.certificate is not None:
+        checks.require("ratls_binding")
+
+
 @attrs.frozen(kw_only=True)
 class _Replay:
     rtmrs: tuple[bytes, bytes, bytes, bytes]
@@ -1074,7 +1192,7 @@ def _replay(evidence: Evidence) -> _Replay:
             registers[event.imr] = extend(registers[event.imr], event.digest)
     # The payload is what a runtime event binds: replay the digest recomputed from it.
     computed = tuple(e.computed_digest if e.is_runtime else None for e in runtime)
-    for event, recomputed in zip(runtime, computed):
+    for event, recomputed in zip(runtime, computed, strict=True):
         if event.event_type != EV_NO_ACTION:
             digest = event.digest if recomputed is None else recomputed
             registers[RUNTIME_IMR] = extend(registers[RUNTIME_IMR], digest)
@@ -1127,7 +1245,8 @@ def _runtime_events_check(evidence: Evidence, replay: _Replay) -> tuple[CheckSta
         return "skipped", "no event log given"
     problems: list[str] = []
     versions = {1: 0, 2: 0}
-    for index, (event, recomputed) in enumerate(zip(replay.runtime, replay.computed)):
+    recomputed_digests = zip(replay.runtime, replay.computed, strict=True)
+    for index, (event, recomputed) in enumerate(recomputed_digests):
         if recomputed is None:
             continue
         versions[event.version] += 1
@@ -1137,7 +1256,8 @@ def _runtime_events_check(evidence: Evidence, replay: _Replay) -> tuple[CheckSta
                 f"its name, payload and version {event.version}"
             )
     checked_preimages = 0
-    for index, (event, preimage) in enumerate(zip(evidence.event_log, evidence.preimages)):
+    carried = zip(evidence.event_log, evidence.preimages, strict=False)
+    for index, (event, preimage) in enumerate(carried):
         if preimage is None:
             continue
         if not event.is_runtime:
@@ -1182,18 +1302,11 @@ _APP_INFO_COMPARED: Final = (
 
 def _envelope_binding_check(evidence: Evidence, derived: AppInfo) -> tuple[CheckStatus, str] | None:
     """None when not applicable (a bare quote without claims)."""
-    quoted = _tdx(evidence).report_data
-    problems = []
-    done = []
     if evidence.report_data is None:
         return None
-    if hmac.compare_digest(evidence.report_data, quoted):
-        done.append("envelope report_data equals the quote's")
-    else:
-        problems.append(
-            f"envelope report_data {_short(evidence.report_data)} differs from the quote's "
-            f"{_short(quoted)}"
-        )
+    problems, done = _claimed_report_data(
+        evidence.report_data, evidence.bound_report_data, "the quote's"
+    )
     if evidence.report_data_payload is not None:
         expected = report_data_for(evidence.report_data_payload.encode(), "sha512", APP_DATA_TAG)
         if hmac.compare_digest(expected, evidence.report_data):
@@ -1221,9 +1334,7 @@ def _envelope_binding_check(evidence: Evidence, derived: AppInfo) -> tuple[Check
             f"the envelope says platform {evidence.platform!r} but the quote is marked "
             "DSTACK-SIMULATOR"
         )
-    if problems:
-        return "fail", "; ".join(problems)
-    return "pass", "; ".join(done)
+    return _outcome(problems, done)
 
 
 def _ratls_checks(
@@ -1352,27 +1463,13 @@ def verify_evidence(
         return _verify_snp(evidence, evidence.snp_report, options)
     quote = _tdx(evidence)
     report = quote.report
-    checks: dict[str, tuple[CheckStatus, str]] = {}
-    mandatory = {
-        "evidence",
-        "simulator_policy",
-        "collateral",
-        "certificate_chain",
-        "qe_identity",
-        "quote_signature",
-        "tcb_status",
-        "td_attributes",
-        "mr_signer_seam",
-        "event_log",
-    }
+    checks = _Checks(
+        "evidence", "simulator_policy", *_DCAP_CHECKS, "td_attributes", "mr_signer_seam", "event_log"
+    )
     log_size = f"{len(evidence.event_log)} events" if evidence.event_log_given else "no event log"
-    inner = f", embedded {evidence.attestation_kind}" if evidence.attestation_kind else ""
-    checks["evidence"] = (
-        "pass",
-        (
-            f"decoded {evidence.kind}{inner}: TDX quote v{quote.version} "
-            f"(TD {'1.5' if report.is_td15 else '1.0'} body), {log_size}"
-        ),
+    checks["evidence"] = _decoded(
+        evidence,
+        f"TDX quote v{quote.version} (TD {'1.5' if report.is_td15 else '1.0'} body), {log_size}",
     )
     checks["simulator_policy"] = _simulator_policy(evidence, options)
 
@@ -1430,7 +1527,7 @@ def verify_evidence(
     if report.mr_service_td is None:
         checks["mr_service_td"] = ("skipped", "a TD 1.0 report has no mr_service_td")
     else:
-        mandatory.add("mr_service_td")
+        checks.require("mr_service_td")
         own: tuple[CheckStatus, str] = (
             ("fail", f"mr_service_td is {_short(report.mr_service_td)}, must be zero")
             if any(report.mr_service_td)
@@ -1442,41 +1539,15 @@ def verify_evidence(
     checks["event_log"] = _event_log_check(evidence, replay, options)
     checks["runtime_events"] = _runtime_events_check(evidence, replay)
     if evidence.event_log_given:
-        mandatory.add("runtime_events")
+        checks.require("runtime_events")
 
     derived = derive_app_info(report, replay.boot + replay.runtime, evidence.vm_config)
-    binding = _envelope_binding_check(evidence, derived)
-    if binding is None:
-        checks["envelope_binding"] = (
-            "skipped",
-            "a bare quote: no envelope claims to compare (its report_data is the only claim)",
-        )
-    else:
-        checks["envelope_binding"] = binding
-        mandatory.add("envelope_binding")
-
-    expected = options.expected_report_data
-    if expected is None:
-        checks["report_data"] = (
-            "skipped",
-            "no expectation given (--expect-report-data); the quote's report_data is reported",
-        )
-    else:
-        mandatory.add("report_data")
-        if hmac.compare_digest(expected.value, report.report_data):
-            checks["report_data"] = ("pass", f"equals the expected {expected.description} value")
-        else:
-            checks["report_data"] = (
-                "fail",
-                (
-                    f"quote report_data {_short(report.report_data)} is not the expected "
-                    f"{expected.description} value {_short(expected.value)}"
-                ),
-            )
-
-    checks["ratls_binding"], checks["ratls_chain"] = _ratls_checks(evidence, options)
-    if evidence.certificate is not None:
-        mandatory.add("ratls_binding")
+    checks.claims(
+        "envelope_binding",
+        _envelope_binding_check(evidence, derived),
+        "a bare quote: no envelope claims to compare (its report_data is the only claim)",
+    )
+    _report_data_and_ratls_checks(checks, evidence, options, "quote")
     checks["os_image"] = (
         "skipped",
         (
@@ -1485,30 +1556,15 @@ def verify_evidence(
         ),
     )
 
-    results = tuple(
-        CheckResult(
-            name=name, status=checks[name][0], detail=checks[name][1], mandatory=name in mandatory
-        )
-        for name in CHECK_NAMES
-    )
-    verdict: Literal["pass", "fail"] = (
-        "pass"
-        if all(r.status != "fail" for r in results)
-        and all(r.status == "pass" for r in results if r.mandatory)
-        else "fail"
-    )
     ppid = outcome.ppid if outcome is not None else None
-    return VerificationResult(
-        verdict=verdict,
-        checks=results,
-        evidence_kind=evidence.kind,
-        platform=evidence.platform,
+    return checks.conclude(
+        evidence,
+        options,
+        CHECK_NAMES,
         simulated=evidence.marked_simulated or options.root_ca_der is not None,
-        verified_at=options.now,
         tcb_status=tcb_status,
         advisory_ids=advisories,
         quote_version=quote.version,
-        report_data=report.report_data,
         mrtd=report.mr_td,
         rtmrs=report.rtmrs,
         mr_config_id=report.mr_config_id,
@@ -1573,42 +1629,29 @@ def _snp_signature_check(report: SnpReport) -> tuple[CheckStatus, str]:
     return "skipped", SNP_SIGNATURE_SKIPPED
 
 
-def _snp_binding_check(evidence: Evidence, report: SnpReport) -> tuple[CheckStatus, str] | None:
+def _snp_binding_check(evidence: Evidence) -> tuple[CheckStatus, str] | None:
     if evidence.report_data is None:
         return None
-    problems = []
-    done = []
-    if hmac.compare_digest(evidence.report_data, report.report_data):
-        done.append("envelope report_data equals the report's")
-    else:
-        problems.append(
-            f"envelope report_data {_short(evidence.report_data)} differs from the report's "
-            f"{_short(report.report_data)}"
-        )
+    problems, done = _claimed_report_data(
+        evidence.report_data, evidence.bound_report_data, "the report's"
+    )
     if evidence.app_info is not None and evidence.app_info != AppInfo():
         problems.append(
             "the envelope makes app_info claims, which an SEV-SNP report cannot back (there "
             "are no runtime registers to recompute them from)"
         )
-    if problems:
-        return "fail", "; ".join(problems)
-    return "pass", "; ".join(done)
+    return _outcome(problems, done)
 
 
 def _verify_snp(
     evidence: Evidence, report: SnpReport, options: VerifyOptions
 ) -> VerificationResult:
     """The SEV-SNP checks: structure, policy and bindings; the signature is never passed."""
-    checks: dict[str, tuple[CheckStatus, str]] = {}
-    mandatory = {"evidence", "snp_policy", "snp_signature", "vcek_chain"}
-    inner = f", embedded {evidence.attestation_kind}" if evidence.attestation_kind else ""
-    checks["evidence"] = (
-        "pass",
-        (
-            f"decoded {evidence.kind}{inner}: SEV-SNP report v{report.version} "
-            f"({len(report.raw)} bytes), VMPL {report.vmpl}, measurement "
-            f"{_short(report.measurement)}, {len(evidence.event_log)} events"
-        ),
+    checks = _Checks("evidence", "snp_policy", "snp_signature", "vcek_chain")
+    checks["evidence"] = _decoded(
+        evidence,
+        f"SEV-SNP report v{report.version} ({len(report.raw)} bytes), VMPL {report.vmpl}, "
+        f"measurement {_short(report.measurement)}, {len(evidence.event_log)} events",
     )
     checks["snp_policy"] = _snp_policy_check(report)
     if evidence.event_log:
@@ -1624,57 +1667,16 @@ def _verify_snp(
             "skipped",
             "SEV-SNP has no runtime measurement registers; the evidence carries no event log",
         )
-    binding = _snp_binding_check(evidence, report)
-    if binding is None:
-        checks["envelope_binding"] = ("skipped", "no envelope claims to compare")
-    else:
-        checks["envelope_binding"] = binding
-        mandatory.add("envelope_binding")
-    expected = options.expected_report_data
-    if expected is None:
-        checks["report_data"] = (
-            "skipped",
-            "no expectation given (--expect-report-data); the report's report_data is reported",
-        )
-    else:
-        mandatory.add("report_data")
-        if hmac.compare_digest(expected.value, report.report_data):
-            checks["report_data"] = ("pass", f"equals the expected {expected.description} value")
-        else:
-            checks["report_data"] = (
-                "fail",
-                (
-                    f"report report_data {_short(report.report_data)} is not the expected "
-                    f"{expected.description} value {_short(expected.value)}"
-                ),
-            )
-    checks["ratls_binding"], checks["ratls_chain"] = _ratls_checks(evidence, options)
-    if evidence.certificate is not None:
-        mandatory.add("ratls_binding")
+    checks.claims("envelope_binding", _snp_binding_check(evidence), "no envelope claims to compare")
+    _report_data_and_ratls_checks(checks, evidence, options, "report")
     checks["snp_signature"] = _snp_signature_check(report)
     checks["vcek_chain"] = ("skipped", SNP_CHAIN_SKIPPED)
-
-    results = tuple(
-        CheckResult(
-            name=name, status=checks[name][0], detail=checks[name][1], mandatory=name in mandatory
-        )
-        for name in SNP_CHECK_NAMES
-    )
-    verdict: Literal["pass", "fail"] = (
-        "pass"
-        if all(r.status != "fail" for r in results)
-        and all(r.status == "pass" for r in results if r.mandatory)
-        else "fail"
-    )
-    return VerificationResult(
-        verdict=verdict,
-        checks=results,
-        evidence_kind=evidence.kind,
-        platform=evidence.platform,
+    return checks.conclude(
+        evidence,
+        options,
+        SNP_CHECK_NAMES,
         simulated=evidence.marked_simulated,
-        verified_at=options.now,
         quote_version=report.version,
-        report_data=report.report_data,
         evidence_format="sev-snp",
         snp_report=report,
     )
