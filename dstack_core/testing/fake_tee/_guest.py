@@ -31,9 +31,9 @@ import attrs
 
 from dstack_core.sysio import OsSysIO
 
+from ...platform_options import ALLOW_FAKE_KERNEL_ENV
 from ..agent import AgentProcess
 
-ALLOW_FAKE_KERNEL_ENV: Final = "DSTACK_ALLOW_FAKE_KERNEL"
 """A plugin must refuse ``sysio=fake`` unless this environment variable is ``1``."""
 
 FAKE_OS_IMAGE_HASH: Final = hashlib.sha256(b"dstack-core fake TDX os image").hexdigest()
