@@ -34,8 +34,6 @@ from dstack_core.sysio import OsSysIO
 from ...platform_options import ALLOW_FAKE_KERNEL_ENV
 from ..agent import AgentProcess
 
-"""A plugin must refuse ``sysio=fake`` unless this environment variable is ``1``."""
-
 FAKE_OS_IMAGE_HASH: Final = hashlib.sha256(b"dstack-core fake TDX os image").hexdigest()
 """The ``os_image_hash`` of the default sys-config's ``vm_config``."""
 
