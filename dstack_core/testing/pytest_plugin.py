@@ -46,6 +46,7 @@ import attrs
 import pluggy
 import pytest
 
+from ..inputs import app_compose_document, sys_config_document
 from ..platform import Platform
 from ..plugins import load_platform
 from ..types import PlatformConfig, PlatformInfo, TrustBundle
@@ -74,30 +75,10 @@ OPTION_OPTION: Final = "--dstack-platform-option"
 # The suite is imported by test modules that re-export it; rewrite its asserts there too.
 pytest.register_assert_rewrite("dstack_core.testing.conformance")
 
-DEFAULT_APP_COMPOSE: Final[Mapping[str, Any]] = {
-    "manifest_version": 2,
-    "name": "dstack-conformance-app",
-    "runner": "docker-compose",
-    "docker_compose_file": "services: {}\n",
-    "kms_enabled": False,
-    "gateway_enabled": False,
-    "public_logs": True,
-    "public_sysinfo": True,
-    "public_tcbinfo": True,
-}
+DEFAULT_APP_COMPOSE: Final[Mapping[str, Any]] = app_compose_document("dstack-conformance-app")
 """The app-compose the kit writes when :attr:`PlatformEnv.app_compose` is not set."""
 
-DEFAULT_SYS_CONFIG: Final[Mapping[str, Any]] = {
-    "kms_urls": [],
-    "gateway_urls": [],
-    "pccs_url": "",
-    "docker_registry": "",
-    "host_api_url": "",
-    "vm_config": json.dumps(
-        {"os_image_hash": "00" * 32, "cpu_count": 1, "memory_size": 2147483648},
-        separators=(",", ":"),
-    ),
-}
+DEFAULT_SYS_CONFIG: Final[Mapping[str, Any]] = sys_config_document(os_image_hash="00" * 32)
 """The sys-config the kit writes when :attr:`PlatformEnv.sys_config` is not set."""
 
 

@@ -52,7 +52,7 @@ the provider's report, the guest device, TDX's registers and CCEL, SNP's firmwar
 
 from __future__ import annotations
 
-from ._guest import ALLOW_FAKE_KERNEL_ENV
+from ...platform_options import ALLOW_FAKE_KERNEL_ENV
 from ._guest import FAKE_OS_IMAGE_HASH as FAKE_OS_IMAGE_HASH
 from ._guest import INBLOB_MAX as INBLOB_MAX
 from ._guest import LOCK_FILE as LOCK_FILE

@@ -31,6 +31,7 @@ import attrs
 
 from dstack_core.sysio import OsSysIO
 
+from ...inputs import app_compose_document, document_text, sys_config_document
 from ...platform_options import ALLOW_FAKE_KERNEL_ENV
 from ..agent import AgentProcess
 
@@ -219,31 +220,13 @@ def _would_wrap(entry: dict[str, Any]) -> bool:
 
 
 def _default_app_compose() -> str:
-    doc = {
-        "manifest_version": 2,
-        "name": "dstack-fake-tdx-app",
-        "runner": "docker-compose",
-        "docker_compose_file": "services: {}\n",
-        "kms_enabled": False,
-        "gateway_enabled": False,
-        "public_logs": True,
-        "public_sysinfo": True,
-        "public_tcbinfo": True,
-    }
-    return json.dumps(doc, indent=2) + "\n"
+    return document_text(app_compose_document("dstack-fake-tdx-app"))
 
 
 def _default_sys_config() -> str:
-    vm_config = {"os_image_hash": FAKE_OS_IMAGE_HASH, "cpu_count": 2, "memory_size": 4294967296}
-    doc = {
-        "kms_urls": [],
-        "gateway_urls": [],
-        "pccs_url": "",
-        "docker_registry": "",
-        "host_api_url": "",
-        "vm_config": json.dumps(vm_config, separators=(",", ":")),
-    }
-    return json.dumps(doc, indent=2) + "\n"
+    return document_text(
+        sys_config_document(os_image_hash=FAKE_OS_IMAGE_HASH, cpu_count=2, memory_size=4294967296)
+    )
 
 
 class _GuestKernelIO(OsSysIO):

@@ -44,6 +44,7 @@ from dstack_core import (
     hookimpl,
 )
 from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog, TdxEvent, extend, replay
+from dstack_core.inputs import app_compose_document, document_text, sys_config_document
 from dstack_core.mockpki import MOCK_TD_ATTRIBUTES, SIMULATOR_USER_DATA, MockIntelPki
 from dstack_core.quote import TdReport
 from dstack_core.statefile import atomic_write, read_or_create_secret
@@ -63,28 +64,8 @@ ZERO_RTMR: Final = bytes(48)
 MR_CONFIG_ID_V1: Final = b"\x01"
 SIMULATED_OS_IMAGE_HASH: Final = hashlib.sha256(b"dstack-core simulator os image").hexdigest()
 
-DEFAULT_APP_COMPOSE: Final = {
-    "manifest_version": 2,
-    "name": "dstack-simulator-app",
-    "runner": "docker-compose",
-    "docker_compose_file": "services: {}\n",
-    "kms_enabled": False,
-    "gateway_enabled": False,
-    "public_logs": True,
-    "public_sysinfo": True,
-    "public_tcbinfo": True,
-}
-DEFAULT_SYS_CONFIG: Final = {
-    "kms_urls": [],
-    "gateway_urls": [],
-    "pccs_url": "",
-    "docker_registry": "",
-    "host_api_url": "",
-    "vm_config": json.dumps(
-        {"os_image_hash": SIMULATED_OS_IMAGE_HASH, "cpu_count": 1, "memory_size": 2147483648},
-        separators=(",", ":"),
-    ),
-}
+DEFAULT_APP_COMPOSE: Final = app_compose_document("dstack-simulator-app")
+DEFAULT_SYS_CONFIG: Final = sys_config_document(os_image_hash=SIMULATED_OS_IMAGE_HASH)
 
 
 def _write_default(path: Path, state_dir: Path, doc: dict[str, Any], what: str) -> None:
@@ -92,7 +73,7 @@ def _write_default(path: Path, state_dir: Path, doc: dict[str, Any], what: str) 
         return
     if path.parent.resolve() != state_dir.resolve():
         raise ConfigurationError(f"{what} file not found: {path}")
-    atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode(), mode=0o644)
+    atomic_write(path, document_text(doc).encode(), mode=0o644)
 
 
 class SimulatorPlatform:
