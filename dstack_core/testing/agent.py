@@ -19,14 +19,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AgentProcess", "short_tempdir", "uds_request"]
+__all__ = ["AgentProcess", "TEMP_BASE_ENV", "short_tempdir", "uds_request"]
 
 START_TIMEOUT = 30.0
 
 
+TEMP_BASE_ENV = "DSTACK_TEST_TMPDIR"
+"""Where :func:`short_tempdir` creates directories (default ``/tmp``); the pytest plugin
+points it at one directory per session and removes that directory at the end."""
+
+
 def short_tempdir(prefix: str = "dsk") -> Path:
-    """A fresh directory under /tmp, short enough for a Unix socket path (108 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    """A fresh directory short enough for a Unix socket path inside it (108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get(TEMP_BASE_ENV, "/tmp")))
 
 
 def uds_request(

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -50,7 +52,7 @@ from ..inputs import app_compose_document, sys_config_document
 from ..platform import Platform
 from ..plugins import load_platform
 from ..types import PlatformConfig, PlatformInfo, TrustBundle
-from .agent import AgentProcess, short_tempdir
+from .agent import TEMP_BASE_ENV, AgentProcess, short_tempdir
 
 __all__ = [
     "DEFAULT_APP_COMPOSE",
@@ -68,6 +70,7 @@ __all__ = [
     "dstack_plugin_manager",
 ]
 
+_SESSION_TEMP: Final = pytest.StashKey[str]()
 PLATFORM_OPTION: Final = "--dstack-platform"
 PLATFORM_INI: Final = "dstack_platform"
 OPTION_OPTION: Final = "--dstack-platform-option"
@@ -206,6 +209,22 @@ def _parse_option(value: str) -> tuple[str, str]:
     if not sep or not key:
         raise pytest.UsageError(f"{OPTION_OPTION} expects KEY=VALUE, got {value!r}")
     return key, val
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the session one short temporary directory for agents' sockets and state."""
+    if TEMP_BASE_ENV not in os.environ:
+        base = tempfile.mkdtemp(prefix="dsk-", dir="/tmp")
+        os.environ[TEMP_BASE_ENV] = base
+        config.stash[_SESSION_TEMP] = base
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's temporary directory (agents are stopped by then)."""
+    base = config.stash.get(_SESSION_TEMP, None)
+    if base is not None:
+        shutil.rmtree(base, ignore_errors=True)
+        os.environ.pop(TEMP_BASE_ENV, None)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
