@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     import dcap_qvl  # type: ignore[import-untyped]
 
 __all__ = [
+    "MOCK_XFAM",
+    "mock_td_report",
     "COLLATERAL_ISSUE_DATE",
     "COLLATERAL_NEXT_UPDATE",
     "MOCK_QE_AUTH_DATA",
@@ -70,6 +73,47 @@ so tooling can flag a simulator quote without any cryptography."""
 
 MOCK_TD_ATTRIBUTES = bytes.fromhex("0000001000000000")
 """td_attributes with SEPT_VE_DISABLE (bit 28) set and DEBUG clear; dcap-qvl requires this."""
+
+MOCK_XFAM = bytes.fromhex("e702060000000000")
+"""An XFAM value as real TDs report it (x87, SSE, AVX, AVX-512 state, PKRU...)."""
+
+REGISTER_SIZE = 48
+
+
+def mock_td_report(
+    *,
+    mr_td: bytes,
+    rtmrs: Sequence[bytes],
+    report_data: bytes,
+    mr_config_id: bytes = bytes(REGISTER_SIZE),
+    mr_owner: bytes = bytes(REGISTER_SIZE),
+    mr_owner_config: bytes = bytes(REGISTER_SIZE),
+) -> TdReport:
+    """A TD 1.0 report whose TCB fields match the mock collateral: zero SVNs and SEAM
+    measurements, SEPT_VE_DISABLE set, not a debug TD. :meth:`MockIntelPki.sign_quote`
+    widens it to TD 1.5 for v5 quotes.
+
+    :param rtmrs: RTMR0..3, 48 bytes each.
+    """
+    rtmr0, rtmr1, rtmr2, rtmr3 = rtmrs
+    return TdReport(
+        tee_tcb_svn=bytes(16),
+        mr_seam=bytes(REGISTER_SIZE),
+        mr_signer_seam=bytes(REGISTER_SIZE),
+        seam_attributes=bytes(8),
+        td_attributes=MOCK_TD_ATTRIBUTES,
+        xfam=MOCK_XFAM,
+        mr_td=mr_td,
+        mr_config_id=mr_config_id,
+        mr_owner=mr_owner,
+        mr_owner_config=mr_owner_config,
+        rtmr0=rtmr0,
+        rtmr1=rtmr1,
+        rtmr2=rtmr2,
+        rtmr3=rtmr3,
+        report_data=report_data,
+    )
+
 
 MOCK_QE_MR_SIGNER = b"\x44" * 32
 MOCK_QE_ISV_PROD_ID = 1

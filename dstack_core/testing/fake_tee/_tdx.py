@@ -28,8 +28,7 @@ from dstack_core.ccel import (
     build_ccel_table,
 )
 from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog
-from dstack_core.mockpki import MOCK_TD_ATTRIBUTES, SEED_SIZE, MockIntelPki
-from dstack_core.quote import TdReport
+from dstack_core.mockpki import MOCK_XFAM, SEED_SIZE, MockIntelPki, mock_td_report
 from dstack_core.types import KeyProvider, Measurements, RootKey, TrustBundle
 
 from ._guest import (
@@ -95,7 +94,7 @@ _MEASUREMENT_FILES: Final = {
 }
 
 DEFAULT_MRTD: Final = hashlib.sha384(b"dstack-core fake TDX firmware (not hardware)").digest()
-DEFAULT_XFAM: Final = bytes.fromhex("e702060000000000")
+DEFAULT_XFAM: Final = MOCK_XFAM
 CCEL_LAML: Final = 0x10000
 CCEL_LASA: Final = 0x7F000000
 MR_CONFIG_ID_V1: Final = b"\x01"
@@ -295,22 +294,13 @@ class FakeKernelIO(_GuestKernelIO):
     @staticmethod
     def _quote(state: dict[str, Any], report_data: bytes) -> bytes:
         rtmrs = [bytes.fromhex(r) for r in state["rtmrs"]]
-        report = TdReport(
-            tee_tcb_svn=bytes(16),
-            mr_seam=bytes(48),
-            mr_signer_seam=bytes(48),
-            seam_attributes=bytes(8),
-            td_attributes=MOCK_TD_ATTRIBUTES,
-            xfam=DEFAULT_XFAM,
+        report = mock_td_report(
             mr_td=bytes.fromhex(state["mrtd"]),
+            rtmrs=rtmrs,
+            report_data=report_data,
             mr_config_id=bytes.fromhex(state["mrconfigid"]),
             mr_owner=bytes.fromhex(state["mrowner"]),
             mr_owner_config=bytes.fromhex(state["mrownerconfig"]),
-            rtmr0=rtmrs[0],
-            rtmr1=rtmrs[1],
-            rtmr2=rtmrs[2],
-            rtmr3=rtmrs[3],
-            report_data=report_data,
         )
         return _pki(state["pki_seed"]).sign_quote(
             report, user_data=FAKE_TDX_USER_DATA, version=state["quote_version"]

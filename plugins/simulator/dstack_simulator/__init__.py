@@ -45,8 +45,7 @@ from dstack_core import (
 )
 from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog, TdxEvent, extend, replay
 from dstack_core.inputs import app_compose_document, document_text, sys_config_document
-from dstack_core.mockpki import MOCK_TD_ATTRIBUTES, SIMULATOR_USER_DATA, MockIntelPki
-from dstack_core.quote import TdReport
+from dstack_core.mockpki import SIMULATOR_USER_DATA, MockIntelPki, mock_td_report
 from dstack_core.statefile import atomic_write, read_or_create_secret
 from dstack_core.types import TrustBundle
 
@@ -235,24 +234,8 @@ class SimulatorPlatform:
         assert self._pki is not None, "configure() was not called"
         with self._lock:
             rtmrs = tuple(self._rtmrs)
-        report = TdReport(
-            tee_tcb_svn=bytes(16),
-            mr_seam=bytes(48),
-            mr_signer_seam=bytes(48),
-            seam_attributes=bytes(8),
-            td_attributes=MOCK_TD_ATTRIBUTES,
-            xfam=bytes.fromhex("e702060000000000"),
-            mr_td=self._mrtd,
-            mr_config_id=self._mr_config_id,
-            mr_owner=bytes(48),
-            mr_owner_config=bytes(48),
-            rtmr0=rtmrs[0],
-            rtmr1=rtmrs[1],
-            rtmr2=rtmrs[2],
-            rtmr3=rtmrs[3],
-            report_data=report_data,
-            **({"tee_tcb_svn2": bytes(16), "mr_service_td": bytes(48)}
-               if self._quote_version == 5 else {}),
+        report = mock_td_report(
+            mr_td=self._mrtd, rtmrs=rtmrs, report_data=report_data, mr_config_id=self._mr_config_id
         )
         data = self._pki.sign_quote(report, user_data=SIMULATOR_USER_DATA, version=self._quote_version)
         return Quote(format="tdx", data=data)
