@@ -27,6 +27,7 @@ from .types import (
     PlatformInfo,
     Quote,
     RootKey,
+    TrustBundle,
 )
 
 __version__ = "0.1.0"
@@ -53,4 +54,5 @@ __all__ = [
     "PlatformInfo",
     "Quote",
     "RootKey",
+    "TrustBundle",
 ]
