@@ -146,7 +146,8 @@ class AgentService:
     ) -> None:
         self.platform = platform
         self._log = runtime_log
-        self._runtime_events = [e.to_tdx_event() for e in runtime_events]
+        # A tuple, replaced on append: snapshots (every quote) far outnumber appends.
+        self._runtime_events = tuple(e.to_tdx_event() for e in runtime_events)
         self._root_key = root_key
         self._ca = _load_ca(root_key)
         self._app_compose = app_compose
@@ -209,7 +210,7 @@ class AgentService:
         if attest:
             async with self._lock:
                 evidence = await self.platform.attest(report_data)
-                runtime = tuple(self._runtime_events)
+                runtime = self._runtime_events
             return _Snapshot(
                 quote=evidence.quote.data,
                 boot_events=tuple(evidence.boot_events),
@@ -220,7 +221,7 @@ class AgentService:
             self._boot_events = await self.platform.boot_event_log()
         async with self._lock:
             quote = await self.platform.get_quote(report_data)
-            runtime = tuple(self._runtime_events)
+            runtime = self._runtime_events
         return _Snapshot(
             quote=quote.data, boot_events=self._boot_events, runtime_events=runtime, extra={}
         )
@@ -291,7 +292,7 @@ class AgentService:
                 log.warning("extend_rtmr failed after the register moved; event %r recorded", event)
             else:
                 await asyncio.to_thread(self._log.commit, record)
-            self._runtime_events.append(record.to_tdx_event())
+            self._runtime_events = (*self._runtime_events, record.to_tdx_event())
 
     async def _settle_failed_extend(self) -> str:
         """After a failed extend, let the register decide whether the event happened.
