@@ -27,6 +27,7 @@ from ..errors import ConfigurationError
 from ..platform import Platform
 from ..plugins import load_platform
 from ..service import AgentService, ServiceFiles
+from . import systemd
 from .app import create_app
 
 __all__ = ["serve", "prepare_socket_path"]
@@ -117,15 +118,34 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
 
     :raises ConfigurationError / PluginError / StateError: start-up failed (nothing bound).
     """
-    prepare_socket_path(settings.socket)
+    activated = systemd.activated_socket()
+    if activated is None:
+        prepare_socket_path(settings.socket)
     # Loading the plugin touches no disk; a platform that fails to load leaves nothing.
     platform = Platform.from_plugin_manager(load_platform(settings.platform))
     with state_dir_lock(settings.state_dir):
-        await _serve_locked(platform, settings, ready)
+        await _serve_locked(platform, settings, ready, activated)
+
+
+async def _bind_unix(runner: web.AppRunner, settings: Settings) -> None:
+    prepare_socket_path(settings.socket)
+    # Bind under a umask that already gives the final mode: no window in which the
+    # socket is more open than configured.
+    old_umask = os.umask(0o777 & ~settings.socket_mode)
+    try:
+        await web.UnixSite(runner, os.fspath(settings.socket)).start()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot bind {settings.socket}: {exc}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(settings.socket, settings.socket_mode)
 
 
 async def _serve_locked(
-    platform: Platform, settings: Settings, ready: asyncio.Event | None
+    platform: Platform,
+    settings: Settings,
+    ready: asyncio.Event | None,
+    activated: socket.socket | None,
 ) -> None:
     service = await asyncio.to_thread(_start_service, platform, settings)
     logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
@@ -138,18 +158,14 @@ async def _serve_locked(
     bound = False
     try:
         await runner.setup()
-        prepare_socket_path(settings.socket)
-        # Bind under a umask that already gives the final mode: no window in which the
-        # socket is more open than configured.
-        old_umask = os.umask(0o777 & ~settings.socket_mode)
-        try:
-            await web.UnixSite(runner, os.fspath(settings.socket)).start()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot bind {settings.socket}: {exc}") from None
-        finally:
-            os.umask(old_umask)
-        bound = True
-        os.chmod(settings.socket, settings.socket_mode)
+        if activated is not None:
+            # systemd owns the socket file and its mode; we only serve on it.
+            await web.SockSite(runner, activated).start()
+            where = f"the systemd-activated socket {activated.getsockname()}"
+        else:
+            await _bind_unix(runner, settings)
+            bound = True
+            where = os.fspath(settings.socket)
         if settings.listen is not None:
             host, port = settings.listen
             try:
@@ -159,12 +175,14 @@ async def _serve_locked(
         log.warning(
             "dstack-agent serving platform %s on %s%s",
             service.platform.name,
-            settings.socket,
+            where,
             f" and {settings.listen[0]}:{settings.listen[1]}" if settings.listen else "",
         )
+        systemd.notify("READY=1")
         if ready is not None:
             ready.set()
         await stop.wait()
+        systemd.notify("STOPPING=1")
         log.warning("dstack-agent shutting down")
     finally:
         await runner.cleanup()
