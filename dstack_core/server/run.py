@@ -138,7 +138,11 @@ async def _bind_unix(runner: web.AppRunner, settings: Settings) -> None:
         raise ConfigurationError(f"cannot bind {settings.socket}: {exc}") from None
     finally:
         os.umask(old_umask)
-    os.chmod(settings.socket, settings.socket_mode)
+    try:
+        os.chmod(settings.socket, settings.socket_mode)
+    except OSError as exc:
+        settings.socket.unlink(missing_ok=True)
+        raise ConfigurationError(f"cannot set the mode of {settings.socket}: {exc}") from None
 
 
 async def _serve_locked(
