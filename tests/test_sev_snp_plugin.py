@@ -61,13 +61,7 @@ RD = bytes(range(64))
 
 
 def _config(machine: FakeSnpMachine, tmp_path: Path, **options: str) -> PlatformConfig:
-    return PlatformConfig(
-        state_dir=tmp_path / "state",
-        runtime_log=machine.paths.runtime_log,
-        app_compose=machine.paths.app_compose,
-        sys_config=machine.paths.sys_config,
-        options={"root": str(machine.root), "commit_timeout": "0.2", **options},
-    )
+    return machine.platform_config(tmp_path / "state", commit_timeout="0.2", **options)
 
 
 def _platform(machine: FakeSnpMachine, tmp_path: Path, io: FakeSnpKernelIO | None = None,

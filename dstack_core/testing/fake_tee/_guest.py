@@ -33,6 +33,7 @@ from dstack_core.sysio import OsSysIO
 
 from ...inputs import app_compose_document, document_text, sys_config_document
 from ...platform_options import ALLOW_FAKE_KERNEL_ENV
+from ...types import PlatformConfig
 from ..agent import AgentProcess
 
 FAKE_OS_IMAGE_HASH: Final = hashlib.sha256(b"dstack-core fake TDX os image").hexdigest()
@@ -723,6 +724,17 @@ class _GuestMachine(Generic[_IoT, _AgentT]):
     def agent_options(self, **extra: str) -> dict[str, str]:
         """``--platform-option`` values that point the platform plugin at this tree."""
         return {"root": str(self.root), "sysio": "fake", **extra}
+
+    def platform_config(self, state_dir: Path, **options: str) -> PlatformConfig:
+        """A :class:`~dstack_core.types.PlatformConfig` for configuring a plugin in-process
+        on this tree (pass :meth:`io` to the plugin yourself; ``root`` is set here)."""
+        return PlatformConfig(
+            state_dir=state_dir,
+            runtime_log=self.paths.runtime_log,
+            app_compose=self.paths.app_compose,
+            sys_config=self.paths.sys_config,
+            options={"root": str(self.root), **options},
+        )
 
     def agent_args(self, **options: str) -> list[str]:
         """``serve`` arguments (besides ``--platform``) for an agent on this tree."""
