@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Callable
 
+import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from dstack_core.mockpki import (
     MOCK_QE_MR_SIGNER,
-    MOCK_TD_ATTRIBUTES,
     SIMULATOR_USER_DATA,
     MockIntelPki,
+    mock_td_report,
 )
 from dstack_core.quote import (
     INTEL_QE_VENDOR_ID,
@@ -37,25 +38,12 @@ COLLATERAL_SHA256 = "f8b90345fcac3a65aa77f38cf7fe499a29c1ff09b6e54863c3c8e03e5c6
 
 
 def _report(**changes: bytes | None) -> TdReport:
-    fields: dict[str, bytes | None] = {
-        "tee_tcb_svn": bytes(16),
-        "mr_seam": bytes(48),
-        "mr_signer_seam": bytes(48),
-        "seam_attributes": bytes(8),
-        "td_attributes": MOCK_TD_ATTRIBUTES,
-        "xfam": bytes.fromhex("e702060000000000"),
-        "mr_td": b"\x11" * 48,
-        "mr_config_id": bytes(48),
-        "mr_owner": bytes(48),
-        "mr_owner_config": bytes(48),
-        "rtmr0": b"\x01" * 48,
-        "rtmr1": b"\x02" * 48,
-        "rtmr2": b"\x03" * 48,
-        "rtmr3": b"\x04" * 48,
-        "report_data": b"\x5a" * 64,
-    }
-    fields.update(changes)
-    return TdReport(**fields)  # type: ignore[arg-type]
+    base = mock_td_report(
+        mr_td=b"\x11" * 48,
+        rtmrs=(b"\x01" * 48, b"\x02" * 48, b"\x03" * 48, b"\x04" * 48),
+        report_data=b"\x5a" * 64,
+    )
+    return attrs.evolve(base, **changes)
 
 
 @pytest.fixture(scope="module")

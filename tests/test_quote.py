@@ -14,7 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dstack_core.errors import EvidenceError
-from dstack_core.mockpki import MOCK_TD_ATTRIBUTES, SIMULATOR_USER_DATA, MockIntelPki
+from dstack_core.mockpki import (
+    SIMULATOR_USER_DATA,
+    MockIntelPki,
+    mock_td_report,
+)
 from dstack_core.quote import (
     BODY_DESCRIPTOR,
     BODY_TYPE_TD10,
@@ -47,25 +51,12 @@ V5_SIG_LEN_OFFSET = 702
 
 
 def _report(**changes: bytes | None) -> TdReport:
-    fields: dict[str, bytes | None] = {
-        "tee_tcb_svn": bytes(16),
-        "mr_seam": bytes(48),
-        "mr_signer_seam": bytes(48),
-        "seam_attributes": bytes(8),
-        "td_attributes": MOCK_TD_ATTRIBUTES,
-        "xfam": bytes.fromhex("e702060000000000"),
-        "mr_td": b"\x11" * 48,
-        "mr_config_id": bytes(48),
-        "mr_owner": bytes(48),
-        "mr_owner_config": bytes(48),
-        "rtmr0": b"\x01" * 48,
-        "rtmr1": b"\x02" * 48,
-        "rtmr2": b"\x03" * 48,
-        "rtmr3": b"\x04" * 48,
-        "report_data": bytes(range(64)),
-    }
-    fields.update(changes)
-    return TdReport(**fields)  # type: ignore[arg-type]
+    base = mock_td_report(
+        mr_td=b"\x11" * 48,
+        rtmrs=(b"\x01" * 48, b"\x02" * 48, b"\x03" * 48, b"\x04" * 48),
+        report_data=bytes(range(64)),
+    )
+    return attrs.evolve(base, **changes)
 
 
 @pytest.fixture(scope="module")
