@@ -18,6 +18,7 @@ from .errors import (
     PlatformUnsupported,
     PluginError,
     StateError,
+    StorageError,
 )
 from .types import (
     KeyProvider,
@@ -47,6 +48,7 @@ __all__ = [
     "PlatformUnsupported",
     "PluginError",
     "StateError",
+    "StorageError",
     "KeyProvider",
     "Measurements",
     "PlatformConfig",

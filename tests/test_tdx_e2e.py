@@ -243,7 +243,7 @@ class TestLiveFaults:
             got_status, body = fault_agent.call("EmitEvent", {"event": "doomed", "payload": ""})
             assert (got_status, body["code"]) == (status, code), body
             assert fragment in body["error"]
-            assert log.read() == before and log.pending() is None
+            assert log.read() == before and log.pending() == ()
         finally:
             self._after(fault_agent)
 
@@ -315,7 +315,7 @@ def _kill_loop(proc: AgentProcess, log_path: Path, *, machine: FakeTdxMachine | 
         quote = _quote_consistent(proc)
         names = _read_log_names(log_path)
         runtime = RuntimeEventLog(log_path)
-        assert runtime.pending() is None
+        assert runtime.pending() == ()
         assert runtime.replay() == quote.report.rtmr3
         if machine is not None:
             assert machine.registers().rtmrs[3] == quote.report.rtmr3
