@@ -20,6 +20,7 @@ from .errors import (
     StateError,
     StorageError,
 )
+from .hookspecs import nonblocking
 from .types import (
     KeyProvider,
     Measurements,
@@ -39,6 +40,7 @@ hookimpl = pluggy.HookimplMarker("dstack_core")
 __all__ = [
     "__version__",
     "hookimpl",
+    "nonblocking",
     "ConfigurationError",
     "DstackError",
     "EvidenceError",

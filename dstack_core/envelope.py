@@ -14,7 +14,7 @@ trailing bytes are :class:`~dstack_core.errors.EvidenceError`.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import attrs
@@ -30,7 +30,10 @@ __all__ = [
     "SELF_DESCRIBE_TAG",
     "MAX_ENVELOPE_SIZE",
     "AppInfo",
+    "EncodedEvents",
     "Envelope",
+    "encode_envelope",
+    "encode_event",
     "sniff_envelope",
 ]
 
@@ -109,20 +112,17 @@ class Envelope:
 
     def to_cbor(self) -> bytes:
         """Canonical CBOR bytes, starting with the self-describe tag ``d9 d9 f7``."""
-        doc: dict[str, Any] = {
-            "format": ENVELOPE_FORMAT,
-            "version": self.version,
-            "platform": self.platform,
-            "evidence_format": self.evidence_format,
-            "quote": self.quote,
-            "event_log": [_event_to_map(e) for e in self.event_log],
-            "report_data": self.report_data,
-            "vm_config": self.vm_config,
-            "app_info": self.app_info.to_cbor_map(),
-        }
-        if self.extra:
-            doc["extra"] = dict(self.extra)
-        return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True)
+        return encode_envelope(
+            platform=self.platform,
+            evidence_format=self.evidence_format,
+            quote=self.quote,
+            events=EncodedEvents.of(self.event_log),
+            report_data=self.report_data,
+            vm_config=self.vm_config,
+            app_info=self.app_info,
+            extra=self.extra,
+            version=self.version,
+        )
 
     @classmethod
     def from_cbor(cls, data: bytes) -> Envelope:
@@ -176,6 +176,83 @@ class Envelope:
     def simulated(self) -> bool:
         """True when the producing platform says so by its tag (never trust it to say no)."""
         return self.platform == "simulator"
+
+
+@attrs.frozen(kw_only=True)
+class EncodedEvents:
+    """An event log already encoded for an envelope, so that an agent encodes each event
+    once in its life rather than once per envelope.
+
+    :ivar count: how many events.
+    :ivar chunks: their canonical CBOR maps (:func:`encode_event`), concatenated and split
+        anywhere into byte strings.
+    """
+
+    count: int
+    chunks: Sequence[bytes | memoryview]
+
+    @classmethod
+    def of(cls, events: Iterable[TdxEvent]) -> EncodedEvents:
+        items = [encode_event(e) for e in events]
+        return cls(count=len(items), chunks=items)
+
+
+def encode_event(event: TdxEvent) -> bytes:
+    """One event of an envelope's ``event_log``: a canonical CBOR map."""
+    return cbor2.dumps(_event_to_map(event), canonical=True)
+
+
+def encode_envelope(
+    *,
+    platform: str,
+    evidence_format: str,
+    quote: bytes,
+    events: EncodedEvents,
+    report_data: bytes,
+    vm_config: str,
+    app_info: AppInfo,
+    extra: Mapping[str, Any],
+    version: int = ENVELOPE_VERSION,
+) -> bytes:
+    """The canonical CBOR of an envelope (:meth:`Envelope.to_cbor`), with pre-encoded events.
+
+    The caller vouches for the fields (an :class:`Envelope` validates them).
+    """
+    doc: dict[str, Any] = {
+        "format": ENVELOPE_FORMAT,
+        "version": version,
+        "platform": platform,
+        "evidence_format": evidence_format,
+        "quote": quote,
+        "event_log": events,
+        "report_data": report_data,
+        "vm_config": vm_config,
+        "app_info": app_info.to_cbor_map(),
+    }
+    if extra:
+        doc["extra"] = dict(extra)
+    return cbor2.dumps(
+        cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True, default=_write_encoded_events
+    )
+
+
+def _write_encoded_events(encoder: cbor2.CBOREncoder, value: Any) -> None:
+    if not isinstance(value, EncodedEvents):
+        raise TypeError(f"cannot encode {type(value).__name__} in an envelope")
+    encoder.write(_array_head(value.count))
+    for chunk in value.chunks:
+        encoder.write(chunk)  # type: ignore[arg-type]  # any bytes-like object
+
+
+def _array_head(count: int) -> bytes:
+    """The CBOR head of an array of ``count`` items (major type 4, shortest form)."""
+    major = 4 << 5
+    if count < 24:
+        return bytes([major | count])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if count < 1 << (8 * size):
+            return bytes([major | extra]) + count.to_bytes(size, "big")
+    raise ValueError("array too long for CBOR")
 
 
 def sniff_envelope(data: bytes) -> Literal["dstack-core", "upstream-v0", "upstream-v1"] | None:

@@ -45,6 +45,9 @@ __all__ = [
     "public_key_for",
     "derive_app_key",
     "sign_with_app_key",
+    "sign_key_algorithm",
+    "derive_sign_key",
+    "sign_with_key",
     "verify_signature",
     "recover_public_key",
     "kms_message",
@@ -174,27 +177,33 @@ def derive_app_key(
     )
 
 
-def sign_with_app_key(
-    app_key: bytes, kms_signature: bytes, *, algorithm: str, data: bytes
-) -> Signature:
-    """Sign: sign ``data`` with the key GetKey(path="vms", purpose="signing") derives.
+def sign_key_algorithm(algorithm: SignAlgorithm) -> KeyAlgorithm:
+    """The algorithm of the key Sign uses for a (normalised) signature algorithm."""
+    return "ed25519" if algorithm == "ed25519" else "secp256k1"
 
-    secp256k1 hashes ``data`` with SHA-256; secp256k1_prehashed signs exactly 32 given
-    bytes; both give 64-byte ``r || s`` (low S). Ed25519 signs ``data`` as is.
 
-    :returns: the signature, public key and chain ``[signature, app sig, KMS sig]``.
-    :raises UnsupportedAlgorithm: for an unknown algorithm.
-    :raises InvalidRequest: prehashed data that is not 32 bytes long.
+def derive_sign_key(app_key: bytes, kms_signature: bytes, algorithm: KeyAlgorithm) -> DerivedKey:
+    """The key Sign uses: GetKey(path="vms", purpose="signing") for ``algorithm``.
+
+    It depends only on its arguments, so a caller may keep it for the life of the app key.
     """
-    alg = normalize_sign_algorithm(algorithm)
-    key_alg: KeyAlgorithm = "ed25519" if alg == "ed25519" else "secp256k1"
-    derived = derive_app_key(
-        app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE, algorithm=key_alg
+    return derive_app_key(
+        app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE, algorithm=algorithm
     )
-    if alg == "ed25519":
+
+
+def sign_with_key(derived: DerivedKey, *, algorithm: SignAlgorithm, data: bytes) -> Signature:
+    """Sign ``data`` with a key of :func:`derive_sign_key` (see :func:`sign_with_app_key`).
+
+    :raises InvalidRequest: prehashed data that is not 32 bytes long, or a key of the
+        wrong algorithm.
+    """
+    if derived.algorithm != sign_key_algorithm(algorithm):
+        raise InvalidRequest(f"a {derived.algorithm} key cannot make {algorithm} signatures")
+    if algorithm == "ed25519":
         signature = nacl.signing.SigningKey(derived.secret).sign(data).signature
     else:
-        if alg == "secp256k1_prehashed":
+        if algorithm == "secp256k1_prehashed":
             if len(data) != PREHASH_LENGTH:
                 raise InvalidRequest(
                     "Pre-hashed signing requires a 32-byte digest, "
@@ -210,6 +219,23 @@ def sign_with_app_key(
         public_key=derived.public_key,
         signature_chain=(signature, *derived.signature_chain),
     )
+
+
+def sign_with_app_key(
+    app_key: bytes, kms_signature: bytes, *, algorithm: str, data: bytes
+) -> Signature:
+    """Sign: sign ``data`` with the key GetKey(path="vms", purpose="signing") derives.
+
+    secp256k1 hashes ``data`` with SHA-256; secp256k1_prehashed signs exactly 32 given
+    bytes; both give 64-byte ``r || s`` (low S). Ed25519 signs ``data`` as is.
+
+    :returns: the signature, public key and chain ``[signature, app sig, KMS sig]``.
+    :raises UnsupportedAlgorithm: for an unknown algorithm.
+    :raises InvalidRequest: prehashed data that is not 32 bytes long.
+    """
+    alg = normalize_sign_algorithm(algorithm)
+    derived = derive_sign_key(app_key, kms_signature, sign_key_algorithm(alg))
+    return sign_with_key(derived, algorithm=alg, data=data)
 
 
 def _prehash_field(data: bytes) -> bytes | None:

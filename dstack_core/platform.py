@@ -1,7 +1,8 @@
 """The platform façade: the only code that calls ``pm.hook``.
 
 It gives the rest of the core a typed, async API over the synchronous hooks, runs each
-hook in a worker thread, checks what comes back, and turns foreign exceptions into
+hook in a worker thread (or inline on the event loop, for implementations marked
+:func:`~dstack_core.hookspecs.nonblocking`), checks what comes back, and turns foreign exceptions into
 :class:`~dstack_core.errors.PlatformError` so a plugin bug becomes a clean 500 with its
 traceback in the log rather than an unexplained crash.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +20,7 @@ import pluggy
 
 from .errors import DstackError, InvalidRequest, PlatformError
 from .eventlog import TdxEvent
+from .hookspecs import NONBLOCKING_ATTR
 from .types import (
     REPORT_DATA_LENGTH,
     RTMR_LENGTH,
@@ -48,6 +51,11 @@ class Platform:
     def __init__(self, pm: pluggy.PluginManager, info: PlatformInfo) -> None:
         self._pm = pm
         self.info = info
+        self._inline = frozenset(
+            name
+            for name in pm.hook.__dict__
+            if _all_nonblocking(pm.hook.__dict__[name].get_hookimpls())
+        )
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Platform:
@@ -80,6 +88,9 @@ class Platform:
             "read_measurements", _call_sync(self._pm, "read_measurements"), Measurements
         )
 
+    def boot_event_log_sync(self) -> tuple[TdxEvent, ...]:
+        return self._check_events(_call_sync(self._pm, "boot_event_log"))
+
     def trust_bundle_sync(self, state_dir: Path) -> TrustBundle | None:
         """The simulated platform's trust anchors, or None when it publishes none."""
         if not self._pm.hook.trust_bundle.get_hookimpls():
@@ -104,12 +115,14 @@ class Platform:
         )
 
     async def boot_event_log(self) -> tuple[TdxEvent, ...]:
-        events = await self._call("boot_event_log")
+        return self._check_events(await self._call("boot_event_log"))
+
+    def _check_events(self, events: Any) -> tuple[TdxEvent, ...]:
         if not isinstance(events, tuple | list) or not all(
             isinstance(e, TdxEvent) for e in events
         ):
             raise self._bad_result("boot_event_log", events, "a tuple of TdxEvent")
-        return tuple(events)
+        return events if isinstance(events, tuple) else tuple(events)
 
     async def read_measurements(self) -> Measurements:
         return self._check(
@@ -122,9 +135,31 @@ class Platform:
             raise InvalidRequest(f"an RTMR digest is {RTMR_LENGTH} bytes, got {len(digest)}")
         await self._call("extend_rtmr", index=RUNTIME_RTMR, digest=digest)
 
+    async def extend_rtmr_many(self, digests: Sequence[bytes]) -> None:
+        """Extend RTMR3 by each digest in order, with one hook call when the platform has
+        ``extend_rtmr_many`` and one worker-thread hand-off either way.
+
+        If it raises, a prefix of ``digests`` may have been applied; read the register.
+        """
+        for digest in digests:
+            if len(digest) != RTMR_LENGTH:
+                raise InvalidRequest(f"an RTMR digest is {RTMR_LENGTH} bytes, got {len(digest)}")
+        if not digests:
+            return
+        if self._pm.hook.extend_rtmr_many.get_hookimpls():
+            await self._call("extend_rtmr_many", index=RUNTIME_RTMR, digests=tuple(digests))
+        else:
+            await asyncio.to_thread(self._extend_each, tuple(digests))
+
+    def _extend_each(self, digests: tuple[bytes, ...]) -> None:
+        for digest in digests:
+            _call_sync(self._pm, "extend_rtmr", index=RUNTIME_RTMR, digest=digest)
+
     # --- plumbing ---
 
     async def _call(self, hook: str, **kwargs: Any) -> Any:
+        if hook in self._inline:
+            return _call_sync(self._pm, hook, **kwargs)
         return await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
 
     @classmethod
@@ -140,6 +175,10 @@ class Platform:
             f"platform hook {hook} returned {type(value).__name__}, expected {expected}",
             code="platform_contract_violation",
         )
+
+
+def _all_nonblocking(impls: Sequence[pluggy.HookImpl]) -> bool:
+    return bool(impls) and all(getattr(i.function, NONBLOCKING_ATTR, False) for i in impls)
 
 
 def _check_report_data(report_data: bytes) -> None:

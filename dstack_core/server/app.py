@@ -19,7 +19,7 @@ import attrs
 from aiohttp import web
 
 from ..errors import NotFound
-from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
+from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, parse_json_body, parse_query
 from .errors import error_middleware, json_response
 
@@ -82,9 +82,13 @@ async def _attest(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
-    info = await svc.info()
+    return _info_response(await svc.info())
+
+
+def _info_response(info: InfoResult) -> dict[str, Any]:
     return {
-        k: v.hex() if isinstance(v, bytes) else v for k, v in attrs.asdict(info).items()
+        k: v.hex() if isinstance(v, bytes) else v
+        for k, v in attrs.asdict(info, recurse=False).items()
     }
 
 

@@ -13,7 +13,6 @@ Rules (agent-api.md section 2.3, our deliberate differences in docs/api.md):
 from __future__ import annotations
 
 import binascii
-import json
 import re
 from collections.abc import Mapping
 from typing import Any, Final, Literal
@@ -23,6 +22,7 @@ from multidict import MultiMapping
 
 from .. import strictjson
 from ..errors import InvalidRequest
+from ..jsonout import encode_json
 
 __all__ = ["Field", "Schema", "parse_json_body", "parse_query", "decode_args", "to_json_bytes"]
 
@@ -176,4 +176,4 @@ def decode_args(schema: Schema, doc: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_json_bytes(obj: Any) -> bytes:
     """Compact, ASCII-only JSON (non-ASCII escaped) as the JS SDK needs it."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return encode_json(obj)

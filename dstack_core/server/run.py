@@ -161,6 +161,7 @@ async def _serve_locked(
     runner = web.AppRunner(create_app(service, max_body=settings.max_body_size), access_log=None)
     bound = False
     try:
+        await service.open()
         await runner.setup()
         if activated is not None:
             # systemd owns the socket file and its mode; we only serve on it.
@@ -190,6 +191,7 @@ async def _serve_locked(
         log.warning("dstack-agent shutting down")
     finally:
         await runner.cleanup()
+        await service.close()
         if bound:
             with contextlib.suppress(FileNotFoundError):
                 settings.socket.unlink()
