@@ -8,6 +8,7 @@ sending them costs rather than encoding them again.
 
 from __future__ import annotations
 
+import binascii
 import json
 from collections.abc import Iterable, Mapping
 from json.encoder import encode_basestring_ascii
@@ -34,6 +35,11 @@ class EncodedJson:
         """The JSON string whose escaped content (:func:`escaped`) is ``pieces`` joined."""
         return cls(b"".join((b'"', *pieces, b'"')))
 
+    @classmethod
+    def hex(cls, data: bytes) -> EncodedJson:
+        """The JSON string of ``data`` in lower-case hex (which needs no escaping)."""
+        return cls(b'"' + binascii.hexlify(data) + b'"')
+
     def decode(self) -> Any:
         """The value as Python objects."""
         return json.loads(self.data)
@@ -49,8 +55,10 @@ def escaped(text: str) -> bytes:
 
 
 def encode_json(obj: Any) -> bytes:
-    """Compact ASCII JSON of ``obj``; :class:`EncodedJson` values of a top-level object are
-    inserted as they are."""
+    """Compact ASCII JSON of ``obj``; an :class:`EncodedJson`, or one as a value of a
+    top-level object, is inserted as it is."""
+    if isinstance(obj, EncodedJson):
+        return obj.data
     if isinstance(obj, Mapping) and any(isinstance(v, EncodedJson) for v in obj.values()):
         parts = []
         for key, value in obj.items():

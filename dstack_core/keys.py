@@ -46,8 +46,7 @@ __all__ = [
     "derive_app_key",
     "sign_with_app_key",
     "sign_key_algorithm",
-    "derive_sign_key",
-    "sign_with_key",
+    "SignKey",
     "verify_signature",
     "recover_public_key",
     "kms_message",
@@ -182,43 +181,55 @@ def sign_key_algorithm(algorithm: SignAlgorithm) -> KeyAlgorithm:
     return "ed25519" if algorithm == "ed25519" else "secp256k1"
 
 
-def derive_sign_key(app_key: bytes, kms_signature: bytes, algorithm: KeyAlgorithm) -> DerivedKey:
-    """The key Sign uses: GetKey(path="vms", purpose="signing") for ``algorithm``.
-
-    It depends only on its arguments, so a caller may keep it for the life of the app key.
+@attrs.frozen(kw_only=True)
+class SignKey:
+    """The key Sign uses for one key algorithm, ready to sign: GetKey(path="vms",
+    purpose="signing") derived once. It depends only on the app key and the algorithm, so a
+    caller may keep it for the life of the app key.
     """
-    return derive_app_key(
-        app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE, algorithm=algorithm
-    )
 
+    derived: DerivedKey = attrs.field(repr=False)
+    _ed25519: nacl.signing.SigningKey | None = attrs.field(repr=False, alias="ed25519")
+    _secp256k1: coincurve.PrivateKey | None = attrs.field(repr=False, alias="secp256k1")
 
-def sign_with_key(derived: DerivedKey, *, algorithm: SignAlgorithm, data: bytes) -> Signature:
-    """Sign ``data`` with a key of :func:`derive_sign_key` (see :func:`sign_with_app_key`).
+    @classmethod
+    def derive(cls, app_key: bytes, kms_signature: bytes, algorithm: KeyAlgorithm) -> SignKey:
+        derived = derive_app_key(
+            app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE,
+            algorithm=algorithm,
+        )
+        ed = nacl.signing.SigningKey(derived.secret) if algorithm == "ed25519" else None
+        k256 = coincurve.PrivateKey(derived.secret) if algorithm == "secp256k1" else None
+        return cls(derived=derived, ed25519=ed, secp256k1=k256)
 
-    :raises InvalidRequest: prehashed data that is not 32 bytes long, or a key of the
-        wrong algorithm.
-    """
-    if derived.algorithm != sign_key_algorithm(algorithm):
-        raise InvalidRequest(f"a {derived.algorithm} key cannot make {algorithm} signatures")
-    if algorithm == "ed25519":
-        signature = nacl.signing.SigningKey(derived.secret).sign(data).signature
-    else:
-        if algorithm == "secp256k1_prehashed":
-            if len(data) != PREHASH_LENGTH:
-                raise InvalidRequest(
-                    "Pre-hashed signing requires a 32-byte digest, "
-                    f"but received {len(data)} bytes",
-                    code="invalid_digest_length",
-                )
-            digest = data
+    def sign(self, algorithm: SignAlgorithm, data: bytes) -> Signature:
+        """Sign ``data`` (see :func:`sign_with_app_key`).
+
+        :raises InvalidRequest: prehashed data that is not 32 bytes long, or an algorithm
+            this key is not for.
+        """
+        if self._ed25519 is not None and algorithm == "ed25519":
+            signature = self._ed25519.sign(data).signature
+        elif self._secp256k1 is not None and algorithm != "ed25519":
+            if algorithm == "secp256k1_prehashed":
+                if len(data) != PREHASH_LENGTH:
+                    raise InvalidRequest(
+                        "Pre-hashed signing requires a 32-byte digest, "
+                        f"but received {len(data)} bytes",
+                        code="invalid_digest_length",
+                    )
+                digest = data
+            else:
+                digest = hashlib.sha256(data).digest()
+            signature = self._secp256k1.sign_recoverable(digest, hasher=None)
+            signature = signature[:COMPACT_SIGNATURE_LENGTH]
         else:
-            digest = hashlib.sha256(data).digest()
-        signature = _sign_recoverable(derived.secret, digest)[:COMPACT_SIGNATURE_LENGTH]
-    return Signature(
-        signature=signature,
-        public_key=derived.public_key,
-        signature_chain=(signature, *derived.signature_chain),
-    )
+            raise InvalidRequest(f"a {self.derived.algorithm} key cannot make {algorithm} signatures")
+        return Signature(
+            signature=signature,
+            public_key=self.derived.public_key,
+            signature_chain=(signature, *self.derived.signature_chain),
+        )
 
 
 def sign_with_app_key(
@@ -234,8 +245,7 @@ def sign_with_app_key(
     :raises InvalidRequest: prehashed data that is not 32 bytes long.
     """
     alg = normalize_sign_algorithm(algorithm)
-    derived = derive_sign_key(app_key, kms_signature, sign_key_algorithm(alg))
-    return sign_with_key(derived, algorithm=alg, data=data)
+    return SignKey.derive(app_key, kms_signature, sign_key_algorithm(alg)).sign(alg, data)
 
 
 def _prehash_field(data: bytes) -> bytes | None:

@@ -11,8 +11,9 @@ Determinism is the contract that makes trust bundles work: :meth:`MockIntelPki.f
 the same 32-byte seed yields byte-identical root certificate, certificate chain, CRLs and
 collateral JSON in any process. Keys are derived from the seed with HKDF-SHA256 under distinct
 labels; certificates, CRLs and collateral are signed with deterministic ECDSA (RFC 6979) over
-fixed validity dates. Only the per-quote parts (attestation key, quote and QE report
-signatures) are random.
+fixed validity dates. Only the quoting enclave's parts are random: like a real QE, a PKI
+instance generates its attestation key (and signs its QE report) once, when it is made,
+and then signs every quote with it.
 
 The PKI's layout (names, extensions, collateral fields) is what dcap-qvl 0.7 checks; see
 ``formats.md`` sections 6 and 9 in the project notes.
@@ -364,9 +365,10 @@ def _qe_identity() -> dict[str, Any]:
 class MockIntelPki:
     """A seeded mock of Intel's DCAP PKI: root CA, PCK chain, collateral, and a quote signer.
 
-    Build it with :meth:`from_seed`; everything except :meth:`sign_quote`'s output is a pure
-    function of the seed. Certificates and collateral are computed once and cached, so signing
-    a quote costs one key generation and two ECDSA signatures.
+    Build it with :meth:`from_seed`; everything except the attestation key (one per instance,
+    as a QE has one) and :meth:`sign_quote`'s signatures is a pure function of the seed.
+    Certificates, collateral and the QE report are computed once, so signing a quote costs
+    one ECDSA signature.
     """
 
     root_ca_der: bytes = attrs.field(repr=False)
@@ -377,6 +379,27 @@ class MockIntelPki:
     """PCK leaf, platform CA and root, PEM, leaf first (as carried in quotes, minus the NUL)."""
     _pck_key: ec.EllipticCurvePrivateKey = attrs.field(repr=False, alias="pck_key")
     _collateral_json: str = attrs.field(repr=False, alias="collateral_json")
+    _attestation_key: ec.EllipticCurvePrivateKey = attrs.field(
+        repr=False, init=False, factory=lambda: ec.generate_private_key(_CURVE)
+    )
+    _qe: tuple[bytes, bytes, bytes] = attrs.field(repr=False, init=False)
+    """attestation public key (raw), QE report body, its PCK signature (raw)."""
+
+    @_qe.default
+    def _sign_qe_report(self) -> tuple[bytes, bytes, bytes]:
+        attestation_public = _raw_public_key(self._attestation_key)
+        qe_report = QeReport(
+            cpu_svn=bytes(16),
+            misc_select=0,
+            attributes=bytes(16),
+            mr_enclave=bytes(32),
+            mr_signer=MOCK_QE_MR_SIGNER,
+            isv_prod_id=MOCK_QE_ISV_PROD_ID,
+            isv_svn=MOCK_QE_ISV_SVN,
+            report_data=hashlib.sha256(attestation_public + MOCK_QE_AUTH_DATA).digest() + bytes(32),
+        ).to_bytes()
+        signature = _raw_signature(self._pck_key.sign(qe_report, _RANDOM_ECDSA))
+        return attestation_public, qe_report, signature
 
     @classmethod
     def from_seed(cls, seed: bytes) -> MockIntelPki:
@@ -473,8 +496,8 @@ class MockIntelPki:
 
         The caller owns every TD report field; for dcap-qvl to answer ``UpToDate`` the report
         needs td_attributes :data:`MOCK_TD_ATTRIBUTES` (debug clear, SEPT_VE_DISABLE set) and
-        zero tee_tcb_svn, mr_signer_seam (and mr_service_td). A fresh attestation key signs
-        each quote.
+        zero tee_tcb_svn, mr_signer_seam (and mr_service_td). The instance's attestation key
+        signs it.
 
         :param report: a TD 1.0 report for version 4; for version 5 a TD 1.0 report is
             extended to TD 1.5 with zero tee_tcb_svn2 and mr_service_td (body type 3).
@@ -498,23 +521,12 @@ class MockIntelPki:
             user_data=user_data,
         )
         signed_region = encode_signed_region(header, report)
-        attestation_key = ec.generate_private_key(_CURVE)
-        attestation_public = _raw_public_key(attestation_key)
-        qe_report = QeReport(
-            cpu_svn=bytes(16),
-            misc_select=0,
-            attributes=bytes(16),
-            mr_enclave=bytes(32),
-            mr_signer=MOCK_QE_MR_SIGNER,
-            isv_prod_id=MOCK_QE_ISV_PROD_ID,
-            isv_svn=MOCK_QE_ISV_SVN,
-            report_data=hashlib.sha256(attestation_public + MOCK_QE_AUTH_DATA).digest() + bytes(32),
-        ).to_bytes()
+        attestation_public, qe_report, qe_report_signature = self._qe
         signature_data = QuoteSignatureData(
-            signature=_raw_signature(attestation_key.sign(signed_region, _RANDOM_ECDSA)),
+            signature=_raw_signature(self._attestation_key.sign(signed_region, _RANDOM_ECDSA)),
             attestation_key=attestation_public,
             qe_report_body=qe_report,
-            qe_report_signature=_raw_signature(self._pck_key.sign(qe_report, _RANDOM_ECDSA)),
+            qe_report_signature=qe_report_signature,
             qe_auth_data=MOCK_QE_AUTH_DATA,
             pck_cert_chain_data=self.pck_chain_pem + b"\0",
         )

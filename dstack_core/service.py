@@ -179,7 +179,7 @@ class AgentService:
         self._measured: _Measured | None = None
         self._app_info: tuple[tuple[bytes, int], AppInfo] | None = None
         self._info: tuple[tuple[bytes, int], InfoResult] | None = None
-        self._sign_keys: dict[keys.KeyAlgorithm, keys.DerivedKey] = {}
+        self._sign_keys: dict[keys.KeyAlgorithm, keys.SignKey] = {}
 
     @classmethod
     def start(
@@ -259,13 +259,13 @@ class AgentService:
     def sign(self, *, algorithm: str, data: bytes) -> keys.Signature:
         alg = keys.normalize_sign_algorithm(algorithm)
         key_alg = keys.sign_key_algorithm(alg)
-        derived = self._sign_keys.get(key_alg)
-        if derived is None:
+        key = self._sign_keys.get(key_alg)
+        if key is None:
             # Sign's key depends only on the root key (fixed for our life) and the algorithm.
-            derived = self._sign_keys[key_alg] = keys.derive_sign_key(
+            key = self._sign_keys[key_alg] = keys.SignKey.derive(
                 self._root_key.k256_key, self._root_key.k256_signature, key_alg
             )
-        return keys.sign_with_key(derived, algorithm=alg, data=data)
+        return key.sign(alg, data)
 
     def verify(self, *, algorithm: str, data: bytes, signature: bytes, public_key: bytes) -> bool:
         return keys.verify_signature(algorithm, data, signature, public_key)

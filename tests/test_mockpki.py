@@ -177,12 +177,17 @@ class TestSignQuote:
             ec.ECDSA(hashes.SHA256()),  # type: ignore[arg-type]
         )
 
-    def test_fresh_attestation_key_per_quote(self, pki: MockIntelPki) -> None:
-        """Two quotes over the same report use different attestation keys."""
+    def test_one_attestation_key_per_instance(self, pki: MockIntelPki) -> None:
+        """Like a QE, an instance signs every quote with its one attestation key; another
+        instance from the same seed has its own."""
         first, second = (
             TdxQuote.from_bytes(pki.sign_quote(_report(), user_data=bytes(20))) for _ in range(2)
         )
-        assert first.signature_data.attestation_key != second.signature_data.attestation_key
+        assert first.signature_data.attestation_key == second.signature_data.attestation_key
+        assert first.signature_data.signature != second.signature_data.signature
+        other = MockIntelPki.from_seed(SEED)
+        third = TdxQuote.from_bytes(other.sign_quote(_report(), user_data=bytes(20)))
+        assert third.signature_data.attestation_key != first.signature_data.attestation_key
 
     def test_v5_keeps_caller_td15_fields(self, pki: MockIntelPki) -> None:
         """A TD 1.5 report given for v5 is signed as is."""

@@ -19,6 +19,7 @@ import attrs
 from aiohttp import web
 
 from ..errors import NotFound
+from ..jsonout import EncodedJson, encode_json
 from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, parse_json_body, parse_query
 from .errors import error_middleware, json_response
@@ -31,7 +32,7 @@ DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 SERVICE_KEY: Final = web.AppKey("service", AgentService)
 TAPPD_PREFIX: Final = "Tappd."
 
-Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any] | EncodedJson]]
 
 
 @attrs.frozen
@@ -57,7 +58,7 @@ def _tls_response(result: TlsKeyResult) -> dict[str, Any]:
 
 def _quote_response(result: QuoteResult) -> dict[str, Any]:
     return {
-        "quote": result.quote.hex(),
+        "quote": EncodedJson.hex(result.quote),
         "event_log": result.event_log,
         "report_data": result.report_data.hex(),
         "vm_config": result.vm_config,
@@ -78,11 +79,19 @@ async def _get_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _attest(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
-    return {"attestation": (await svc.attest(a["report_data"])).hex()}
+    return {"attestation": EncodedJson.hex(await svc.attest(a["report_data"]))}
 
 
-async def _info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
-    return _info_response(await svc.info())
+_last_info: tuple[InfoResult | None, EncodedJson] = (None, EncodedJson(b""))
+
+
+async def _info(svc: AgentService, a: dict[str, Any]) -> EncodedJson:
+    global _last_info
+    info = await svc.info()
+    # The service hands out the same result until Info changes: encode it once.
+    if _last_info[0] is not info:
+        _last_info = (info, EncodedJson(encode_json(_info_response(info))))
+    return _last_info[1]
 
 
 def _info_response(info: InfoResult) -> dict[str, Any]:
@@ -136,7 +145,7 @@ async def _derive_k256_key(svc: AgentService, a: dict[str, Any]) -> dict[str, An
 async def _tdx_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
     result, algorithm, prefix = await svc.tdx_quote(**a)
     return {
-        "quote": result.quote.hex(),
+        "quote": EncodedJson.hex(result.quote),
         "event_log": result.event_log,
         "hash_algorithm": algorithm,
         "prefix": prefix,
@@ -190,13 +199,28 @@ TAPPD_METHODS: Final[dict[str, Method]] = {
 }
 
 
-async def _call(request: web.Request, method: Method) -> web.Response:
-    if request.method == "POST":
-        doc = parse_json_body(await request.read()) if method.schema else {}
-    else:
-        doc = parse_query(request.query, method.schema)
-    args = decode_args(method.schema, doc)
-    return json_response(await method.handler(request.app[SERVICE_KEY], args))
+def _endpoint(method: Method) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The aiohttp handler of one method: decode, call the service, encode."""
+    schema, handler = method.schema, method.handler
+
+    async def endpoint(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            doc = parse_json_body(await request.read()) if schema else {}
+        else:
+            doc = parse_query(request.query, schema)
+        result = await handler(request.app[SERVICE_KEY], decode_args(schema, doc))
+        return json_response(result)
+
+    return endpoint
+
+
+def _lookup(name: str) -> Method | None:
+    """The method a ``/prpc/<name>`` path names (``Tappd.`` prefixes stripped)."""
+    if name.startswith(TAPPD_PREFIX):
+        while name.startswith(TAPPD_PREFIX):
+            name = name[len(TAPPD_PREFIX):]
+        return TAPPD_METHODS.get(name)
+    return DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
 
 
 async def _dstack(request: web.Request) -> web.Response:
@@ -204,27 +228,38 @@ async def _dstack(request: web.Request) -> web.Response:
     method = DSTACK_METHODS.get(name)
     if method is None:
         raise NotFound(f"Service not found: {name}")
-    return await _call(request, method)
+    return await _endpoint(method)(request)
 
 
 async def _prpc(request: web.Request) -> web.Response:
-    name = request.match_info["method"]
-    if name.startswith(TAPPD_PREFIX):
-        while name.startswith(TAPPD_PREFIX):
-            name = name[len(TAPPD_PREFIX):]
-        method = TAPPD_METHODS.get(name)
-    else:
-        method = DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
+    method = _lookup(request.match_info["method"])
     if method is None:
         raise NotFound(f"Service not found: {request.match_info['method']}")
-    return await _call(request, method)
+    return await _endpoint(method)(request)
+
+
+def _exact_paths() -> dict[str, Method]:
+    """Every path that names a method without repeated prefixes, for exact-match routes."""
+    paths = {f"/{name}": method for name, method in DSTACK_METHODS.items()}
+    for name in {*DSTACK_METHODS, *TAPPD_METHODS}:
+        for path in (f"/prpc/{name}", f"/prpc/{TAPPD_PREFIX}{name}"):
+            method = _lookup(path[len("/prpc/"):])
+            if method is not None:
+                paths[path] = method
+    return paths
 
 
 def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
     """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
     app[SERVICE_KEY] = service
-    # add_get also answers HEAD, as upstream's Rocket routes do.
+    # Exact paths resolve with one dict lookup; the patterns catch the rest (unknown names
+    # get 404, repeated Tappd. prefixes are stripped). add_get also answers HEAD, as
+    # upstream's Rocket routes do.
+    for path, method in _exact_paths().items():
+        endpoint = _endpoint(method)
+        app.router.add_get(path, endpoint)
+        app.router.add_post(path, endpoint)
     for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
         app.router.add_get(path, handler)
         app.router.add_post(path, handler)
