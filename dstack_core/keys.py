@@ -25,8 +25,6 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 from Crypto.Hash import keccak
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import InvalidRequest, UnsupportedAlgorithm
 
@@ -36,6 +34,7 @@ __all__ = [
     "SIGN_KEY_PURPOSE",
     "KeyAlgorithm",
     "SignAlgorithm",
+    "AppKey",
     "DerivedKey",
     "Signature",
     "derive_key",
@@ -53,6 +52,7 @@ __all__ = [
 ]
 
 KDF_SALT: Final = b"RATLS"
+HKDF_BLOCK: Final = 32
 SECRET_LENGTH: Final = 32
 RECOVERABLE_SIGNATURE_LENGTH: Final = 65
 COMPACT_SIGNATURE_LENGTH: Final = 64
@@ -107,9 +107,26 @@ class Signature:
 
 def derive_key(ikm: bytes, context: Sequence[bytes], length: int = SECRET_LENGTH) -> bytes:
     """HKDF-SHA256 with salt ``RATLS``; ``info`` is the concatenation of ``context``."""
-    return HKDF(
-        algorithm=hashes.SHA256(), length=length, salt=KDF_SALT, info=b"".join(context)
-    ).derive(ikm)
+    return _hkdf_expand(_hkdf_extract(ikm), b"".join(context), length)
+
+
+def _hkdf_extract(ikm: bytes) -> bytes:
+    # RFC 5869 2.2, with one-shot HMACs: building cryptography's HKDF object costs more
+    # than the hashing itself.
+    return hmac.digest(KDF_SALT, ikm, "sha256")
+
+
+def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    # RFC 5869 2.3.
+    if not 0 < length <= 255 * HKDF_BLOCK:
+        raise ValueError(f"HKDF-SHA256 output must be 1..{255 * HKDF_BLOCK} bytes")
+    output = block = b""
+    counter = 1
+    while len(output) < length:
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        output += block
+        counter += 1
+    return output[:length]
 
 
 def keccak256(data: bytes) -> bytes:
@@ -146,9 +163,43 @@ def public_key_for(algorithm: KeyAlgorithm, secret: bytes) -> bytes:
     return coincurve.PrivateKey(secret).public_key.format(compressed=True)
 
 
-def _sign_recoverable(secret: bytes, digest: bytes) -> bytes:
-    # coincurve yields r || s || recid with recid in {0, 1} and low S: upstream's exact bytes.
-    return coincurve.PrivateKey(secret).sign_recoverable(digest, hasher=None)
+class AppKey:
+    """The app's secp256k1 key, ready to derive with.
+
+    The HKDF extract step and the key object depend only on the key, so they are computed
+    once; every derivation gives exactly what :func:`derive_app_key` gives.
+
+    :param secret: the app's 32-byte secp256k1 private key.
+    :param kms_signature: 65 bytes from the KMS, or empty without a KMS.
+    """
+
+    __slots__ = ("_key", "_kms_signature", "_prk")
+
+    def __init__(self, secret: bytes, kms_signature: bytes) -> None:
+        self._prk = _hkdf_extract(secret)
+        # coincurve yields r || s || recid, recid in {0, 1} and low S: upstream's exact bytes.
+        self._key = coincurve.PrivateKey(secret)
+        self._kms_signature = kms_signature
+
+    def __repr__(self) -> str:
+        return "AppKey(<secret>)"
+
+    def derive(self, *, path: str, purpose: str, algorithm: str) -> DerivedKey:
+        """GetKey (see :func:`derive_app_key`).
+
+        :raises UnsupportedAlgorithm: for an unknown algorithm.
+        """
+        alg = normalize_key_algorithm(algorithm)
+        secret = _hkdf_expand(self._prk, path.encode(), SECRET_LENGTH)
+        public_key = public_key_for(alg, secret)
+        message = f"{purpose}:{public_key.hex()}".encode()
+        app_signature = self._key.sign_recoverable(keccak256(message), hasher=None)
+        return DerivedKey(
+            algorithm=alg,
+            secret=secret,
+            public_key=public_key,
+            signature_chain=(app_signature, self._kms_signature),
+        )
 
 
 def derive_app_key(
@@ -163,17 +214,7 @@ def derive_app_key(
     :param kms_signature: 65 bytes from the KMS, or empty without a KMS.
     :raises UnsupportedAlgorithm: for an unknown algorithm.
     """
-    alg = normalize_key_algorithm(algorithm)
-    secret = derive_key(app_key, [path.encode()])
-    public_key = public_key_for(alg, secret)
-    message = f"{purpose}:{public_key.hex()}".encode()
-    app_signature = _sign_recoverable(app_key, keccak256(message))
-    return DerivedKey(
-        algorithm=alg,
-        secret=secret,
-        public_key=public_key,
-        signature_chain=(app_signature, kms_signature),
-    )
+    return AppKey(app_key, kms_signature).derive(path=path, purpose=purpose, algorithm=algorithm)
 
 
 def sign_key_algorithm(algorithm: SignAlgorithm) -> KeyAlgorithm:
@@ -272,13 +313,14 @@ def verify_signature(algorithm: str, data: bytes, signature: bytes, public_key: 
             raise InvalidRequest("invalid public key", code="invalid_public_key")
         if len(signature) != ED25519_SIGNATURE_LENGTH:
             raise InvalidRequest("invalid signature length", code="invalid_signature")
-        # PyNaCl does not check the point; upstream (dalek) refuses keys that are not one.
-        if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
-            raise InvalidRequest("invalid public key", code="invalid_public_key")
-        verify_key = nacl.signing.VerifyKey(public_key)
         try:
-            verify_key.verify(data, signature)
+            nacl.bindings.crypto_sign_open(signature + data, public_key)
         except nacl.exceptions.BadSignatureError:
+            # Upstream (dalek) refuses keys that are not a point; libsodium only fails to
+            # verify. The point check costs about as much as verifying, so it is made
+            # only when the answer is not already "valid".
+            if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
+                raise InvalidRequest("invalid public key", code="invalid_public_key") from None
             return False
         return True
     # SEC1 compressed or uncompressed only: libsecp256k1 also takes "hybrid" 06/07 keys,

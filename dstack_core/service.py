@@ -164,6 +164,7 @@ class AgentService:
         self._view = view
         self._journal = journal
         self._root_key = root_key
+        self._app_key = keys.AppKey(root_key.k256_key, root_key.k256_signature)
         self._ca = _load_ca(root_key)
         self._app_compose = app_compose
         self._app_name = _app_name(app_compose)
@@ -248,13 +249,7 @@ class AgentService:
     # --- keys ---
 
     def get_key(self, *, path: str, purpose: str, algorithm: str) -> keys.DerivedKey:
-        return keys.derive_app_key(
-            self._root_key.k256_key,
-            self._root_key.k256_signature,
-            path=path,
-            purpose=purpose,
-            algorithm=algorithm,
-        )
+        return self._app_key.derive(path=path, purpose=purpose, algorithm=algorithm)
 
     def sign(self, *, algorithm: str, data: bytes) -> keys.Signature:
         alg = keys.normalize_sign_algorithm(algorithm)
