@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -526,7 +527,7 @@ class RuntimeEvent:
     payload: bytes = attrs.field(validator=_validate_bytes)
     version: int = attrs.field(default=1, validator=_validate_version)
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         """The 48-byte digest RTMR3 is extended with (:func:`runtime_event_digest`)."""
         return runtime_event_digest(self.event, self.payload, self.version)
@@ -554,6 +555,10 @@ class RuntimeEvent:
 
     def to_log_line(self) -> bytes:
         """Return the event as one compact UTF-8 JSON line, newline included."""
+        return self._log_line
+
+    @functools.cached_property
+    def _log_line(self) -> bytes:
         text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
         return text.encode("utf-8") + b"\n"
 

@@ -6,7 +6,7 @@ everything queued as a batch and
 
 1. writes the batch ahead (:meth:`RuntimeEventLog.write_ahead`: one write, one fdatasync);
 2. adds it to the :class:`~dstack_core.measured.MeasuredLog`, then extends RTMR3 with each
-   digest in order (:meth:`Platform.extend_rtmr_many`); a quote that carries any of the new
+   digest in order (:meth:`Platform.extend_rtmr_many_sync`); a quote that carries any of the new
    register values finds the log that replays to it;
 3. appends the events the register holds to the log (one write, one fdatasync) and only
    then acknowledges them;
@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, Literal
 
 import attrs
 
@@ -62,6 +62,14 @@ class EventLimits:
     payload: int = 64 * 1024
     events: int = 20_000
     size: int = 4 * 1024 * 1024
+
+
+@attrs.frozen
+class _Outcome:
+    """Which step of the protocol failed for a batch (None: none did), and how."""
+
+    failed: Literal["write-ahead", "extend", "append"] | None
+    error: BaseException | None
 
 
 @attrs.define
@@ -204,39 +212,60 @@ class EventJournal:
 
     async def _commit(self, items: list[_Pending]) -> None:
         batch = LogBatch.at(self._position, self._offset, [i.event for i in items])
-        try:
-            await asyncio.to_thread(self._log.write_ahead, batch)
-        except OSError as exc:
-            self._release(items)
-            _answer(items, self._write_ahead_failed(exc))
-            return
-        if self._write_ahead_fault:
-            self._write_ahead_fault = False
-            log.warning("the runtime event log's write-ahead record is writable again")
+        # In the view before RTMR3 moves, so that a quote carrying a new value finds its log.
         self._view.extend(batch.events)
         async with self.extending:
-            extended = await self._extend(batch, items)
+            outcome = await asyncio.to_thread(self._write_extend_append, batch)
+            if outcome.failed == "write-ahead":
+                self._view.truncate(batch.position)
+                self._release(items)
+                assert isinstance(outcome.error, OSError)
+                _answer(items, self._write_ahead_failed(outcome.error))
+                return
+            if self._write_ahead_fault:
+                self._write_ahead_fault = False
+                log.warning("the runtime event log's write-ahead record is writable again")
+            extended = len(items)
+            if outcome.failed == "extend":
+                extended = await self._settle_failed_extend(batch, items, outcome.error)
+            self._extended = batch.position + extended
         head = batch.head(extended)
         self._release(items[extended:])
-        if head.events:
-            await self._make_durable(head, items[:extended])
+        if outcome.failed is None:
+            self._advance(head)
+            _answer(items, None)
+        elif head.events:
+            await self._make_durable(head, items[:extended], first_error=outcome.error)
         else:
             self._log.clear_ahead()
 
-    async def _extend(self, batch: LogBatch, items: list[_Pending]) -> int:
-        """Extend RTMR3 with the batch; how many events it holds afterwards.
-
-        Callers of events it does not hold are answered with the platform's error.
-        """
+    def _write_extend_append(self, batch: LogBatch) -> _Outcome:
+        """The whole protocol for ``batch`` in one worker-thread call: which step failed."""
         try:
-            await self._platform.extend_rtmr_many([e.digest for e in batch.events])
+            self._log.write_ahead(batch)
+        except OSError as exc:
+            return _Outcome("write-ahead", exc)
+        try:
+            self._platform.extend_rtmr_many_sync([e.digest for e in batch.events])
         except Exception as exc:
-            error = exc if isinstance(exc, DstackError) else PlatformError(
-                f"extending RTMR3 failed: {type(exc).__name__}"
-            )
-        else:
-            self._extended = batch.end_position
-            return len(batch.events)
+            return _Outcome("extend", exc)
+        try:
+            self._append(batch)
+        except Exception as exc:
+            return _Outcome("append", exc)
+        return _Outcome(None, None)
+
+    async def _settle_failed_extend(
+        self, batch: LogBatch, items: list[_Pending], exc: BaseException | None
+    ) -> int:
+        """After a failed extension, how many of the batch's events RTMR3 holds.
+
+        Callers of events it does not hold are answered with the platform's error; while
+        RTMR3 cannot be read back, EmitEvent is refused.
+        """
+        error = exc if isinstance(exc, DstackError) else PlatformError(
+            f"extending RTMR3 failed: {type(exc).__name__}"
+        )
         delay = RETRY_FIRST
         while (extended := await self._settle(batch)) is None:
             if self._refusal is None:
@@ -256,7 +285,6 @@ class EventJournal:
             log.warning("RTMR3 reconciled after a failed extension")
             self._refusal = None
         self._view.truncate(batch.position + extended)
-        self._extended = batch.position + extended
         _answer(items[extended:], error)
         if extended:
             log.warning("extending RTMR3 failed after %d of %d events", extended, len(items))
@@ -275,34 +303,43 @@ class EventJournal:
             return None
         return count - batch.position
 
-    async def _make_durable(self, batch: LogBatch, items: list[_Pending]) -> None:
+    async def _make_durable(
+        self, batch: LogBatch, items: list[_Pending], *, first_error: BaseException | None = None
+    ) -> None:
         """Append ``batch`` and clear the record, retrying until it works; acknowledge
-        ``items`` if the first attempt works, else answer them 503 at once."""
+        ``items`` if the first attempt works, else answer them 503 at once.
+
+        :param first_error: the failure of an attempt already made, if any.
+        """
         delay = RETRY_FIRST
+        error = first_error
         while True:
-            try:
-                await asyncio.to_thread(self._append, batch)
-                break
-            except Exception as exc:
-                if not isinstance(self._refusal, StorageError):
-                    log.error(
-                        "cannot append to the runtime event log %s: %s; %d measured event(s) "
-                        "wait in %s, EmitEvent is refused until the append succeeds",
-                        self._log.path, exc, len(batch.events), self._log.wal_path,
-                    )
-                    what = "the runtime event log could not be written"
-                    self._refusal = (
-                        storage_error(exc, what) if isinstance(exc, OSError)
-                        else StorageError(what)
-                    )
-                    _answer(items, StorageError(
-                        f"{self._refusal.message}; the event is measured and will be "
-                        "appended once storage recovers, so it may still be recorded"
-                    ))
-                    self._refuse_queued()
+            if error is None:
+                try:
+                    await asyncio.to_thread(self._append, batch)
+                    break
+                except Exception as exc:
+                    error = exc
+            if not isinstance(self._refusal, StorageError):
+                log.error(
+                    "cannot append to the runtime event log %s: %s; %d measured event(s) "
+                    "wait in %s, EmitEvent is refused until the append succeeds",
+                    self._log.path, error, len(batch.events), self._log.wal_path,
+                )
+                what = "the runtime event log could not be written"
+                self._refusal = (
+                    storage_error(error, what) if isinstance(error, OSError)
+                    else StorageError(what)
+                )
+                _answer(items, StorageError(
+                    f"{self._refusal.message}; the event is measured and will be "
+                    "appended once storage recovers, so it may still be recorded"
+                ))
+                self._refuse_queued()
+            error = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
-        self._position, self._offset = batch.end_position, batch.end_offset
+        self._advance(batch)
         if isinstance(self._refusal, StorageError):
             log.warning("the runtime event log is writable again; %d event(s) appended",
                         len(batch.events))
@@ -312,6 +349,9 @@ class EventJournal:
     def _append(self, batch: LogBatch) -> None:
         self._log.append(batch)
         self._log.clear_ahead()
+
+    def _advance(self, batch: LogBatch) -> None:
+        self._position, self._offset = batch.end_position, batch.end_offset
 
     # --- bookkeeping ---
 

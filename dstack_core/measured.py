@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from json.encoder import encode_basestring_ascii as _ascii
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -38,8 +39,14 @@ def _quote_item(event: TdxEvent) -> bytes:
 
 
 def _info_item(event: TdxEvent) -> bytes:
-    # An element of a list that is a value of the top-level object sits two levels deep.
-    return _INFO_SEP + escaped(json.dumps(event.to_json(), indent=2).replace("\n", "\n    "))
+    # json.dumps(..., indent=2) of an element of a list that is a value of the top-level
+    # object (two levels deep). Written out because indent= turns off json's C encoder,
+    # and an event is a flat object of strings and integers.
+    fields = ",\n      ".join(
+        f"{_ascii(key)}: {_ascii(value) if isinstance(value, str) else int(value)}"
+        for key, value in event.to_json().items()
+    )
+    return _INFO_SEP + escaped("{\n      " + fields + "\n    }")
 
 
 class _Rope:

@@ -135,9 +135,9 @@ class Platform:
             raise InvalidRequest(f"an RTMR digest is {RTMR_LENGTH} bytes, got {len(digest)}")
         await self._call("extend_rtmr", index=RUNTIME_RTMR, digest=digest)
 
-    async def extend_rtmr_many(self, digests: Sequence[bytes]) -> None:
-        """Extend RTMR3 by each digest in order, with one hook call when the platform has
-        ``extend_rtmr_many`` and one worker-thread hand-off either way.
+    def extend_rtmr_many_sync(self, digests: Sequence[bytes]) -> None:
+        """Extend RTMR3 by each digest in order: one ``extend_rtmr_many`` call when the
+        platform has it, else ``extend_rtmr`` per digest. Blocking (call it off the loop).
 
         If it raises, a prefix of ``digests`` may have been applied; read the register.
         """
@@ -147,11 +147,8 @@ class Platform:
         if not digests:
             return
         if self._pm.hook.extend_rtmr_many.get_hookimpls():
-            await self._call("extend_rtmr_many", index=RUNTIME_RTMR, digests=tuple(digests))
-        else:
-            await asyncio.to_thread(self._extend_each, tuple(digests))
-
-    def _extend_each(self, digests: tuple[bytes, ...]) -> None:
+            _call_sync(self._pm, "extend_rtmr_many", index=RUNTIME_RTMR, digests=tuple(digests))
+            return
         for digest in digests:
             _call_sync(self._pm, "extend_rtmr", index=RUNTIME_RTMR, digest=digest)
 
