@@ -25,7 +25,7 @@ import datetime
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from cryptography import x509
@@ -39,12 +39,15 @@ from dstack_core.quote import (
     ATT_KEY_TYPE_ECDSA_P256,
     ECDSA_P256_SIGNATURE_SIZE,
     INTEL_QE_VENDOR_ID,
+    SIG_DATA_LEN,
+    TD_REPORT_OFFSETS,
     TEE_TYPE_TDX,
+    V4_BODY_OFFSET,
+    V5_BODY_OFFSET,
     QeReport,
     QuoteHeader,
     QuoteSignatureData,
     TdReport,
-    assemble_quote,
     encode_signed_region,
 )
 
@@ -64,6 +67,7 @@ __all__ = [
     "SEED_SIZE",
     "SIMULATOR_USER_DATA",
     "MockIntelPki",
+    "QuoteSigner",
 ]
 
 SEED_SIZE = 32
@@ -401,6 +405,22 @@ class MockIntelPki:
         signature = _raw_signature(self._pck_key.sign(qe_report, _RANDOM_ECDSA))
         return attestation_public, qe_report, signature
 
+    _signature_tail: bytes = attrs.field(repr=False, init=False)
+    """The signature data after the quote signature: the same in every quote."""
+
+    @_signature_tail.default
+    def _encode_signature_tail(self) -> bytes:
+        attestation_public, qe_report, qe_report_signature = self._qe
+        data = QuoteSignatureData(
+            signature=bytes(ECDSA_P256_SIGNATURE_SIZE),
+            attestation_key=attestation_public,
+            qe_report_body=qe_report,
+            qe_report_signature=qe_report_signature,
+            qe_auth_data=MOCK_QE_AUTH_DATA,
+            pck_cert_chain_data=self.pck_chain_pem + b"\0",
+        )
+        return data.to_bytes()[ECDSA_P256_SIGNATURE_SIZE:]
+
     @classmethod
     def from_seed(cls, seed: bytes) -> MockIntelPki:
         """Derive the whole PKI from a 32-byte seed, byte-identically in every process.
@@ -507,27 +527,62 @@ class MockIntelPki:
         :raises ValueError: for another version, a TD 1.5 report with version 4, or
             user_data that is not 20 bytes.
         """
-        if version not in (4, 5):
-            raise ValueError(f"quote version must be 4 or 5, got {version}")
-        if version == 5 and not report.is_td15:
-            report = attrs.evolve(report, tee_tcb_svn2=bytes(16), mr_service_td=bytes(48))
-        header = QuoteHeader(
-            version=version,
-            att_key_type=ATT_KEY_TYPE_ECDSA_P256,
-            tee_type=TEE_TYPE_TDX,
-            qe_svn=0,
-            pce_svn=0,
-            qe_vendor_id=INTEL_QE_VENDOR_ID,
-            user_data=user_data,
-        )
-        signed_region = encode_signed_region(header, report)
-        attestation_public, qe_report, qe_report_signature = self._qe
-        signature_data = QuoteSignatureData(
-            signature=_raw_signature(self._attestation_key.sign(signed_region, _RANDOM_ECDSA)),
-            attestation_key=attestation_public,
-            qe_report_body=qe_report,
-            qe_report_signature=qe_report_signature,
-            qe_auth_data=MOCK_QE_AUTH_DATA,
-            pck_cert_chain_data=self.pck_chain_pem + b"\0",
-        )
-        return assemble_quote(signed_region, signature_data)
+        return self._sign_region(_signed_region(report, user_data=user_data, version=version))
+
+    def quote_signer(self, report: TdReport, *, user_data: bytes, version: int = 4) -> QuoteSigner:
+        """A signer of quotes that differ from ``report``'s only in RTMR0-3 and report data:
+        everything else is encoded once (see :meth:`sign_quote` for the arguments)."""
+        region = _signed_region(report, user_data=user_data, version=version)
+        body = V4_BODY_OFFSET if version == 4 else V5_BODY_OFFSET
+        return QuoteSigner(pki=self, region=region, body=body)
+
+    def _sign_region(self, signed_region: bytes) -> bytes:
+        signature = _raw_signature(self._attestation_key.sign(signed_region, _RANDOM_ECDSA))
+        tail = self._signature_tail
+        return signed_region + SIG_DATA_LEN.pack(len(signature) + len(tail)) + signature + tail
+
+
+_RTMRS_AT: Final = TD_REPORT_OFFSETS["rtmr0"]
+_RTMRS_SIZE: Final = 4 * REGISTER_SIZE
+_REPORT_DATA_AT: Final = TD_REPORT_OFFSETS["report_data"]
+assert TD_REPORT_OFFSETS["rtmr3"] == _RTMRS_AT + 3 * REGISTER_SIZE
+
+
+@attrs.frozen(kw_only=True)
+class QuoteSigner:
+    """Quotes over one encoded TD report with RTMR0-3 and report data filled in per quote
+    (:meth:`MockIntelPki.quote_signer`): one ECDSA signature and a few copies each."""
+
+    pki: MockIntelPki = attrs.field(repr=False)
+    region: bytes = attrs.field(repr=False)
+    body: int
+
+    def sign(self, *, rtmrs: Sequence[bytes], report_data: bytes) -> bytes:
+        """A quote with these registers and report data.
+
+        :raises ValueError: not four 48-byte registers and 64 bytes of report data.
+        """
+        registers = b"".join(rtmrs)
+        if len(rtmrs) != 4 or len(registers) != _RTMRS_SIZE or len(report_data) != 64:
+            raise ValueError("a quote takes four 48-byte RTMRs and 64 bytes of report data")
+        region = bytearray(self.region)
+        region[self.body + _RTMRS_AT : self.body + _RTMRS_AT + _RTMRS_SIZE] = registers
+        region[self.body + _REPORT_DATA_AT : self.body + _REPORT_DATA_AT + 64] = report_data
+        return self.pki._sign_region(bytes(region))
+
+
+def _signed_region(report: TdReport, *, user_data: bytes, version: int) -> bytes:
+    if version not in (4, 5):
+        raise ValueError(f"quote version must be 4 or 5, got {version}")
+    if version == 5 and not report.is_td15:
+        report = attrs.evolve(report, tee_tcb_svn2=bytes(16), mr_service_td=bytes(48))
+    header = QuoteHeader(
+        version=version,
+        att_key_type=ATT_KEY_TYPE_ECDSA_P256,
+        tee_type=TEE_TYPE_TDX,
+        qe_svn=0,
+        pce_svn=0,
+        qe_vendor_id=INTEL_QE_VENDOR_ID,
+        user_data=user_data,
+    )
+    return encode_signed_region(header, report)

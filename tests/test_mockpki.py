@@ -216,6 +216,34 @@ class TestSignQuote:
             pki.sign_quote(report, user_data=bytes(20), version=4)
 
 
+class TestQuoteSigner:
+    @pytest.mark.parametrize("version", [4, 5])
+    def test_same_quote_as_sign_quote_but_the_signature(
+        self, pki: MockIntelPki, verify: Callable[[bytes], object], version: int
+    ) -> None:
+        """A template signer fills in registers and report data: the signed region equals
+        sign_quote's over the same report, and the quote verifies with dcap-qvl."""
+        template = _report(rtmr0=bytes(48), rtmr3=bytes(48), report_data=bytes(64))
+        signer = pki.quote_signer(template, user_data=bytes(20), version=version)
+        wanted = _report()
+        quote = signer.sign(rtmrs=wanted.rtmrs, report_data=wanted.report_data)
+        reference = pki.sign_quote(wanted, user_data=bytes(20), version=version)
+        parsed, expected = TdxQuote.from_bytes(quote), TdxQuote.from_bytes(reference)
+        assert parsed.signed_region == expected.signed_region
+        assert len(quote) == len(reference)
+        assert verify(quote).status == "UpToDate"  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize(
+        ("rtmrs", "report_data"),
+        [((bytes(48),) * 3, bytes(64)), ((bytes(48),) * 4, bytes(63)), ((bytes(47),) * 4, bytes(64))],
+    )
+    def test_refuses_wrong_lengths(self, pki: MockIntelPki, rtmrs, report_data) -> None:
+        """Four 48-byte registers and 64 bytes of report data, nothing else."""
+        signer = pki.quote_signer(_report(), user_data=bytes(20))
+        with pytest.raises(ValueError):
+            signer.sign(rtmrs=rtmrs, report_data=report_data)
+
+
 class TestVerification:
     @pytest.mark.parametrize("version", [4, 5])
     def test_up_to_date(

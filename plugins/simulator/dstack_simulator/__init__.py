@@ -54,7 +54,7 @@ from dstack_core import (
 )
 from dstack_core.eventlog import LogBatch, RuntimeEvent, RuntimeEventLog, TdxEvent, extend, replay
 from dstack_core.inputs import app_compose_document, document_text, sys_config_document
-from dstack_core.mockpki import SIMULATOR_USER_DATA, MockIntelPki, mock_td_report
+from dstack_core.mockpki import SIMULATOR_USER_DATA, MockIntelPki, QuoteSigner, mock_td_report
 from dstack_core.statefile import (
     atomic_write,
     fsync_dir,
@@ -198,7 +198,7 @@ class SimulatorPlatform:
         self._mrtd = SIMULATED_MRTD
         self._rtmrs: list[bytes] = [ZERO_RTMR] * 4
         self._boot_events: tuple[TdxEvent, ...] = ()
-        self._mr_config_id = bytes(48)
+        self._signer: QuoteSigner | None = None
         self._quote_version = 4
         self._boot_inputs = NOT_BOOTED
 
@@ -231,7 +231,15 @@ class SimulatorPlatform:
         self._root_key = self._load_root_key(config)
         compose = config.app_compose.read_bytes()
         compose_hash = hashlib.sha256(compose).digest()
-        self._mr_config_id = (MR_CONFIG_ID_V1 + compose_hash).ljust(48, b"\0")
+        mr_config_id = (MR_CONFIG_ID_V1 + compose_hash).ljust(48, b"\0")
+        # Registers and report data are filled in per quote; the rest is encoded once.
+        template = mock_td_report(
+            mr_td=self._mrtd, rtmrs=[ZERO_RTMR] * 4, report_data=bytes(64),
+            mr_config_id=mr_config_id,
+        )
+        self._signer = self._pki.quote_signer(
+            template, user_data=SIMULATOR_USER_DATA, version=self._quote_version
+        )
         self._boot_events = synthetic_boot_log()
         boot_inputs = self._boot_inputs_digest(compose_hash, self._root_key)
         machine = self._machine.load() or _load_legacy_machine(self._legacy_machine)
@@ -341,14 +349,10 @@ class SimulatorPlatform:
     @hookimpl
     @nonblocking
     def get_quote(self, report_data: bytes) -> Quote:
-        assert self._pki is not None, "configure() was not called"
+        assert self._signer is not None, "configure() was not called"
         with self._lock:
-            rtmrs = tuple(self._rtmrs)
-        report = mock_td_report(
-            mr_td=self._mrtd, rtmrs=rtmrs, report_data=report_data, mr_config_id=self._mr_config_id
-        )
-        data = self._pki.sign_quote(report, user_data=SIMULATOR_USER_DATA, version=self._quote_version)
-        return Quote(format="tdx", data=data)
+            rtmrs = self._rtmrs
+        return Quote(format="tdx", data=self._signer.sign(rtmrs=rtmrs, report_data=report_data))
 
     @hookimpl
     @nonblocking
