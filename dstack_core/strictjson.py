@@ -30,6 +30,10 @@ def _reject_constant(name: str) -> Any:
     raise _Rejected(f"{name} is not valid JSON")
 
 
+# One decoder for every call: json.loads with hooks would build a new one each time.
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def loads(text: str | bytes) -> Any:
     """Decode one JSON document strictly.
 
@@ -39,7 +43,7 @@ def loads(text: str | bytes) -> Any:
     try:
         # Decode bytes ourselves: json.loads would sniff UTF-16/32 and skip a BOM.
         doc = text.decode("utf-8") if isinstance(text, bytes) else text
-        return json.loads(doc, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return _DECODER.decode(doc)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except UnicodeDecodeError:
