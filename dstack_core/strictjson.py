@@ -43,6 +43,8 @@ def loads(text: str | bytes) -> Any:
     try:
         # Decode bytes ourselves: json.loads would sniff UTF-16/32 and skip a BOM.
         doc = text.decode("utf-8") if isinstance(text, bytes) else text
+        if doc.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", doc, 0)
         return _DECODER.decode(doc)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
