@@ -47,6 +47,8 @@ class DstackError(Exception):
 
     http_status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    logged: ClassVar[bool] = False
+    """Whoever raises it has logged the incident (once, not per request)."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -139,6 +141,7 @@ class StorageError(DstackError):
 
     http_status = 503
     code = "storage_error"
+    logged = True
 
 
 class ConfigurationError(DstackError):

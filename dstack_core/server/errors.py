@@ -36,7 +36,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except DstackError as exc:
-        if exc.http_status >= 500:
+        if exc.http_status >= 500 and not exc.logged:
             log.warning("%s %s failed: %s", request.method, request.path, exc)
         return json_response(exc.to_json(), exc.http_status)
     except web.HTTPRequestEntityTooLarge as exc:

@@ -199,6 +199,7 @@ class SimulatorPlatform:
         self._rtmrs: list[bytes] = [ZERO_RTMR] * 4
         self._boot_events: tuple[TdxEvent, ...] = ()
         self._signer: QuoteSigner | None = None
+        self._save_failing = False
         self._quote_version = 4
         self._boot_inputs = NOT_BOOTED
 
@@ -300,8 +301,14 @@ class SimulatorPlatform:
         except OSError as exc:
             if not is_storage_fault(exc):
                 raise
-            log.error("cannot save the simulated registers to %s: %s", self._machine.path, exc)
+            if not self._save_failing:  # once per incident, not per EmitEvent
+                self._save_failing = True
+                log.error("cannot save the simulated registers to %s: %s; RTMR3 stays where "
+                          "it is until saving works again", self._machine.path, exc)
             raise storage_error(exc, "the simulated register could not be saved") from None
+        if self._save_failing:
+            self._save_failing = False
+            log.warning("the simulated registers can be saved again")
         self._boot_inputs = boot_inputs
         with self._lock:
             self._rtmrs = rtmrs
