@@ -235,7 +235,8 @@ class EventJournal:
             self._advance(head)
             _answer(items, None)
         elif head.events:
-            await self._make_durable(head, items[:extended], first_error=outcome.error)
+            failed_append = outcome.error if outcome.failed == "append" else None
+            await self._make_durable(head, items[:extended], first_error=failed_append)
         else:
             self._log.clear_ahead()
 

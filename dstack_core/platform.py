@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import pluggy
 
@@ -34,20 +33,15 @@ from .types import (
     TrustBundle,
 )
 
-__all__ = ["Platform", "RUNTIME_RTMR", "trace_hook_calls"]
+__all__ = ["Platform", "RUNTIME_RTMR"]
 
 RUNTIME_RTMR = 3
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_TRACED: weakref.WeakSet[pluggy.PluginManager] = weakref.WeakSet()
-"""Plugin managers whose hook calls are traced (see :func:`trace_hook_calls`)."""
-
-
-def trace_hook_calls(pm: pluggy.PluginManager) -> None:
-    """Route every hook call of ``pm`` through pluggy, so that its tracing sees them."""
-    _TRACED.add(pm)
+_PLAIN_HOOKEXEC: Final = pluggy.PluginManager("probe")._inner_hookexec
+"""What a plugin manager runs hooks with until tracing or call monitoring wraps it."""
 
 
 class Platform:
@@ -194,11 +188,13 @@ def _check_report_data(report_data: bytes) -> None:
 
 def _hook(pm: pluggy.PluginManager, hook: str) -> Callable[..., Any]:
     """The hook, or its one plain implementation itself: pluggy's dispatch costs several
-    microseconds per call, a measurable part of a simulated quote. Traced plugin
-    managers (``DSTACK_TRACE_PLUGINS=1``) always go through pluggy."""
+    microseconds per call, a measurable part of a simulated quote. A plugin manager that
+    traces or monitors its calls (``DSTACK_TRACE_PLUGINS=1``, ``add_hookcall_monitoring``)
+    always goes through pluggy."""
     caller = getattr(pm.hook, hook)
     impls = caller.get_hookimpls()
-    if len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper or pm in _TRACED:
+    plain = pm._inner_hookexec is _PLAIN_HOOKEXEC
+    if not plain or len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper:
         return caller  # type: ignore[no-any-return]
     function, names = impls[0].function, impls[0].argnames
     return lambda **kwargs: function(**{name: kwargs[name] for name in names})

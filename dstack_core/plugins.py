@@ -17,7 +17,6 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .platform import trace_hook_calls
 
 __all__ = ["ENTRY_POINT_GROUP", "InstalledPlatform", "installed_platforms", "load_platform"]
 
@@ -113,5 +112,4 @@ def load_platform(name: str | None) -> pluggy.PluginManager:
     if os.environ.get(TRACE_ENV) == "1":
         pm.trace.root.setwriter(lambda msg: log.debug("pluggy: %s", msg.rstrip()))
         pm.enable_tracing()
-        trace_hook_calls(pm)
     return pm

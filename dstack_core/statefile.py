@@ -29,7 +29,7 @@ STORAGE_ERRNOS: Final[Mapping[int, str]] = MappingProxyType({
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
     errno.EROFS: "the file system is read-only",
-    errno.EIO: "I/O error",
+    errno.EIO: "input-output error",
     errno.EFBIG: "file too large",
 })
 """Faults of the state directory the agent survives and repairs in-process."""

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 __all__ = ["FaultControl", "install", "main"]
 
-_WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 _DATA: Final = "data"  # write, sync and truncate on an open descriptor
 _ENTRY: Final = "entry"  # open for writing, create, rename, link, unlink
 _KINDS: Final = {
@@ -129,7 +129,8 @@ def install(control: Path, root: Path) -> None:
     def wrap_open(original: Callable[..., Any]) -> Callable[..., Any]:
         def open_(path: Any, flags: int, mode: int = 0o777, *args: Any, **kwargs: Any) -> int:
             target = _path(path)
-            if flags & _WRITE_FLAGS:
+            creates = flags & os.O_CREAT and target is not None and not os.path.lexists(target)
+            if flags & _WRITE_FLAGS or creates:
                 faults.check(target, _ENTRY)
             fd: int = original(path, flags, mode, *args, **kwargs)
             if target is not None and target.startswith(faults.root):
