@@ -81,6 +81,7 @@ class Gated(SimulatorPlatform):
         self.hold.set()
         self.entered = threading.Event()
         self.apply_then_fail: int | None = None
+        self.only_batches_of: int | None = None  # apply_then_fail waits for this size
         self.unreadable = 0
 
     @hookimpl
@@ -88,7 +89,8 @@ class Gated(SimulatorPlatform):
         self.entered.set()
         assert self.hold.wait(30)
         self.batches.append(len(digests))
-        if self.apply_then_fail is not None:
+        size_matches = self.only_batches_of in (None, len(digests))
+        if self.apply_then_fail is not None and size_matches:
             keep, self.apply_then_fail = self.apply_then_fail, None
             super().extend_rtmr_many(index=index, digests=digests[:keep])
             raise PlatformError("the extension failed half-way")
@@ -172,14 +174,12 @@ class TestGroupCommit:
                 for i in range(4)
             ]
             await asyncio.sleep(0.1)
-            plugin.apply_then_fail = None
             plugin.hold.set()
             await first
-            plugin.apply_then_fail = 2
             return await asyncio.gather(*batch, return_exceptions=True)
 
         # The first batch runs alone; the four queued behind it form the failing one.
-        plugin.apply_then_fail = None
+        plugin.apply_then_fail, plugin.only_batches_of = 2, 4
         results = run(service, scenario)
         assert results[:2] == [None, None]
         assert all(isinstance(r, PlatformError) for r in results[2:])
