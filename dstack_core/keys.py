@@ -160,7 +160,8 @@ def public_key_for(algorithm: KeyAlgorithm, secret: bytes) -> bytes:
     """The public key of a 32-byte secret: compressed SEC1 or raw Ed25519."""
     if algorithm == "ed25519":
         return bytes(nacl.signing.SigningKey(secret).verify_key)
-    return coincurve.PrivateKey(secret).public_key.format(compressed=True)
+    # PublicKey.from_secret: PrivateKey() would also build the x-only (Schnorr) key pair.
+    return coincurve.PublicKey.from_secret(secret).format(compressed=True)
 
 
 class AppKey:
