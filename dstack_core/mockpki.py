@@ -11,9 +11,10 @@ Determinism is the contract that makes trust bundles work: :meth:`MockIntelPki.f
 the same 32-byte seed yields byte-identical root certificate, certificate chain, CRLs and
 collateral JSON in any process. Keys are derived from the seed with HKDF-SHA256 under distinct
 labels; certificates, CRLs and collateral are signed with deterministic ECDSA (RFC 6979) over
-fixed validity dates. Only the quoting enclave's parts are random: like a real QE, a PKI
+fixed validity dates. Only the quoting enclave's key is random: like a real QE, a PKI
 instance generates its attestation key (and signs its QE report) once, when it is made,
-and then signs every quote with it.
+and then signs every quote with it, deterministically (RFC 6979), so one instance gives
+one quote for one signed region.
 
 The PKI's layout (names, extensions, collateral fields) is what dcap-qvl 0.7 checks; see
 ``formats.md`` sections 6 and 9 in the project notes.
@@ -24,6 +25,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -67,6 +70,7 @@ __all__ = [
     "SEED_SIZE",
     "SIMULATOR_USER_DATA",
     "MockIntelPki",
+    "QUOTE_CACHE",
     "QuoteSigner",
 ]
 
@@ -537,11 +541,13 @@ class MockIntelPki:
         return QuoteSigner(pki=self, region=region, body=body)
 
     def _sign_region(self, signed_region: bytes) -> bytes:
-        signature = _raw_signature(self._attestation_key.sign(signed_region, _RANDOM_ECDSA))
+        signature = _raw_signature(self._attestation_key.sign(signed_region, _DETERMINISTIC_ECDSA))
         tail = self._signature_tail
         return signed_region + SIG_DATA_LEN.pack(len(signature) + len(tail)) + signature + tail
 
 
+QUOTE_CACHE: Final = 64
+"""Quotes a :class:`QuoteSigner` keeps (about 5 KiB each)."""
 _RTMRS_AT: Final = TD_REPORT_OFFSETS["rtmr0"]
 _RTMRS_SIZE: Final = 4 * REGISTER_SIZE
 _REPORT_DATA_AT: Final = TD_REPORT_OFFSETS["report_data"]
@@ -551,11 +557,18 @@ assert TD_REPORT_OFFSETS["rtmr3"] == _RTMRS_AT + 3 * REGISTER_SIZE
 @attrs.frozen(kw_only=True)
 class QuoteSigner:
     """Quotes over one encoded TD report with RTMR0-3 and report data filled in per quote
-    (:meth:`MockIntelPki.quote_signer`): one ECDSA signature and a few copies each."""
+    (:meth:`MockIntelPki.quote_signer`): one ECDSA signature and a few copies each.
+
+    Signing is deterministic, so the same registers and report data always give the same
+    quote: the last :data:`QUOTE_CACHE` quotes are kept, keyed on their whole signed
+    region, and handed out again instead of being signed twice. Thread-safe.
+    """
 
     pki: MockIntelPki = attrs.field(repr=False)
     region: bytes = attrs.field(repr=False)
     body: int
+    _cache: OrderedDict[bytes, bytes] = attrs.field(init=False, factory=OrderedDict, repr=False)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock, repr=False)
 
     def sign(self, *, rtmrs: Sequence[bytes], report_data: bytes) -> bytes:
         """A quote with these registers and report data.
@@ -565,10 +578,21 @@ class QuoteSigner:
         registers = b"".join(rtmrs)
         if len(rtmrs) != 4 or len(registers) != _RTMRS_SIZE or len(report_data) != 64:
             raise ValueError("a quote takes four 48-byte RTMRs and 64 bytes of report data")
-        region = bytearray(self.region)
-        region[self.body + _RTMRS_AT : self.body + _RTMRS_AT + _RTMRS_SIZE] = registers
-        region[self.body + _REPORT_DATA_AT : self.body + _REPORT_DATA_AT + 64] = report_data
-        return self.pki._sign_region(bytes(region))
+        buffer = bytearray(self.region)
+        buffer[self.body + _RTMRS_AT : self.body + _RTMRS_AT + _RTMRS_SIZE] = registers
+        buffer[self.body + _REPORT_DATA_AT : self.body + _REPORT_DATA_AT + 64] = report_data
+        region = bytes(buffer)
+        with self._lock:
+            quote = self._cache.get(region)
+            if quote is not None:
+                self._cache.move_to_end(region)
+                return quote
+        quote = self.pki._sign_region(region)
+        with self._lock:
+            self._cache[region] = quote
+            if len(self._cache) > QUOTE_CACHE:
+                self._cache.popitem(last=False)
+        return quote
 
 
 def _signed_region(report: TdReport, *, user_data: bytes, version: int) -> bytes:

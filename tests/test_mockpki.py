@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from dstack_core.mockpki import (
     MOCK_QE_MR_SIGNER,
+    QUOTE_CACHE,
     SIMULATOR_USER_DATA,
     MockIntelPki,
     mock_td_report,
@@ -178,13 +179,16 @@ class TestSignQuote:
         )
 
     def test_one_attestation_key_per_instance(self, pki: MockIntelPki) -> None:
-        """Like a QE, an instance signs every quote with its one attestation key; another
-        instance from the same seed has its own."""
+        """Like a QE, an instance signs every quote with its one attestation key,
+        deterministically; another instance from the same seed has its own key."""
         first, second = (
             TdxQuote.from_bytes(pki.sign_quote(_report(), user_data=bytes(20))) for _ in range(2)
         )
         assert first.signature_data.attestation_key == second.signature_data.attestation_key
-        assert first.signature_data.signature != second.signature_data.signature
+        assert first.raw == second.raw
+        other_report = TdxQuote.from_bytes(pki.sign_quote(_report(report_data=b"\x01" * 64),
+                                                          user_data=bytes(20)))
+        assert other_report.signature_data.signature != first.signature_data.signature
         other = MockIntelPki.from_seed(SEED)
         third = TdxQuote.from_bytes(other.sign_quote(_report(), user_data=bytes(20)))
         assert third.signature_data.attestation_key != first.signature_data.attestation_key
@@ -232,6 +236,27 @@ class TestQuoteSigner:
         assert parsed.signed_region == expected.signed_region
         assert len(quote) == len(reference)
         assert verify(quote).status == "UpToDate"  # type: ignore[attr-defined]
+
+    def test_cache_is_keyed_on_registers_and_report_data(
+        self, pki: MockIntelPki, verify: Callable[[bytes], object]
+    ) -> None:
+        """A repeated request gets the kept quote; a change of any register or of the report
+        data gets a new one over exactly those values; the cache stays bounded."""
+        signer = pki.quote_signer(_report(), user_data=bytes(20))
+        rtmrs, data = [bytes([i]) * 48 for i in range(4)], b"\x07" * 64
+        first = signer.sign(rtmrs=rtmrs, report_data=data)
+        assert signer.sign(rtmrs=rtmrs, report_data=data) is first
+        for index in range(4):
+            changed = list(rtmrs)
+            changed[index] = b"\xee" * 48
+            quote = TdxQuote.from_bytes(signer.sign(rtmrs=changed, report_data=data))
+            assert quote.report.rtmrs == tuple(changed) and quote.report.report_data == data
+            assert verify(quote.raw).status == "UpToDate"  # type: ignore[attr-defined]
+        other = TdxQuote.from_bytes(signer.sign(rtmrs=rtmrs, report_data=b"\x08" * 64))
+        assert other.report.report_data == b"\x08" * 64
+        for n in range(QUOTE_CACHE + 10):
+            signer.sign(rtmrs=rtmrs, report_data=n.to_bytes(64, "big"))
+        assert len(signer._cache) == QUOTE_CACHE
 
     @pytest.mark.parametrize(
         ("rtmrs", "report_data"),
