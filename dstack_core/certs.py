@@ -24,7 +24,6 @@ from types import MappingProxyType
 from typing import Final
 
 import attrs
-from Crypto.Hash import keccak
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.exceptions import UnsupportedAlgorithm as _CryptoUnsupported
@@ -102,7 +101,12 @@ _GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 
 def _keccak(bits: int) -> Callable[[bytes], bytes]:
-    return lambda data: keccak.new(digest_bits=bits, data=data).digest()
+    def digest(data: bytes) -> bytes:
+        from Crypto.Hash import keccak  # on first use: its import is slow (see keys.keccak256)
+
+        return keccak.new(digest_bits=bits, data=data).digest()
+
+    return digest
 
 
 def _hashlib(name: str) -> Callable[[bytes], bytes]:

@@ -24,7 +24,6 @@ import coincurve
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
-from Crypto.Hash import keccak
 
 from .errors import InvalidRequest, UnsupportedAlgorithm
 
@@ -131,6 +130,10 @@ def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
 
 def keccak256(data: bytes) -> bytes:
     """Ethereum's Keccak-256 (not SHA3-256)."""
+    # Imported on first use: pycryptodome's import parses C declarations (cffi), a tenth
+    # of the agent's start-up, and nothing at start-up needs Keccak.
+    from Crypto.Hash import keccak
+
     return keccak.new(digest_bits=256, data=data).digest()
 
 
