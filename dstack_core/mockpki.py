@@ -11,10 +11,9 @@ Determinism is the contract that makes trust bundles work: :meth:`MockIntelPki.f
 the same 32-byte seed yields byte-identical root certificate, certificate chain, CRLs and
 collateral JSON in any process. Keys are derived from the seed with HKDF-SHA256 under distinct
 labels; certificates, CRLs and collateral are signed with deterministic ECDSA (RFC 6979) over
-fixed validity dates. Only the quoting enclave's key is random: like a real QE, a PKI
+fixed validity dates. Only the quoting enclave's parts are random: like a real QE, a PKI
 instance generates its attestation key (and signs its QE report) once, when it is made,
-and then signs every quote with it, deterministically (RFC 6979), so one instance gives
-one quote for one signed region.
+and then signs every quote with it.
 
 The PKI's layout (names, extensions, collateral fields) is what dcap-qvl 0.7 checks; see
 ``formats.md`` sections 6 and 9 in the project notes.
@@ -541,7 +540,7 @@ class MockIntelPki:
         return QuoteSigner(pki=self, region=region, body=body)
 
     def _sign_region(self, signed_region: bytes) -> bytes:
-        signature = _raw_signature(self._attestation_key.sign(signed_region, _DETERMINISTIC_ECDSA))
+        signature = _raw_signature(self._attestation_key.sign(signed_region, _RANDOM_ECDSA))
         tail = self._signature_tail
         return signed_region + SIG_DATA_LEN.pack(len(signature) + len(tail)) + signature + tail
 
@@ -559,9 +558,10 @@ class QuoteSigner:
     """Quotes over one encoded TD report with RTMR0-3 and report data filled in per quote
     (:meth:`MockIntelPki.quote_signer`): one ECDSA signature and a few copies each.
 
-    Signing is deterministic, so the same registers and report data always give the same
-    quote: the last :data:`QUOTE_CACHE` quotes are kept, keyed on their whole signed
-    region, and handed out again instead of being signed twice. Thread-safe.
+    A quote is a signature over its signed region and nothing else, so one signed for the
+    same registers and report data is as good as a new one: the last :data:`QUOTE_CACHE`
+    quotes are kept, keyed on their whole signed region, and handed out again instead of
+    being signed twice. Thread-safe.
     """
 
     pki: MockIntelPki = attrs.field(repr=False)

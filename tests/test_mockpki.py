@@ -179,16 +179,13 @@ class TestSignQuote:
         )
 
     def test_one_attestation_key_per_instance(self, pki: MockIntelPki) -> None:
-        """Like a QE, an instance signs every quote with its one attestation key,
-        deterministically; another instance from the same seed has its own key."""
+        """Like a QE, an instance signs every quote with its one attestation key; another
+        instance from the same seed has its own key."""
         first, second = (
             TdxQuote.from_bytes(pki.sign_quote(_report(), user_data=bytes(20))) for _ in range(2)
         )
         assert first.signature_data.attestation_key == second.signature_data.attestation_key
-        assert first.raw == second.raw
-        other_report = TdxQuote.from_bytes(pki.sign_quote(_report(report_data=b"\x01" * 64),
-                                                          user_data=bytes(20)))
-        assert other_report.signature_data.signature != first.signature_data.signature
+        assert first.signature_data.signature != second.signature_data.signature
         other = MockIntelPki.from_seed(SEED)
         third = TdxQuote.from_bytes(other.sign_quote(_report(), user_data=bytes(20)))
         assert third.signature_data.attestation_key != first.signature_data.attestation_key
