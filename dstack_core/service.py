@@ -166,6 +166,7 @@ class AgentService:
         self._root_key = root_key
         self._app_key = keys.AppKey(root_key.k256_key, root_key.k256_signature)
         self._ca = _load_ca(root_key)
+        self._ca_pem = self._ca.cert_pem if self._ca is not None else ""
         self._app_compose = app_compose
         self._app_name = _app_name(app_compose)
         self._vm_config = vm_config
@@ -501,7 +502,7 @@ class AgentService:
         )
         return TlsKeyResult(
             key=certs.private_key_pem(key),
-            certificate_chain=(certs.cert_pem(cert), ca.cert_pem),
+            certificate_chain=(certs.cert_pem(cert), self._ca_pem),
         )
 
     def _require_ca(self) -> certs.CertificateAuthority:
