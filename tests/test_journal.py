@@ -264,7 +264,37 @@ class Shifting(SimulatorPlatform):
         self._signer = self._pki.quote_signer(template, user_data=SIMULATOR_USER_DATA)
 
 
+class Counting(SimulatorPlatform):
+    """The simulator, counting the quotes it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quotes = 0
+
+    @hookimpl
+    def get_quote(self, report_data: bytes) -> Any:
+        self.quotes += 1
+        return super().get_quote(report_data)
+
+
 class TestCaches:
+    def test_info_takes_no_quote_per_call(self, tmp_path: Path) -> None:
+        """Info takes quotes only on its first call (the boot-time registers, the demo
+        certificate's evidence), none per call after, also after events."""
+        plugin = Counting()
+        service = build(tmp_path, plugin)
+
+        async def scenario() -> int:
+            await service.info()
+            first = plugin.quotes
+            for i in range(5):
+                await service.emit_event(event=f"e{i}", payload=b"")
+                await service.info()
+                await service.info()
+            return first
+
+        assert run(service, scenario) == plugin.quotes <= 2
+
     def test_info_changes_with_every_input(self, tmp_path: Path) -> None:
         """Info is cached (the same answer object while nothing changes) and changes with
         each input: an event, the boot-time report the last quote carried, DMI."""
