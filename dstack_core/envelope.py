@@ -13,6 +13,7 @@ trailing bytes are :class:`~dstack_core.errors.EvidenceError`.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
@@ -73,6 +74,10 @@ class AppInfo:
 
     def to_cbor(self) -> bytes:
         """Canonical CBOR map (the RA-TLS app-info extension's content)."""
+        return self._cbor
+
+    @functools.cached_property
+    def _cbor(self) -> bytes:
         return cbor2.dumps(self.to_cbor_map(), canonical=True)
 
     @classmethod
@@ -216,43 +221,54 @@ def encode_envelope(
 ) -> bytes:
     """The canonical CBOR of an envelope (:meth:`Envelope.to_cbor`), with pre-encoded events.
 
+    Written out rather than through ``cbor2.dumps(..., canonical=True)``: the keys and their
+    canonical order are fixed, the big values (quote, events) are only copied once, and
+    this runs for every attestation. Tests hold it to cbor2's encoding.
     The caller vouches for the fields (an :class:`Envelope` validates them).
     """
-    doc: dict[str, Any] = {
-        "format": ENVELOPE_FORMAT,
-        "version": version,
-        "platform": platform,
-        "evidence_format": evidence_format,
-        "quote": quote,
-        "event_log": events,
-        "report_data": report_data,
-        "vm_config": vm_config,
-        "app_info": app_info.to_cbor_map(),
+    values: dict[str, tuple[bytes | memoryview, ...]] = {
+        "format": (_FORMAT,),
+        "version": (cbor2.dumps(version),),
+        "platform": (cbor2.dumps(platform),),
+        "evidence_format": (cbor2.dumps(evidence_format),),
+        "quote": (_head(_BYTES, len(quote)), quote),
+        "event_log": (_head(_ARRAY, events.count), *events.chunks),
+        "report_data": (_head(_BYTES, len(report_data)), report_data),
+        "vm_config": (cbor2.dumps(vm_config),),
+        "app_info": (app_info.to_cbor(),),
     }
     if extra:
-        doc["extra"] = dict(extra)
-    return cbor2.dumps(
-        cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True, default=_write_encoded_events
-    )
+        values["extra"] = (cbor2.dumps(dict(extra), canonical=True),)
+    order = _ORDER_WITH_EXTRA if extra else _ORDER
+    parts: list[bytes | memoryview] = [ENVELOPE_MAGIC, _head(_MAP, len(order))]
+    for key in order:
+        parts.append(_KEYS[key])
+        parts.extend(values[key])
+    return b"".join(parts)
 
 
-def _write_encoded_events(encoder: cbor2.CBOREncoder, value: Any) -> None:
-    if not isinstance(value, EncodedEvents):
-        raise TypeError(f"cannot encode {type(value).__name__} in an envelope")
-    encoder.write(_array_head(value.count))
-    for chunk in value.chunks:
-        encoder.write(chunk)  # type: ignore[arg-type]  # any bytes-like object
+_BYTES: Final = 2
+_ARRAY: Final = 4
+_MAP: Final = 5
+_FORMAT: Final = cbor2.dumps(ENVELOPE_FORMAT)
+_KEYS: Final = {key: cbor2.dumps(key) for key in _TOP_KEYS}
+# RFC 7049 canonical order, as cbor2 sorts: shorter encoded keys first, then bytewise.
+_ORDER: Final = tuple(
+    sorted(_TOP_KEYS - {"extra"}, key=lambda key: (len(_KEYS[key]), _KEYS[key]))
+)
+_ORDER_WITH_EXTRA: Final = tuple(
+    sorted(_TOP_KEYS, key=lambda key: (len(_KEYS[key]), _KEYS[key]))
+)
 
 
-def _array_head(count: int) -> bytes:
-    """The CBOR head of an array of ``count`` items (major type 4, shortest form)."""
-    major = 4 << 5
-    if count < 24:
-        return bytes([major | count])
+def _head(major: int, value: int) -> bytes:
+    """A CBOR head: major type and argument, in the shortest form."""
+    if value < 24:
+        return bytes([major << 5 | value])
     for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if count < 1 << (8 * size):
-            return bytes([major | extra]) + count.to_bytes(size, "big")
-    raise ValueError("array too long for CBOR")
+        if value < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + value.to_bytes(size, "big")
+    raise ValueError("value too large for a CBOR head")
 
 
 def sniff_envelope(data: bytes) -> Literal["dstack-core", "upstream-v0", "upstream-v1"] | None:
