@@ -19,6 +19,10 @@ import attrs
 __all__ = ["EncodedJson", "encode_json", "escaped"]
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+_LONG: Final = 256
+"""Strings longer than this try the fast path of :func:`_encode_text`."""
+_PLAIN: Final = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\') + b"\n"
+"""What JSON's ASCII encoding leaves as it is (and the newline, escaped by hand)."""
 
 
 @attrs.frozen
@@ -56,16 +60,47 @@ def escaped(text: str) -> bytes:
 
 def encode_json(obj: Any) -> bytes:
     """Compact ASCII JSON of ``obj``; an :class:`EncodedJson`, or one as a value of a
-    top-level object, is inserted as it is."""
+    top-level object, is inserted as it is, and long plain text (PEM) takes a fast path."""
     if isinstance(obj, EncodedJson):
         return obj.data
-    if isinstance(obj, Mapping) and any(isinstance(v, EncodedJson) for v in obj.values()):
+    if isinstance(obj, Mapping) and any(
+        isinstance(v, EncodedJson) or (isinstance(v, str | list) and _long(v))
+        for v in obj.values()
+    ):
         parts = []
         for key, value in obj.items():
-            encoded = value.data if isinstance(value, EncodedJson) else _encode(value)
-            parts.append(_encode(key) + b":" + encoded)
+            parts.append(_encode(key) + b":" + _encode_value(value))
         return b"{" + b",".join(parts) + b"}"
     return _encode(obj)
+
+
+def _long(value: str | list[Any]) -> bool:
+    if isinstance(value, str):
+        return len(value) > _LONG
+    return any(isinstance(v, str) and len(v) > _LONG for v in value)
+
+
+def _encode_value(value: Any) -> bytes:
+    if isinstance(value, EncodedJson):
+        return value.data
+    if isinstance(value, str) and len(value) > _LONG:
+        return _encode_text(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return b"[" + b",".join(_encode_text(v) for v in value) + b"]"
+    return _encode(value)
+
+
+def _encode_text(text: str) -> bytes:
+    """A JSON string, fast for printable ASCII with newlines (PEM): only the newlines need
+    escaping, which bytes methods do at memory speed, where json's encoder goes character
+    by character. Anything else takes the encoder."""
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        return _encode(text)
+    if raw.translate(None, _PLAIN):  # something other than plain characters and newlines
+        return _encode(text)
+    return b'"' + raw.replace(b"\n", b"\\n") + b'"'
 
 
 def _encode(obj: Any) -> bytes:
