@@ -1,0 +1,35 @@
+"""jsonout: every fast path gives exactly the bytes json.dumps gives (compact, ASCII)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dstack_core.jsonout import EncodedJson, encode_json, escaped
+
+TEXT = st.text(alphabet=st.sampled_from(list('ab\n"\\/\t\r é\u2028\x00\x1f\x7f-=+~ ')), max_size=700)
+
+
+def reference(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+class TestEncodeJson:
+    @settings(max_examples=400, deadline=None)
+    @given(TEXT, st.lists(TEXT, max_size=3), st.integers(), st.booleans())
+    def test_equals_json_dumps(self, text: str, texts: list[str], number: int, flag: bool) -> None:
+        """Objects with short, long, PEM-like and hostile strings encode as json.dumps does."""
+        pem = "-----BEGIN X-----\n" + ("QUJD" * 16 + "\n") * 10 + text
+        doc = {"a": text, "pem": pem, "chain": [pem, *texts], "n": number, "b": flag}
+        assert encode_json(doc) == reference(doc)
+        assert encode_json([text, pem]) == reference([text, pem])
+
+    @given(TEXT)
+    def test_encoded_values_are_inserted(self, text: str) -> None:
+        """EncodedJson values go in as they are; string() and hex() build valid JSON."""
+        doc = {"s": EncodedJson.string([escaped(text[:5]), escaped(text[5:])]),
+               "h": EncodedJson.hex(text.encode()), "x": 1}
+        assert json.loads(encode_json(doc)) == {"s": text, "h": text.encode().hex(), "x": 1}
+        assert encode_json(EncodedJson(b"[1]")) == b"[1]"
