@@ -27,22 +27,30 @@ _PLAIN: Final = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\') + b"\n"
 
 @attrs.frozen
 class EncodedJson:
-    """A JSON value already encoded as compact ASCII bytes.
+    """A JSON value already encoded as compact ASCII bytes, possibly in pieces: a body
+    that holds it is joined once, so a large value is copied once per response.
 
-    :ivar data: the encoded value (for a string: the quotes and escapes included).
+    :ivar parts: the encoded value, split anywhere (for a string: the quotes and escapes
+        included); the pieces are never changed.
     """
 
-    data: bytes = attrs.field(repr=False)
+    parts: tuple[bytes | memoryview, ...] = attrs.field(repr=False)
 
     @classmethod
     def string(cls, pieces: Iterable[bytes | memoryview]) -> EncodedJson:
         """The JSON string whose escaped content (:func:`escaped`) is ``pieces`` joined."""
-        return cls(b"".join((b'"', *pieces, b'"')))
+        return cls((b'"', *pieces, b'"'))
 
     @classmethod
     def hex(cls, data: bytes) -> EncodedJson:
         """The JSON string of ``data`` in lower-case hex (which needs no escaping)."""
-        return cls(b'"' + binascii.hexlify(data) + b'"')
+        return cls((b'"', binascii.hexlify(data), b'"'))
+
+    @property
+    def data(self) -> bytes:
+        """The encoded value in one piece."""
+        return self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], bytes) \
+            else b"".join(self.parts)
 
     def decode(self) -> Any:
         """The value as Python objects."""
@@ -67,10 +75,16 @@ def encode_json(obj: Any) -> bytes:
         isinstance(v, EncodedJson) or (isinstance(v, str | list) and _long(v))
         for v in obj.values()
     ):
-        parts = []
+        parts: list[bytes | memoryview] = []
         for key, value in obj.items():
-            parts.append(_encode(key) + b":" + _encode_value(value))
-        return b"{" + b",".join(parts) + b"}"
+            parts.append(b"," + _encode(key) + b":")
+            if isinstance(value, EncodedJson):
+                parts.extend(value.parts)
+            else:
+                parts.append(_encode_value(value))
+        parts[0] = b"{" + parts[0][1:]
+        parts.append(b"}")
+        return b"".join(parts)
     return _encode(obj)
 
 
@@ -81,8 +95,6 @@ def _long(value: str | list[Any]) -> bool:
 
 
 def _encode_value(value: Any) -> bytes:
-    if isinstance(value, EncodedJson):
-        return value.data
     if isinstance(value, str) and len(value) > _LONG:
         return _encode_text(value)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):

@@ -32,4 +32,6 @@ class TestEncodeJson:
         doc = {"s": EncodedJson.string([escaped(text[:5]), escaped(text[5:])]),
                "h": EncodedJson.hex(text.encode()), "x": 1}
         assert json.loads(encode_json(doc)) == {"s": text, "h": text.encode().hex(), "x": 1}
-        assert encode_json(EncodedJson(b"[1]")) == b"[1]"
+        assert encode_json(EncodedJson((b"[1",  memoryview(b"]")))) == b"[1]"
+        assert encode_json({"a": EncodedJson((b"[", b"1]"))}) == b'{"a":[1]}'
+

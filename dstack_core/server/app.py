@@ -82,7 +82,7 @@ async def _attest(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
     return {"attestation": EncodedJson.hex(await svc.attest(a["report_data"]))}
 
 
-_last_info: tuple[InfoResult | None, EncodedJson] = (None, EncodedJson(b""))
+_last_info: tuple[InfoResult | None, EncodedJson] = (None, EncodedJson((b"",)))
 
 
 async def _info(svc: AgentService, a: dict[str, Any]) -> EncodedJson:
@@ -90,7 +90,7 @@ async def _info(svc: AgentService, a: dict[str, Any]) -> EncodedJson:
     info = await svc.info()
     # The service hands out the same result until Info changes: encode it once.
     if _last_info[0] is not info:
-        _last_info = (info, EncodedJson(encode_json(_info_response(info))))
+        _last_info = (info, EncodedJson((encode_json(_info_response(info)),)))
     return _last_info[1]
 
 
