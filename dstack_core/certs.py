@@ -386,10 +386,15 @@ def new_app_ca(
     return CertificateAuthority(cert=cert, key=key)
 
 
+_IP_CHARACTERS: Final = "0123456789abcdefABCDEF.:"
+"""Every character of an IPv4 or IPv6 address (without a zone id)."""
+
+
 def _general_name(entry: str) -> x509.GeneralName:
     """An iPAddress SAN if ``entry`` parses as Rust's ``IpAddr`` would, else a dNSName."""
-    # Rust's IpAddr rejects IPv6 zone ids, which Python's ipaddress accepts.
-    if "%" not in entry:
+    # Rust's IpAddr rejects IPv6 zone ids, which Python's ipaddress accepts. A name with a
+    # character no address has is a DNS name: parsing it (and raising) would cost more.
+    if "%" not in entry and not entry.strip(_IP_CHARACTERS):
         try:
             return x509.IPAddress(ipaddress.ip_address(entry))
         except ValueError:
