@@ -13,6 +13,7 @@ trailing bytes are :class:`~dstack_core.errors.EvidenceError`.
 
 from __future__ import annotations
 
+import binascii
 import functools
 import io
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ __all__ = [
     "EncodedEvents",
     "Envelope",
     "encode_envelope",
+    "encode_envelope_hex",
     "encode_event",
     "sniff_envelope",
 ]
@@ -191,10 +193,13 @@ class EncodedEvents:
     :ivar count: how many events.
     :ivar chunks: their canonical CBOR maps (:func:`encode_event`), concatenated and split
         anywhere into byte strings.
+    :ivar hex_chunks: the same bytes in lower-case hex, for :func:`encode_envelope_hex`;
+        None when not kept.
     """
 
     count: int
     chunks: Sequence[bytes | memoryview]
+    hex_chunks: Sequence[bytes | memoryview] | None = None
 
     @classmethod
     def of(cls, events: Iterable[TdxEvent]) -> EncodedEvents:
@@ -226,13 +231,53 @@ def encode_envelope(
     this runs for every attestation. Tests hold it to cbor2's encoding.
     The caller vouches for the fields (an :class:`Envelope` validates them).
     """
+    return b"".join(_envelope_parts(
+        platform=platform, evidence_format=evidence_format, quote=quote, events=events,
+        report_data=report_data, vm_config=vm_config, app_info=app_info, extra=extra,
+        version=version, hexed=False,
+    ))
+
+
+def encode_envelope_hex(
+    *,
+    platform: str,
+    evidence_format: str,
+    quote: bytes,
+    events: EncodedEvents,
+    report_data: bytes,
+    vm_config: str,
+    app_info: AppInfo,
+    extra: Mapping[str, Any],
+    version: int = ENVELOPE_VERSION,
+) -> list[bytes | memoryview]:
+    """:func:`encode_envelope` in lower-case hex, as pieces to join (``events`` must keep
+    ``hex_chunks``): the events go in as kept, so a large log is not hex-encoded again."""
+    return _envelope_parts(
+        platform=platform, evidence_format=evidence_format, quote=quote, events=events,
+        report_data=report_data, vm_config=vm_config, app_info=app_info, extra=extra,
+        version=version, hexed=True,
+    )
+
+
+def _envelope_parts(
+    *,
+    platform: str,
+    evidence_format: str,
+    quote: bytes,
+    events: EncodedEvents,
+    report_data: bytes,
+    vm_config: str,
+    app_info: AppInfo,
+    extra: Mapping[str, Any],
+    version: int,
+    hexed: bool,
+) -> list[bytes | memoryview]:
     values: dict[str, tuple[bytes | memoryview, ...]] = {
         "format": (_FORMAT,),
         "version": (cbor2.dumps(version),),
         "platform": (cbor2.dumps(platform),),
         "evidence_format": (cbor2.dumps(evidence_format),),
         "quote": (_head(_BYTES, len(quote)), quote),
-        "event_log": (_head(_ARRAY, events.count), *events.chunks),
         "report_data": (_head(_BYTES, len(report_data)), report_data),
         "vm_config": (cbor2.dumps(vm_config),),
         "app_info": (app_info.to_cbor(),),
@@ -240,11 +285,22 @@ def encode_envelope(
     if extra:
         values["extra"] = (cbor2.dumps(dict(extra), canonical=True),)
     order = _ORDER_WITH_EXTRA if extra else _ORDER
-    parts: list[bytes | memoryview] = [ENVELOPE_MAGIC, _head(_MAP, len(order))]
+    before: list[bytes | memoryview] = [ENVELOPE_MAGIC, _head(_MAP, len(order))]
+    after: list[bytes | memoryview] = []
+    current = before
     for key in order:
-        parts.append(_KEYS[key])
-        parts.extend(values[key])
-    return b"".join(parts)
+        current.append(_KEYS[key])
+        if key == "event_log":
+            current.append(_head(_ARRAY, events.count))
+            current = after
+        else:
+            current.extend(values[key])
+    if not hexed:
+        return [*before, *events.chunks, *after]
+    if events.hex_chunks is None:
+        raise ValueError("encode_envelope_hex needs events that keep hex_chunks")
+    hexlify = binascii.hexlify
+    return [hexlify(b"".join(before)), *events.hex_chunks, hexlify(b"".join(after))]
 
 
 _BYTES: Final = 2

@@ -3,7 +3,8 @@ serialised forms, kept and extended, never rebuilt per request.
 
 A :class:`MeasuredLog` holds the boot events (RTMR0-2) and the runtime events (RTMR3) in
 the three forms the API sends them in: the compact JSON of GetQuote's ``event_log``, the
-indented JSON inside Info's ``tcb_info``, and the CBOR items of an envelope. Each form is a
+indented JSON inside Info's ``tcb_info``, and the CBOR items of an envelope (and their hex,
+as Attest's answer carries them). Each form is a
 :class:`_Rope` of byte strings that only grows at the end, so cutting the log after any
 number of runtime events and joining it costs what sending it costs.
 
@@ -14,6 +15,7 @@ lock against EmitEvent.
 
 from __future__ import annotations
 
+import binascii
 import json
 from array import array
 from json.encoder import encode_basestring_ascii as _ascii
@@ -128,9 +130,10 @@ class MeasuredLog:
         self._quote = _Rope()
         self._info = _Rope()
         self._cbor = _Rope()
+        self._cbor_hex = _Rope()
         self._quote.append([_quote_item(e.stripped()) for e in self.boot_events])
         self._info.append([_info_item(e) for e in self.boot_events])
-        self._cbor.append([encode_event(e) for e in self.boot_events])
+        self._add_cbor(self.boot_events)
         # (runtime count from which it holds, identity); changes only before system-ready.
         self._identities: list[tuple[int, dict[str, bytes]]] = [(0, {})]
         self._ready_at: int | None = None  # runtime count that includes system-ready
@@ -154,13 +157,13 @@ class MeasuredLog:
             self._registers += register
         self._quote.append([_quote_item(e) for e in shown])
         self._info.append([_info_item(e) for e in shown])
-        self._cbor.append([encode_event(e) for e in shown])
+        self._add_cbor(shown)
         self._track_identity(shown, self.count - len(shown))
 
     def truncate(self, count: int) -> None:
         """Drop the runtime events after the first ``count`` (their extension failed)."""
         del self._registers[(count + 1) * REGISTER_SIZE :]
-        for rope in (self._quote, self._info, self._cbor):
+        for rope in (self._quote, self._info, self._cbor, self._cbor_hex):
             rope.truncate(self._boot + count)
         while len(self._identities) > 1 and self._identities[-1][0] > count:
             self._identities.pop()
@@ -198,8 +201,17 @@ class MeasuredLog:
         return [_INFO_OPEN, *pieces, _INFO_CLOSE]
 
     def envelope_events(self, count: int) -> EncodedEvents:
-        """An envelope's ``event_log``: every event in full, boot then ``count`` runtime."""
-        return EncodedEvents(count=self._boot + count, chunks=self._cbor.pieces(self._boot + count))
+        """An envelope's ``event_log``: every event in full, boot then ``count`` runtime
+        (in CBOR, and in its hex for Attest's answer)."""
+        total = self._boot + count
+        return EncodedEvents(
+            count=total, chunks=self._cbor.pieces(total), hex_chunks=self._cbor_hex.pieces(total)
+        )
+
+    def _add_cbor(self, events: Sequence[TdxEvent]) -> None:
+        items = [encode_event(e) for e in events]
+        self._cbor.append(items)
+        self._cbor_hex.append([binascii.hexlify(item) for item in items])
 
     def _track_identity(self, events: Sequence[TdxEvent], first: int) -> None:
         if self._ready_at is not None:

@@ -19,14 +19,14 @@ import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__, certs, keys
 from .appinfo import DEVICE_ID_UNVERIFIED, app_info_of, os_image_hash_from_vm_config
-from .envelope import AppInfo, encode_envelope
+from .envelope import AppInfo, encode_envelope, encode_envelope_hex
 from .errors import (
     ConfigurationError,
     EventTooLarge,
@@ -330,10 +330,17 @@ class AgentService:
 
     async def attest(self, report_data: bytes) -> bytes:
         """Attest: our CBOR envelope over the padded report data."""
-        return (await self._evidence(pad_report_data(report_data)))[0]
+        fields, _ = await self._evidence(pad_report_data(report_data))
+        return encode_envelope(**fields)
 
-    async def _evidence(self, report_data: bytes) -> tuple[bytes, AppInfo]:
-        """The envelope over ``report_data`` (canonical CBOR) and the app info inside it."""
+    async def attest_json(self, report_data: bytes) -> EncodedJson:
+        """:meth:`attest` as the JSON string of its hex, the events' hex kept, not redone."""
+        fields, _ = await self._evidence(pad_report_data(report_data))
+        return EncodedJson.string(encode_envelope_hex(**fields))
+
+    async def _evidence(self, report_data: bytes) -> tuple[dict[str, Any], AppInfo]:
+        """The fields of an envelope over ``report_data`` (for :func:`encode_envelope`)
+        and the app info among them."""
         if self._journal is not None and not self._tdx:
             async with self._journal.extending:
                 evidence = await self.platform.attest(report_data)
@@ -352,17 +359,17 @@ class AgentService:
         if self._tdx:
             self._learn(report_body(evidence.quote.data))
             app_info = self._identity(count)
-        envelope = encode_envelope(
-            platform=self.platform.info.tag,
-            evidence_format=self.platform.info.evidence_format,
-            quote=evidence.quote.data,
-            events=self._view.envelope_events(count),
-            report_data=report_data,
-            vm_config=self._vm_config,
-            app_info=app_info,
-            extra=evidence.extra,
-        )
-        return envelope, app_info
+        fields = {
+            "platform": self.platform.info.tag,
+            "evidence_format": self.platform.info.evidence_format,
+            "quote": evidence.quote.data,
+            "events": self._view.envelope_events(count),
+            "report_data": report_data,
+            "vm_config": self._vm_config,
+            "app_info": app_info,
+            "extra": evidence.extra,
+        }
+        return fields, app_info
 
     async def emit_event(self, *, event: str, payload: bytes) -> None:
         """EmitEvent: measured into RTMR3 and appended to the durable log before it returns.
@@ -491,9 +498,9 @@ class AgentService:
         attestation = app_info = None
         if request.usage_ra_tls or request.with_app_info:
             report_data = certs.ratls_report_data(certs.spki_der(key.public_key()))
-            envelope, info = await self._evidence(report_data)
+            fields, info = await self._evidence(report_data)
             if request.usage_ra_tls:
-                attestation = envelope
+                attestation = encode_envelope(**fields)
             if request.with_app_info:
                 app_info = info.to_cbor()
         cert_request = attrs.evolve(cert_request, attestation=attestation, app_info=app_info)

@@ -344,6 +344,20 @@ class TestCaches:
         text = run(service, scenario)
         assert events_to_json(events_from_json(text), strip=False) == text
 
+    def test_attest_hex_is_the_envelope_in_hex(self, tmp_path: Path) -> None:
+        """Attest's answer, assembled from the kept hex of the events, is exactly the hex of
+        the envelope, after events (of both digest versions) too."""
+        service = build(tmp_path)
+
+        async def scenario() -> None:
+            for i in range(3):
+                assert (await service.attest_json(b"r")).decode() == (
+                    await service.attest(b"r")
+                ).hex()
+                await service.emit_event(event=f"e{i}", payload=bytes([i]) * i)
+
+        run(service, scenario)
+
     def test_attest_app_info_follows_the_log(self, tmp_path: Path) -> None:
         """The envelope's app info (cached per log length) changes with an event."""
         from dstack_core.envelope import Envelope

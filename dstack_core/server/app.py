@@ -79,7 +79,7 @@ async def _get_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _attest(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
-    return {"attestation": EncodedJson.hex(await svc.attest(a["report_data"]))}
+    return {"attestation": await svc.attest_json(a["report_data"])}
 
 
 _last_info: tuple[InfoResult | None, EncodedJson] = (None, EncodedJson((b"",)))
