@@ -144,7 +144,7 @@ class Bench:
               f"{'agent/bare':>18}  {'target':<16} {'errors'}")
         table = {}
         trio = [servers["base"], servers["floor"], servers["agent"]]
-        for method in METHODS:
+        for method in self.args.methods.split(","):
             if method == "EmitEvent":
                 rounds = self._emit_rounds(servers)
             else:
@@ -334,6 +334,7 @@ def main() -> None:
     parser.add_argument("--startup-reps", type=int, default=5)
     parser.add_argument("--rss-requests", type=int, default=100_000)
     parser.add_argument("--phases", default="startup,ratios,mix,longlog,rss")
+    parser.add_argument("--methods", default=",".join(METHODS), help="for the ratios phase")
     parser.add_argument("--json", help="write every figure here")
     Bench(parser.parse_args()).run()
 

@@ -135,6 +135,7 @@ class MeasuredLog:
         self._info.append([_info_item(e) for e in self.boot_events])
         self._add_cbor(self.boot_events)
         # (runtime count from which it holds, identity); changes only before system-ready.
+        self._unformed: list[RuntimeEvent] = []  # runtime events whose forms are not made
         self._identities: list[tuple[int, dict[str, bytes]]] = [(0, {})]
         self._ready_at: int | None = None  # runtime count that includes system-ready
         self.extend(runtime)
@@ -149,22 +150,37 @@ class MeasuredLog:
         return bytes(self._registers[count * REGISTER_SIZE : (count + 1) * REGISTER_SIZE])
 
     def extend(self, events: Sequence[RuntimeEvent]) -> None:
-        """Add runtime events at the end, in extend order."""
-        shown = [e.to_tdx_event() for e in events]
+        """Add runtime events at the end, in extend order.
+
+        Their registers are computed now; their wire forms when a log is first cut after
+        them, so that recording an event costs no encoding while nobody reads the log.
+        """
         register = self.register(self.count)
-        for event in shown:
+        for event in events:
             register = extend(register, event.digest)
             self._registers += register
+        self._track_identity(events, self.count - len(events))
+        self._unformed.extend(events)
+
+    def _form(self) -> None:
+        if not self._unformed:
+            return
+        shown = [e.to_tdx_event() for e in self._unformed]
+        self._unformed = []
         self._quote.append([_quote_item(e) for e in shown])
         self._info.append([_info_item(e) for e in shown])
         self._add_cbor(shown)
-        self._track_identity(shown, self.count - len(shown))
 
     def truncate(self, count: int) -> None:
         """Drop the runtime events after the first ``count`` (their extension failed)."""
         del self._registers[(count + 1) * REGISTER_SIZE :]
-        for rope in (self._quote, self._info, self._cbor, self._cbor_hex):
-            rope.truncate(self._boot + count)
+        formed = len(self._quote) - self._boot
+        if count < formed:
+            self._unformed = []
+            for rope in (self._quote, self._info, self._cbor, self._cbor_hex):
+                rope.truncate(self._boot + count)
+        else:
+            del self._unformed[count - formed :]
         while len(self._identities) > 1 and self._identities[-1][0] > count:
             self._identities.pop()
         if self._ready_at is not None and self._ready_at > count:
@@ -189,6 +205,7 @@ class MeasuredLog:
     def quote_log(self, count: int) -> EncodedJson:
         """GetQuote's ``event_log`` (a JSON string): boot events stripped, then ``count``
         runtime events."""
+        self._form()
         pieces = self._quote.pieces(self._boot + count, skip=len(_QUOTE_SEP))
         return EncodedJson.string([b"[", *pieces, b"]"])
 
@@ -197,12 +214,14 @@ class MeasuredLog:
         event in full, indented as ``json.dumps(..., indent=2)`` nests it."""
         if not self._boot + count:
             return [b"[]"]
+        self._form()
         pieces = self._info.pieces(self._boot + count, skip=len(_INFO_SEP))
         return [_INFO_OPEN, *pieces, _INFO_CLOSE]
 
     def envelope_events(self, count: int) -> EncodedEvents:
         """An envelope's ``event_log``: every event in full, boot then ``count`` runtime
         (in CBOR, and in its hex for Attest's answer)."""
+        self._form()
         total = self._boot + count
         return EncodedEvents(
             count=total, chunks=self._cbor.pieces(total), hex_chunks=self._cbor_hex.pieces(total)
@@ -213,7 +232,7 @@ class MeasuredLog:
         self._cbor.append(items)
         self._cbor_hex.append([binascii.hexlify(item) for item in items])
 
-    def _track_identity(self, events: Sequence[TdxEvent], first: int) -> None:
+    def _track_identity(self, events: Sequence[RuntimeEvent], first: int) -> None:
         if self._ready_at is not None:
             return
         current = self._identities[-1][1]
@@ -222,5 +241,5 @@ class MeasuredLog:
                 self._ready_at = first + offset + 1
                 return
             if event.event in IDENTITY_EVENTS and event.event not in current:
-                current = {**current, event.event: event.event_payload}
+                current = {**current, event.event: event.payload}
                 self._identities.append((first + offset + 1, current))

@@ -80,7 +80,11 @@ class TestMeasuredLog:
         """Every form, cut after any count, equals encoding those events again, also after
         a rollback of part of a batch."""
         log = MeasuredLog(BOOT, first)
+        if keep % 2:
+            log.quote_log(len(first))  # forms made for some events before the rollback
         log.extend(second)
+        if keep % 3 == 0:
+            log.quote_log(log.count)  # and for all of them
         log.truncate(len(first) + min(keep, len(second)))
         runtime = first + second[:keep]
         for count in range(len(runtime) + 1):
