@@ -19,6 +19,7 @@ import attrs
 from aiohttp import web
 
 from ..errors import NotFound
+from .. import jsonout
 from ..jsonout import EncodedJson, encode_json
 from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, parse_json_body, parse_query
@@ -53,7 +54,10 @@ TLS_ARGS: Final = (
 
 
 def _tls_response(result: TlsKeyResult) -> dict[str, Any]:
-    return {"key": result.key, "certificate_chain": list(result.certificate_chain)}
+    return {
+        "key": jsonout.text(result.key),
+        "certificate_chain": jsonout.text_list(result.certificate_chain),
+    }
 
 
 def _quote_response(result: QuoteResult) -> dict[str, Any]:
