@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__, cli_eventlog
 from .cli_verify import register as register_verify
-from .config import PLATFORM_ENV, load_settings
+from .config import PLATFORM_ENV, ConnectionLimits, load_settings
 from .errors import ConfigurationError, DstackError
 from .platform import Platform
 from .plugins import installed_platforms, load_platform
@@ -62,7 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sys-config", type=Path, help="sys-config.json (default in state dir)")
     serve.add_argument("--runtime-log", type=Path, help="runtime event log (default in state dir)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="also serve on this TCP address")
-    serve.add_argument("--max-body-size", type=int, help="request body limit in bytes")
+    serve.add_argument(
+        "--max-body-size", type=int, help="request body limit in bytes (default 10 MiB)"
+    )
+    limits = ConnectionLimits()
+    serve.add_argument(
+        "--max-connections", type=int, metavar="N",
+        help=f"client connections open at once (default {limits.max_connections}, "
+        "lowered to fit the open-file limit)",
+    )
+    for key, what in (
+        ("idle_timeout", "a connection may wait for its next request"),
+        ("header_timeout", "a client may take to send a request head"),
+        ("body_timeout", "a client may take to send a request body"),
+        ("send_timeout", "an answer may wait for a client that reads none of it"),
+    ):
+        serve.add_argument(
+            f"--{key.replace('_', '-')}", type=float, metavar="SECONDS",
+            help=f"seconds {what} (default {getattr(limits, key):g})",
+        )
     serve.add_argument(
         "--platform-option",
         action="append",
@@ -120,6 +138,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "runtime_log": args.runtime_log,
         "listen": args.listen,
         "max_body_size": args.max_body_size,
+        "max_connections": args.max_connections,
+        "idle_timeout": args.idle_timeout,
+        "header_timeout": args.header_timeout,
+        "body_timeout": args.body_timeout,
+        "send_timeout": args.send_timeout,
         "platform_options": dict(args.platform_option),
         "reset_state": args.reset_state,
     }

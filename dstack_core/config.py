@@ -7,6 +7,7 @@ underscored (``state_dir``, ``socket_mode``, ...) and a ``platform_options`` tab
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,7 +19,14 @@ import attrs
 from .errors import ConfigurationError
 from .types import PlatformConfig
 
-__all__ = ["Settings", "load_settings", "PLATFORM_ENV", "DEFAULT_SOCKET", "DEFAULT_STATE_DIR"]
+__all__ = [
+    "ConnectionLimits",
+    "Settings",
+    "load_settings",
+    "PLATFORM_ENV",
+    "DEFAULT_SOCKET",
+    "DEFAULT_STATE_DIR",
+]
 
 PLATFORM_ENV: Final = "DSTACK_PLATFORM"
 DEFAULT_SOCKET: Final = Path("/var/run/dstack.sock")
@@ -38,7 +46,36 @@ _KEY_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
     "max_body_size": int,
     "platform_options": dict,
     "reset_state": bool,
+    "idle_timeout": (int, float),
+    "header_timeout": (int, float),
+    "body_timeout": (int, float),
+    "send_timeout": (int, float),
+    "max_connections": int,
 }
+_TIMEOUT_KEYS: Final = ("idle_timeout", "header_timeout", "body_timeout", "send_timeout")
+MAX_TIMEOUT: Final = 86400.0
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionLimits:
+    """How long a client connection may take and how many may be open at once.
+
+    The server's defence against idle, slow and too many connections (docs/api.md,
+    "Connections"); every value has a ``serve`` flag and a config file key of its name.
+
+    :ivar idle_timeout: seconds a connection may wait for its first or next request.
+    :ivar header_timeout: seconds from a request's first byte to the end of its head.
+    :ivar body_timeout: seconds from the end of the head to the end of the body.
+    :ivar send_timeout: seconds an answer may wait for a client that reads none of it.
+    :ivar max_connections: connections open at once; the agent lowers it further to fit
+        its open-file limit (RLIMIT_NOFILE).
+    """
+
+    idle_timeout: float = 30.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
+    max_connections: int = 512
 
 
 @attrs.frozen(kw_only=True)
@@ -57,6 +94,7 @@ class Settings:
     max_body_size: int = DEFAULT_MAX_BODY
     platform_options: Mapping[str, str] = attrs.field(factory=dict)
     reset_state: bool = False
+    limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
 
     def platform_config(self) -> PlatformConfig:
         """Paths for the platform; unset inputs default to files in the state dir."""
@@ -91,6 +129,29 @@ def _parse_mode(value: Any) -> int:
     if not 0 <= mode <= 0o777:
         raise ConfigurationError(f"socket mode out of range: {oct(mode)}")
     return mode
+
+
+def _parse_limits(merged: Mapping[str, Any]) -> ConnectionLimits:
+    values: dict[str, Any] = {}
+    for key in _TIMEOUT_KEYS:
+        if key in merged:
+            value = merged[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not 0 < value <= MAX_TIMEOUT
+            ):
+                raise ConfigurationError(
+                    f"{key} must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {value!r}"
+                )
+            values[key] = float(value)
+    if "max_connections" in merged:
+        count = merged["max_connections"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigurationError(f"max_connections must be a positive integer, got {count!r}")
+        values["max_connections"] = count
+    return ConnectionLimits(**values)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -146,6 +207,7 @@ def load_settings(
             raise ConfigurationError("max_body_size must be an integer of at least 1024")
         values["max_body_size"] = size
     values["reset_state"] = bool(merged.get("reset_state", False))
+    values["limits"] = _parse_limits(merged)
     settings = Settings(**values)
     if len(os.fsencode(settings.socket)) > MAX_SOCKET_PATH:
         raise ConfigurationError(

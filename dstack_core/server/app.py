@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import attrs
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ..errors import NotFound
 from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
-from .codec import Field, Schema, decode_args, parse_json_body, parse_query
+from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
 from .errors import error_middleware, json_response
 
 __all__ = ["create_app", "SERVICE_KEY", "DEFAULT_MAX_BODY", "DSTACK_METHODS", "TAPPD_METHODS"]
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 SERVICE_KEY: Final = web.AppKey("service", AgentService)
+MAX_BODY_KEY: Final = web.AppKey("max_body", int)
 TAPPD_PREFIX: Final = "Tappd."
 
 Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -186,9 +187,25 @@ TAPPD_METHODS: Final[dict[str, Method]] = {
 }
 
 
+async def _read_body(request: web.Request) -> bytes:
+    """The decoded body, empty when there is none.
+
+    Read for every method and verb, also where it is ignored, so that the size limit and
+    the ``Content-Encoding`` rules hold on every path.
+    """
+    if not request.body_exists:
+        return b""
+    body = await request.read()
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+    if encoding is not None:
+        body = decode_content(body, encoding, request.app[MAX_BODY_KEY])
+    return body
+
+
 async def _call(request: web.Request, method: Method) -> web.Response:
+    body = await _read_body(request)
     if request.method == "POST":
-        doc = parse_json_body(await request.read()) if method.schema else {}
+        doc = parse_json_body(body) if method.schema else {}
     else:
         doc = parse_query(request.query, method.schema)
     args = decode_args(method.schema, doc)
@@ -217,9 +234,16 @@ async def _prpc(request: web.Request) -> web.Response:
 
 
 def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
-    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
+    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes (as sent,
+    and once decoded) get 400."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=max_body,
+        # Bodies are decoded by _read_body, which knows the limit and our error codes.
+        handler_args={"auto_decompress": False},
+    )
     app[SERVICE_KEY] = service
+    app[MAX_BODY_KEY] = max_body
     # add_get also answers HEAD, as upstream's Rocket routes do.
     for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
         app.router.add_get(path, handler)

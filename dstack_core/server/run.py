@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
 from ..errors import ConfigurationError
@@ -29,6 +28,7 @@ from ..plugins import load_platform
 from ..service import AgentService, ServiceFiles
 from . import systemd
 from .app import create_app
+from .connections import LISTEN_BACKLOG, ConnectionGuard, listening_sockets
 
 __all__ = ["serve", "prepare_socket_path"]
 
@@ -94,17 +94,6 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class _MalformedHttpFilter(logging.Filter):
-    """aiohttp logs a client's malformed HTTP with a traceback; it is the client's error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            log.info("rejected malformed HTTP from a client: %s", exc)
-            return False
-        return True
-
-
 def _start_service(platform: Platform, settings: Settings) -> AgentService:
     try:
         return AgentService.start(platform, settings.platform_config(), ServiceFiles())
@@ -127,22 +116,28 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         await _serve_locked(platform, settings, ready, activated)
 
 
-async def _bind_unix(runner: web.AppRunner, settings: Settings) -> None:
+def _bind_unix(settings: Settings) -> socket.socket:
+    """The agent's Unix socket, bound with its final mode and listening."""
     prepare_socket_path(settings.socket)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that already gives the final mode: no window in which the
     # socket is more open than configured.
     old_umask = os.umask(0o777 & ~settings.socket_mode)
     try:
-        await web.UnixSite(runner, os.fspath(settings.socket)).start()
+        sock.bind(os.fspath(settings.socket))
     except OSError as exc:
+        sock.close()
         raise ConfigurationError(f"cannot bind {settings.socket}: {exc}") from None
     finally:
         os.umask(old_umask)
     try:
         os.chmod(settings.socket, settings.socket_mode)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
+        sock.close()
         settings.socket.unlink(missing_ok=True)
         raise ConfigurationError(f"cannot set the mode of {settings.socket}: {exc}") from None
+    return sock
 
 
 async def _serve_locked(
@@ -152,7 +147,6 @@ async def _serve_locked(
     activated: socket.socket | None,
 ) -> None:
     service = await asyncio.to_thread(_start_service, platform, settings)
-    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     # From here on a signal must not kill us between binding and unlinking the socket.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -162,20 +156,25 @@ async def _serve_locked(
     bound = False
     try:
         await runner.setup()
+        assert runner.server is not None
+        guard = ConnectionGuard(runner.server, settings.limits)
         if activated is not None:
             # systemd owns the socket file and its mode; we only serve on it.
-            await web.SockSite(runner, activated).start()
+            await guard.site(runner, activated).start()
             where = f"the systemd-activated socket {activated.getsockname()}"
         else:
-            await _bind_unix(runner, settings)
+            sock = _bind_unix(settings)
             bound = True
+            await guard.site(runner, sock).start()
             where = os.fspath(settings.socket)
         if settings.listen is not None:
             host, port = settings.listen
             try:
-                await web.TCPSite(runner, host, port).start()
+                tcp_sockets = listening_sockets(host, port)
             except OSError as exc:
                 raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
+            for tcp in tcp_sockets:
+                await guard.site(runner, tcp).start()
         log.warning(
             "dstack-agent serving platform %s on %s%s",
             service.platform.name,

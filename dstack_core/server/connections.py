@@ -1,0 +1,602 @@
+"""Connection handling: timeouts, a cap on open connections, and accept() that survives.
+
+aiohttp parses HTTP well, but a server built on ``loop.create_server`` keeps an idle
+connection for an hour, has no deadline for a request head or body, no cap on connections,
+and at the open-file limit logs every failed ``accept()`` with a traceback while clients
+wait in the backlog. This module owns the listening sockets and each accepted connection.
+
+Each connection is in one phase, with a deadline:
+
+========  ==========================================  =====================================
+phase     from                                        at the deadline
+========  ==========================================  =====================================
+idle      accept, or the end of the previous answer   closed quietly (``idle_timeout``)
+head      the first byte of a request                 408 and closed (``header_timeout``)
+body      the end of the head, until the last byte    408 and closed (``body_timeout``)
+busy      the whole request is in                     none: the platform may be slow
+========  ==========================================  =====================================
+
+An answer the client does not read for ``send_timeout`` (its socket buffer stays full)
+aborts the connection, whatever the phase.
+
+At most ``max_connections`` connections are open, and never more than the open-file limit
+(RLIMIT_NOFILE) leaves after :data:`RESERVED_FDS` for the agent's own files. At the cap, a
+new connection evicts the one that has waited longest without a request being handled (an
+idle, slow or unread connection); only when every connection is busy does accepting pause,
+until one finishes. A client that sends its request promptly is therefore served while
+others hold connections open. ``accept()`` failing for lack of resources (EMFILE, ENFILE,
+ENOBUFS, ENOMEM) evicts such a connection to free a descriptor and retries with exponential
+back-off from :data:`BACKOFF_MIN` to :data:`BACKOFF_MAX`.
+
+Whatever an attacker does, the log grows by a bounded amount: each kind of event is logged
+at most :data:`LOG_BURST` times a minute, the rest are counted in one summary line.
+
+The HTTP layer's own answers (requests the parser rejects, an unknown ``Expect``) get the
+JSON error shape here too, through :func:`~dstack_core.server.errors.http_layer_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import errno
+import logging
+import math
+import resource
+import socket
+from collections.abc import Iterable
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from ..config import ConnectionLimits
+from ..errors import RequestTimeout
+from .codec import to_json_bytes
+from .errors import (
+    MAX_HEADER_FIELD,
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+    error_response,
+    http_exception_response,
+    http_layer_error,
+)
+
+__all__ = [
+    "BACKOFF_MAX",
+    "BACKOFF_MIN",
+    "LOG_BURST",
+    "RESERVED_FDS",
+    "ConnectionGuard",
+    "GuardedRequestHandler",
+    "GuardedSite",
+    "effective_max_connections",
+    "listening_sockets",
+]
+
+log = logging.getLogger(__name__)
+
+RESERVED_FDS: Final = 64
+"""Descriptors kept free of client connections for the agent's own files and threads."""
+MIN_CONNECTIONS: Final = 4
+BACKOFF_MIN: Final = 0.01
+BACKOFF_MAX: Final = 1.0
+ACCEPT_BATCH: Final = 32
+"""Connections accepted per readiness event, so one listener cannot starve the loop."""
+LISTEN_BACKLOG: Final = 512
+LINGER_TIME: Final = 2.0
+"""Seconds aiohttp keeps reading a body nobody wanted before closing (after an error)."""
+LOG_WINDOW: Final = 60.0
+LOG_BURST: Final = 3
+# accept() errors that are about the resources of this host, not one connection.
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors that concern one connection that already went away.
+_TRANSIENT_ERRNOS: Final = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH}
+)
+
+
+def effective_max_connections(configured: int, fd_limit: int | None = None) -> int:
+    """``configured``, lowered so connections leave :data:`RESERVED_FDS` of the open-file
+    limit (the soft RLIMIT_NOFILE unless ``fd_limit`` is given) free; at least a few."""
+    if fd_limit is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fd_limit = soft if soft != resource.RLIM_INFINITY else None
+    if fd_limit is None:
+        return configured
+    return max(MIN_CONNECTIONS, min(configured, fd_limit - RESERVED_FDS))
+
+
+class _LogLimiter:
+    """At most :data:`LOG_BURST` lines per kind of event and :data:`LOG_WINDOW`; the rest of
+    a window's events of that kind become one summary line when it ends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # kind -> [window start, lines logged, events suppressed, level]
+        self._windows: dict[str, list[Any]] = {}
+        self._flush: asyncio.TimerHandle | None = None
+
+    def log(self, kind: str, level: int, msg: str, *args: object) -> None:
+        now = self._loop.time()
+        window = self._windows.get(kind)
+        if window is None or now - window[0] >= LOG_WINDOW:
+            if window is not None:
+                self._summarise(kind, window)
+            window = self._windows[kind] = [now, 0, 0, level]
+        if window[1] < LOG_BURST:
+            window[1] += 1
+            log.log(level, msg, *args)
+            return
+        window[2] += 1
+        if self._flush is None:
+            self._flush = self._loop.call_at(window[0] + LOG_WINDOW, self.flush)
+
+    def flush(self) -> None:
+        """Summarise every window that has ended (and, at shutdown, ``close`` every one)."""
+        self._flush = None
+        now = self._loop.time()
+        for kind, window in list(self._windows.items()):
+            if now - window[0] >= LOG_WINDOW:
+                del self._windows[kind]
+                self._summarise(kind, window)
+        pending = [w[0] + LOG_WINDOW for w in self._windows.values() if w[2]]
+        if pending:
+            self._flush = self._loop.call_at(min(pending), self.flush)
+
+    def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        for kind, window in self._windows.items():
+            self._summarise(kind, window)
+        self._windows.clear()
+
+    def _summarise(self, kind: str, window: list[Any]) -> None:
+        start, _, suppressed, level = window
+        if suppressed:
+            log.log(level, "%d more %s events in %.0f s (not logged one by one)",
+                    suppressed, kind, self._loop.time() - start)
+            window[2] = 0
+
+
+class _Phase(enum.Enum):
+    IDLE = "idle"
+    HEAD = "head"
+    BODY = "body"
+    BUSY = "busy"
+    LINGER = "linger"
+    """The answer is out but the body was not read to its end; aiohttp drains or closes."""
+
+
+def _raw_response(exc: RequestTimeout) -> bytes:
+    body = to_json_bytes(exc.to_json())
+    return (
+        f"HTTP/1.1 {exc.http_status} Request Timeout\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii") + body
+
+
+_HEAD_TIMEOUT_RESPONSE: Final = _raw_response(RequestTimeout("request head not received in time"))
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's HTTP/1.1 protocol with phases, deadlines and JSON for its own errors.
+
+    Created by :class:`ConnectionGuard` for each accepted connection. Only public aiohttp
+    extension points are overridden: the asyncio protocol callbacks, ``handle_error``,
+    ``finish_response`` and ``log_access`` (which aiohttp calls once per answer sent).
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_guard",
+        "_payload",
+        "_phase",
+        "_request_start",
+        "_stalled_at",
+        "_timer",
+        "evicted",
+    )
+
+    def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._phase = _Phase.IDLE
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._payload: StreamReader | None = None
+        self._stalled_at: float | None = None
+        self._request_start = b""
+        self.evicted = False
+
+    # --- phases -------------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return  # fires first and re-arms for the later deadline (cheaper than cancel)
+            timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _enter(self, phase: _Phase, timeout: float | None) -> None:
+        self._phase = phase
+        if timeout is None:
+            self._deadline = math.inf
+        else:
+            self._deadline = self._loop.time() + timeout
+            self._arm(self._deadline)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        now = self._loop.time()
+        limits = self._guard.limits
+        if self._stalled_at is not None and now >= self._stalled_at + limits.send_timeout:
+            self._guard.note("send_timeout", "closed a connection that read none of its answer "
+                             "for %g s", limits.send_timeout)
+            self.transport.abort()
+            return
+        if now < self._deadline:
+            self._arm(self._deadline)
+        elif self._phase is _Phase.IDLE:
+            self._guard.stats["idle_closed"] += 1
+            self.force_close()
+        elif self._phase is _Phase.HEAD:
+            self._guard.note("header_timeout", "closed a connection that sent no complete "
+                             "request head in %g s", limits.header_timeout)
+            self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+            self.force_close()
+        elif self._phase is _Phase.BODY:
+            self._guard.note("body_timeout", "closed a connection that sent no complete "
+                             "request body in %g s", limits.body_timeout)
+            self._enter(_Phase.LINGER, None)
+            assert self._payload is not None
+            # The handler reading the body answers 408 (RequestTimeout is a TimeoutError, which
+            # also ends aiohttp's draining of the body); the connection closes after it.
+            self._payload.set_exception(RequestTimeout("request body not received in time"))
+        if self._stalled_at is not None and self.transport is not None:
+            self._arm(self._stalled_at + limits.send_timeout)
+
+    def request_started(self, payload: StreamReader) -> None:
+        """The head is parsed and a handler is about to run (called by the request factory)."""
+        self._payload = payload
+        if payload.is_eof():
+            self._enter(_Phase.BUSY, None)
+            self._guard.busy(self)
+        else:
+            self._enter(_Phase.BODY, self._guard.limits.body_timeout)
+            payload.on_eof(self._body_received)
+
+    def _body_received(self) -> None:
+        if self._phase is _Phase.BODY:
+            self._enter(_Phase.BUSY, None)
+            self._guard.busy(self)
+        elif self._phase is _Phase.LINGER:
+            self._enter(_Phase.IDLE, self._guard.limits.idle_timeout)
+
+    # --- asyncio protocol callbacks -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._guard.waiting(self)
+        self._enter(_Phase.IDLE, self._guard.limits.idle_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._payload = None
+        self._guard.closed(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase is _Phase.IDLE and data:
+            self._request_start = data[:32]
+            self._enter(_Phase.HEAD, self._guard.limits.header_timeout)
+            self._guard.waiting(self)  # youngest again: a request is starting
+        super().data_received(data)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._stalled_at = self._loop.time()
+        self._arm(self._stalled_at + self._guard.limits.send_timeout)
+        self._guard.waiting(self)  # a client that reads nothing may be evicted
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stalled_at = None
+        if self._phase is _Phase.BUSY:
+            self._guard.busy(self)
+
+    # --- aiohttp extension points -------------------------------------------------------
+
+    def log_access(self, request: BaseRequest, response: web.StreamResponse,
+                   time: float | None) -> None:
+        # Called once per answer, after its last byte was handed to the transport.
+        payload, self._payload = self._payload, None
+        if payload is not None and not payload.is_eof():
+            self._enter(_Phase.LINGER, None)
+        else:
+            self._enter(_Phase.IDLE, self._guard.limits.idle_timeout)
+        self._guard.waiting(self)
+        super().log_access(request, response, time)
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """The answer to a request aiohttp could not parse or handle: our JSON error."""
+        error = http_layer_error(exc, self._request_start)
+        if error.http_status >= 500:
+            log.error("error handling a request", exc_info=exc)
+        else:
+            self._guard.note("rejected_http", "rejected a request the HTTP parser refused "
+                             "(%s): %s", type(exc).__name__, error.code)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already started; cannot send an error")
+        response = error_response(error)
+        response.force_close()
+        return response
+
+    async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException):
+            # Only the Expect handler raises outside the middleware.
+            resp = http_exception_response(resp)
+        return await super().finish_response(request, resp, start_time)
+
+
+class ConnectionGuard:
+    """Every listening socket and client connection of one aiohttp server.
+
+    :param server: the runner's :class:`aiohttp.web.Server` (``runner.server``).
+    :param limits: timeouts and the connection cap.
+    :param fd_limit: the open-file limit to fit (default: the process's soft RLIMIT_NOFILE).
+
+    Use :meth:`site` to serve on a bound, listening socket.
+    """
+
+    def __init__(self, server: web.Server, limits: ConnectionLimits, *,
+                 fd_limit: int | None = None) -> None:
+        self.limits = limits
+        self.max_connections = effective_max_connections(limits.max_connections, fd_limit)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._log = _LogLimiter(self._loop)
+        self._open = 0  # accepted, not yet lost
+        self._aborting = 0  # evicted, not yet lost
+        # Connections with no request being handled, longest-waiting first (dicts keep order).
+        self._waiting: dict[GuardedRequestHandler, None] = {}
+        self._listeners: list[socket.socket] = []
+        self._at_cap = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff = 0.0
+        self._failures = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        factory = server.request_factory
+
+        def request_factory(message: Any, payload: StreamReader, protocol: RequestHandler,
+                            writer: Any, task: asyncio.Task[None]) -> BaseRequest:
+            if isinstance(protocol, GuardedRequestHandler):
+                protocol.request_started(payload)
+            return factory(message, payload, protocol, writer, task)
+
+        server.request_factory = request_factory
+        log.info(
+            "connection limits: %d open at most, timeouts idle %gs, head %gs, body %gs, send %gs",
+            self.max_connections, limits.idle_timeout, limits.header_timeout,
+            limits.body_timeout, limits.send_timeout,
+        )
+
+    def site(self, runner: web.BaseRunner, sock: socket.socket) -> GuardedSite:
+        """A site serving on ``sock`` (bound and listening) through this guard."""
+        return GuardedSite(runner, sock, self)
+
+    @property
+    def open_connections(self) -> int:
+        return self._open - self._aborting
+
+    def note(self, kind: str, msg: str, *args: object, level: int = logging.INFO) -> None:
+        """Count and (rate-limited) log an event of ``kind``."""
+        self.stats[kind] += 1
+        self._log.log(kind, level, msg, *args)
+
+    # --- bookkeeping called by the connections ------------------------------------------
+
+    def waiting(self, conn: GuardedRequestHandler) -> None:
+        """``conn`` has no request being handled (or stalls its answer): evictable, youngest."""
+        waiting = self._waiting
+        waiting.pop(conn, None)
+        waiting[conn] = None
+        if self._at_cap:
+            self._resume_accepting()
+
+    def busy(self, conn: GuardedRequestHandler) -> None:
+        self._waiting.pop(conn, None)
+
+    def closed(self, conn: GuardedRequestHandler) -> None:
+        self._waiting.pop(conn, None)
+        self._open -= 1
+        if conn.evicted:
+            self._aborting -= 1
+        if self._at_cap:
+            self._resume_accepting()
+
+    # --- accepting ----------------------------------------------------------------------
+
+    def listen(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        if self._retry is None and not self._at_cap:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def unlisten(self, sock: socket.socket) -> None:
+        if sock in self._listeners:
+            self._listeners.remove(sock)
+            self._loop.remove_reader(sock.fileno())
+        if not self._listeners:
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+            self._log.close()
+
+    def _pause_accepting(self) -> None:
+        for sock in self._listeners:
+            self._loop.remove_reader(sock.fileno())
+
+    def _resume_accepting(self) -> None:
+        self._at_cap = False
+        if self._retry is not None:
+            return
+        for sock in self._listeners:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _evict(self) -> bool:
+        """Abort the connection that has waited longest; False when every one is busy."""
+        for conn in self._waiting:
+            del self._waiting[conn]
+            conn.evicted = True
+            self._aborting += 1
+            self.stats["evicted"] += 1
+            if conn.transport is not None:
+                conn.transport.abort()
+            return True
+        return False
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.open_connections >= self.max_connections and not self._evict():
+                self._at_cap = True
+                self._pause_accepting()
+                self.note("at_cap", "%d connections open, all busy: accepting paused until "
+                          "one finishes", self.max_connections, level=logging.WARNING)
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                self._accept_failed(exc)
+                return
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        if self._failures:
+            log.warning("accept() works again after %d failures", self._failures)
+            self._failures = 0
+        self._backoff = 0.0
+        self._open += 1
+        task = self._loop.create_task(self._connect(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._protocol, conn)
+        except OSError as exc:
+            self._open -= 1
+            conn.close()
+            log.debug("could not set up an accepted connection: %s", exc)
+
+    def _protocol(self) -> GuardedRequestHandler:
+        limits = self.limits
+        return GuardedRequestHandler(
+            self._server,
+            self,
+            loop=self._loop,
+            # Our idle timer closes idle connections; aiohttp's is only a backstop.
+            keepalive_timeout=limits.idle_timeout + limits.header_timeout + 1,
+            access_log=None,
+            max_line_size=MAX_REQUEST_LINE,
+            max_field_size=MAX_HEADER_FIELD,
+            max_headers=MAX_HEADERS,
+            lingering_time=LINGER_TIME,
+            auto_decompress=False,
+        )
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self._failures += 1
+        self._backoff = min(max(self._backoff * 2, BACKOFF_MIN), BACKOFF_MAX)
+        if exc.errno in _RESOURCE_ERRNOS:
+            what = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            self.note("accept_failures", "accept() failed: %s (%s) with %d connections open; "
+                      "freeing one and retrying with back-off", exc.strerror, what,
+                      self.open_connections, level=logging.WARNING)
+            # The evicted connection's descriptor is closed on the next loop iteration.
+            delay = 0.0 if self._evict() else self._backoff
+        else:
+            self.note("accept_failures", "accept() failed: %s; retrying with back-off", exc,
+                      level=logging.WARNING)
+            delay = self._backoff
+        self._pause_accepting()
+        self._retry = self._loop.call_later(delay, self._retry_accept)
+
+    def _retry_accept(self) -> None:
+        self._retry = None
+        if not self._at_cap:
+            self._resume_accepting()
+
+
+class GuardedSite(web.BaseSite):
+    """An aiohttp site on an already bound, listening socket, accepted by a guard."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        self._sock = sock
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        return f"{self._sock.getsockname()}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._guard.listen(self._sock)
+
+    async def stop(self) -> None:
+        self._guard.unlisten(self._sock)
+        self._sock.close()
+        await super().stop()
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening TCP sockets for every address ``host`` resolves to.
+
+    :raises OSError: when resolving or binding fails (nothing is left open).
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in _unique(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _unique(infos: Iterable[Any]) -> list[Any]:
+    seen: set[Any] = set()
+    out = []
+    for info in infos:
+        key = (info[0], info[4])
+        if key not in seen:
+            seen.add(key)
+            out.append(info)
+    return out
+
