@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dstack_core.testing import short_tempdir
+from dstack_core.testing.logscan import log_file
 
 from .conftest import trust_bundle_for
 
@@ -51,7 +52,8 @@ def gunicorn_verifier(agent):
         "DSTACK_VERIFIER_ROOT_CA": str(bundle_dir / "root_ca.pem"),
         "DSTACK_VERIFIER_ALLOW_SIMULATOR": "1",
     }
-    log = (bundle_dir / "gunicorn.log").open("wb")
+    log_path = log_file("gunicorn")
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("gunicorn")), "dstack_core.server.verifier:app_from_env",
          "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "2",
@@ -67,7 +69,7 @@ def gunicorn_verifier(agent):
             time.sleep(0.1)
     else:
         proc.kill()
-        pytest.fail((bundle_dir / "gunicorn.log").read_text())
+        pytest.fail(log_path.read_text())
     yield port
     proc.terminate()
     proc.wait(15)

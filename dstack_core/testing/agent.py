@@ -15,9 +15,11 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from . import logscan
 
 __all__ = ["AgentProcess", "TEMP_BASE_ENV", "short_tempdir", "uds_request"]
 
@@ -61,6 +63,7 @@ def uds_request(
         sock.close()
     raw = b"".join(chunks)
     head, _, payload = raw.partition(b"\r\n\r\n")
+    logscan.register_answer(payload)
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     parsed = {}
     for line in header_lines:
@@ -90,6 +93,8 @@ class AgentProcess:
     :param workdir: where the socket and (by default) the state dir live.
     :param extra_args: more ``serve`` flags.
     :param env: extra environment variables.
+    :param preexec_fn: run in the child before the agent starts (e.g. to lower its
+        RLIMIT_NOFILE with :func:`resource.setrlimit`).
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class AgentProcess:
         state_dir: Path | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.workdir = workdir or short_tempdir()
         self.socket = self.workdir / "dstack.sock"
@@ -107,7 +113,13 @@ class AgentProcess:
         self.platform = platform
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
-        self.log_path = self.workdir / "agent.log"
+        self.preexec_fn = preexec_fn
+        # With a log scan on, the log outlives the workdir (which tests remove).
+        self.log_path = (
+            logscan.log_file(f"agent-{self.workdir.name}")
+            if os.environ.get(logscan.LOG_DIR_ENV)
+            else self.workdir / "agent.log"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -118,11 +130,17 @@ class AgentProcess:
             cmd += ["--platform", self.platform]
         return cmd + self.extra_args
 
+    def _register_key_files(self) -> None:
+        """Let a log scan know this agent's keys (its inputs and its state dir)."""
+        keyfiles = [Path(a) for a in self.command if a.endswith(".json") or a.endswith(".seed")]
+        logscan.register_key_files(*keyfiles, self.state_dir)
+
     def start(self, *, wait: bool = True) -> AgentProcess:
+        self._register_key_files()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env}, preexec_fn=self.preexec_fn,
         )
         log.close()
         if wait:
@@ -154,6 +172,7 @@ class AgentProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the agent and wait for it; returns its exit code."""
         assert self.proc is not None
+        self._register_key_files()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
