@@ -157,6 +157,7 @@ class AgentProcess:
             try:
                 status, _, _ = uds_request(self.socket, "GET", "/Version", timeout=2)
                 if status == 200:
+                    self._register_key_files()  # the agent has made its keys by now
                     return
             except OSError:
                 pass
