@@ -50,11 +50,11 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from ..config import ConnectionLimits
-from ..errors import RequestTimeout
+from ..errors import MalformedHttp, RequestTimeout
 from .codec import to_json_bytes
 from .errors import (
     MAX_HEADER_FIELD,
@@ -132,6 +132,7 @@ class _LogLimiter:
             log.log(level, msg, *args)
             return
         window[2] += 1
+        log.debug(msg, *args)  # every one, for --debug
         if self._flush is None:
             self._flush = self._loop.call_at(window[0] + LOG_WINDOW, self.flush)
 
@@ -181,6 +182,11 @@ def _raw_response(exc: RequestTimeout) -> bytes:
 
 
 _HEAD_TIMEOUT_RESPONSE: Final = _raw_response(RequestTimeout("request head not received in time"))
+
+
+class _BrokenBody(MalformedHttp, TimeoutError):
+    """A body whose framing broke: it will never complete (a :class:`TimeoutError` to
+    aiohttp, as :class:`~dstack_core.errors.RequestTimeout` is)."""
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -296,11 +302,24 @@ class GuardedRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._phase is _Phase.IDLE and data:
+        phase = self._phase
+        if phase is _Phase.IDLE and data:
             self._request_start = data[:32]
             self._enter(_Phase.HEAD, self._guard.limits.header_timeout)
             self._guard.waiting(self)  # youngest again: a request is starting
         super().data_received(data)
+        if phase is _Phase.BODY:
+            self._check_body_framing()
+
+    def _check_body_framing(self) -> None:
+        # aiohttp's C parser queues broken framing inside a body (a bad chunk size) as the
+        # next message, while the handler waits for the rest of the body forever. Hand the
+        # error to the body's reader instead; the middleware answers it and closes.
+        messages = self._messages
+        error = messages[-1][0] if messages else None
+        if isinstance(error, _ErrInfo) and self._payload is not None:
+            messages.pop()
+            self._payload.set_exception(_BrokenBody(http_layer_error(error.exc).message))
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -463,7 +482,8 @@ class ConnectionGuard:
             del self._waiting[conn]
             conn.evicted = True
             self._aborting += 1
-            self.stats["evicted"] += 1
+            self.note("evicted", "%d connections open: closed the one waiting longest for a "
+                      "request to make room", self.max_connections)
             if conn.transport is not None:
                 conn.transport.abort()
             return True
