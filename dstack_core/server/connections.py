@@ -45,7 +45,7 @@ import logging
 import math
 import resource
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from aiohttp import web
@@ -86,10 +86,18 @@ BACKOFF_MIN: Final = 0.01
 BACKOFF_MAX: Final = 1.0
 ACCEPT_BATCH: Final = 32
 """Connections accepted per readiness event, so one listener cannot starve the loop."""
-LISTEN_BACKLOG: Final = 512
+LISTEN_BACKLOG: Final = 4096
+"""Connections the kernel queues for accept() (it caps this at net.core.somaxconn)."""
+EVICTION_GRACE: Final = 0.25
+"""Seconds a connection is safe from eviction after it connected or began a request: a
+client sending its request promptly is never cut off, and evictions happen at most
+``max_connections / EVICTION_GRACE`` times a second."""
 LINGER_TIME: Final = 2.0
 """Seconds aiohttp keeps reading a body nobody wanted before closing (after an error)."""
 LOG_WINDOW: Final = 60.0
+INCIDENT_QUIET: Final = 2.0
+"""Seconds without an accept() failure that end an incident (one line when it starts, one
+a minute while it lasts, one when it ends)."""
 LOG_BURST: Final = 3
 # accept() errors that are about the resources of this host, not one connection.
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -206,6 +214,7 @@ class GuardedRequestHandler(RequestHandler):
         "_stalled_at",
         "_timer",
         "evicted",
+        "waiting_since",
     )
 
     def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
@@ -218,6 +227,7 @@ class GuardedRequestHandler(RequestHandler):
         self._stalled_at: float | None = None
         self._request_start = b""
         self.evicted = False
+        self.waiting_since = 0.0
 
     # --- phases -------------------------------------------------------------------------
 
@@ -394,9 +404,10 @@ class ConnectionGuard:
         self._waiting: dict[GuardedRequestHandler, None] = {}
         self._listeners: list[socket.socket] = []
         self._at_cap = False
+        self._cap_timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = 0.0
-        self._failures = 0
+        self._incident: _AcceptIncident | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         factory = server.request_factory
 
@@ -433,8 +444,9 @@ class ConnectionGuard:
         waiting = self._waiting
         waiting.pop(conn, None)
         waiting[conn] = None
-        if self._at_cap:
-            self._resume_accepting()
+        conn.waiting_since = self._loop.time()
+        if self._at_cap and self._cap_timer is None:
+            self._resume_accepting()  # paused with every connection busy: one is not now
 
     def busy(self, conn: GuardedRequestHandler) -> None:
         self._waiting.pop(conn, None)
@@ -460,9 +472,12 @@ class ConnectionGuard:
             self._listeners.remove(sock)
             self._loop.remove_reader(sock.fileno())
         if not self._listeners:
-            if self._retry is not None:
-                self._retry.cancel()
-                self._retry = None
+            for timer in (self._retry, self._cap_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._retry = self._cap_timer = None
+            if self._incident is not None:
+                self._incident.close()
             self._log.close()
 
     def _pause_accepting(self) -> None:
@@ -471,32 +486,50 @@ class ConnectionGuard:
 
     def _resume_accepting(self) -> None:
         self._at_cap = False
+        if self._cap_timer is not None:
+            self._cap_timer.cancel()
+            self._cap_timer = None
         if self._retry is not None:
             return
         for sock in self._listeners:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
-    def _evict(self) -> bool:
-        """Abort the connection that has waited longest; False when every one is busy."""
+    def _evict(self) -> float | None:
+        """Abort the connection that has waited longest for a request.
+
+        :returns: None when one was aborted, else the seconds until one may be (infinite
+            when every connection is busy with a request).
+        """
         for conn in self._waiting:
+            wait = conn.waiting_since + EVICTION_GRACE - self._loop.time()
+            if wait > 0:
+                return wait
             del self._waiting[conn]
             conn.evicted = True
             self._aborting += 1
-            self.note("evicted", "%d connections open: closed the one waiting longest for a "
-                      "request to make room", self.max_connections)
+            self.note("evicted", "closed the connection waiting longest for a request to make "
+                      "room (%d open, at most %d)", self.open_connections, self.max_connections)
             if conn.transport is not None:
                 conn.transport.abort()
-            return True
-        return False
+            return None
+        return math.inf
+
+    def _pause_at_cap(self, wait: float) -> None:
+        self._at_cap = True
+        self._pause_accepting()
+        if math.isinf(wait):
+            self.note("at_cap", "%d connections open, all busy: accepting paused until one "
+                      "finishes", self.max_connections, level=logging.WARNING)
+        else:
+            self._cap_timer = self._loop.call_later(wait, self._resume_accepting)
 
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
-            if self.open_connections >= self.max_connections and not self._evict():
-                self._at_cap = True
-                self._pause_accepting()
-                self.note("at_cap", "%d connections open, all busy: accepting paused until "
-                          "one finishes", self.max_connections, level=logging.WARNING)
-                return
+            if self.open_connections >= self.max_connections:
+                wait = self._evict()
+                if wait is not None:
+                    self._pause_at_cap(wait)
+                    return
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -509,9 +542,6 @@ class ConnectionGuard:
             self._accepted(conn)
 
     def _accepted(self, conn: socket.socket) -> None:
-        if self._failures:
-            log.warning("accept() works again after %d failures", self._failures)
-            self._failures = 0
         self._backoff = 0.0
         self._open += 1
         task = self._loop.create_task(self._connect(conn))
@@ -543,26 +573,67 @@ class ConnectionGuard:
         )
 
     def _accept_failed(self, exc: OSError) -> None:
-        self._failures += 1
+        self.stats["accept_failures"] += 1
         self._backoff = min(max(self._backoff * 2, BACKOFF_MIN), BACKOFF_MAX)
-        if exc.errno in _RESOURCE_ERRNOS:
-            what = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            self.note("accept_failures", "accept() failed: %s (%s) with %d connections open; "
-                      "freeing one and retrying with back-off", exc.strerror, what,
-                      self.open_connections, level=logging.WARNING)
-            # The evicted connection's descriptor is closed on the next loop iteration.
-            delay = 0.0 if self._evict() else self._backoff
+        if self._incident is None:
+            self._incident = _AcceptIncident(self._loop, exc, self.open_connections,
+                                             self._incident_over)
         else:
-            self.note("accept_failures", "accept() failed: %s; retrying with back-off", exc,
-                      level=logging.WARNING)
+            self._incident.failed()
+        if exc.errno in _RESOURCE_ERRNOS:
+            # The evicted connection's descriptor is closed on the next loop iteration.
+            delay = 0.0 if self._evict() is None else self._backoff
+        else:
             delay = self._backoff
         self._pause_accepting()
         self._retry = self._loop.call_later(delay, self._retry_accept)
+
+    def _incident_over(self) -> None:
+        self._incident = None
 
     def _retry_accept(self) -> None:
         self._retry = None
         if not self._at_cap:
             self._resume_accepting()
+
+
+class _AcceptIncident:
+    """accept() failing, from the first failure to :data:`INCIDENT_QUIET` seconds after the
+    last: logged when it starts, once a minute while it lasts, and when it ends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, exc: OSError, open_connections: int,
+                 on_over: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_over = on_over
+        self.start = self.last = self.reported = loop.time()
+        self.failures = 1
+        cause = exc.strerror or str(exc)
+        if exc.errno in _RESOURCE_ERRNOS:
+            cause += f" ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
+        log.warning("accept() failed: %s with %d connections open; freeing an idle one and "
+                    "retrying with back-off", cause, open_connections)
+        self._timer = loop.call_at(self.last + INCIDENT_QUIET, self._check)
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.last = self._loop.time()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now - self.last >= INCIDENT_QUIET:
+            self.close()
+            return
+        if now - self.reported >= LOG_WINDOW:
+            self.reported = now
+            log.warning("accept() still failing: %d failures in %.0f s", self.failures,
+                        now - self.start)
+        self._timer = self._loop.call_at(self.last + INCIDENT_QUIET, self._check)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        log.warning("accept() works again: %d failures in %.1f s", self.failures,
+                    self.last - self.start)
+        self._on_over()
 
 
 class GuardedSite(web.BaseSite):
