@@ -75,7 +75,7 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     send_timeout: float = 30.0
-    max_connections: int = 512
+    max_connections: int = 1024
 
 
 @attrs.frozen(kw_only=True)

@@ -170,7 +170,7 @@ class TestTimeouts:
         sock = connect(fast_agent)
         for _ in range(3):
             sock.sendall(b"GET /Version HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, headers, body = read_answer(sock.recv(65536))
+            status, headers, _ = read_answer(sock.recv(65536))
             assert status == 200 and "close" not in headers.get("connection", "")
             time.sleep(0.5)  # under the idle timeout: the connection is still good
         start = time.monotonic()
@@ -283,7 +283,7 @@ class TestAttacks:
         (the issue's lock-out: no answer for 21 s, 28.7 MB of tracebacks) do not stop
         legitimate requests, and the log stays small."""
         agent = start_agent(preexec_fn=fd_limit(256))
-        assert "192 open at most" in agent.output()
+        assert "192 open at most (newest briefly beyond, up to 192)" in agent.output()
         before = log_size(agent)
         with ConnectionFlood(agent.socket, 400) as flood:
             flood.wait_open(192)
@@ -423,4 +423,5 @@ class TestSettings:
         config.write_text("idle_timeout = 2.5\nheader_timeout = 3\nbody_timeout = 4\n"
                           "send_timeout = 5\nmax_connections = 77\n")
         agent = start_agent("--config", str(config))
-        assert "77 open at most, timeouts idle 2.5s, head 3s, body 4s, send 5s" in agent.output()
+        assert "77 open at most" in agent.output()
+        assert "timeouts idle 2.5s, head 3s, body 4s, send 5s" in agent.output()

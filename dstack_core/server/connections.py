@@ -19,14 +19,16 @@ busy      the whole request is in                     none: the platform may be 
 An answer the client does not read for ``send_timeout`` (its socket buffer stays full)
 aborts the connection, whatever the phase.
 
-At most ``max_connections`` connections are open, and never more than the open-file limit
-(RLIMIT_NOFILE) leaves after :data:`RESERVED_FDS` for the agent's own files. At the cap, a
-new connection evicts the one that has waited longest without a request being handled (an
-idle, slow or unread connection); only when every connection is busy does accepting pause,
-until one finishes. A client that sends its request promptly is therefore served while
-others hold connections open. ``accept()`` failing for lack of resources (EMFILE, ENFILE,
-ENOBUFS, ENOMEM) evicts such a connection to free a descriptor and retries with exponential
-back-off from :data:`BACKOFF_MIN` to :data:`BACKOFF_MAX`.
+At most ``max_connections`` connections are open. Beyond it, each new connection evicts
+the one that has waited longest without a request being handled (an idle, slow or unread
+connection), unless that one is in its first :data:`EVICTION_GRACE` seconds: then the new
+connection is kept as well, up to the ceiling the open-file limit (RLIMIT_NOFILE) allows
+after :data:`RESERVED_FDS` for the agent's own files. At the ceiling accepting waits, until
+a connection may be evicted or one finishes. A client that sends its request promptly is
+therefore served while others hold connections open, at worst after the connections queued
+before it. ``accept()`` failing for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM)
+evicts such a connection to free a descriptor and retries with exponential back-off from
+:data:`BACKOFF_MIN` to :data:`BACKOFF_MAX`.
 
 Whatever an attacker does, the log grows by a bounded amount: each kind of event is logged
 at most :data:`LOG_BURST` times a minute, the rest are counted in one summary line.
@@ -73,7 +75,8 @@ __all__ = [
     "ConnectionGuard",
     "GuardedRequestHandler",
     "GuardedSite",
-    "effective_max_connections",
+    "connection_ceiling",
+    "raise_open_file_limit",
     "listening_sockets",
 ]
 
@@ -82,6 +85,8 @@ log = logging.getLogger(__name__)
 RESERVED_FDS: Final = 64
 """Descriptors kept free of client connections for the agent's own files and threads."""
 MIN_CONNECTIONS: Final = 4
+OPEN_FILES_WANTED: Final = 65536
+"""The soft open-file limit the agent raises itself to, when the hard limit allows."""
 BACKOFF_MIN: Final = 0.01
 BACKOFF_MAX: Final = 1.0
 ACCEPT_BATCH: Final = 32
@@ -107,15 +112,32 @@ _TRANSIENT_ERRNOS: Final = frozenset(
 )
 
 
-def effective_max_connections(configured: int, fd_limit: int | None = None) -> int:
-    """``configured``, lowered so connections leave :data:`RESERVED_FDS` of the open-file
-    limit (the soft RLIMIT_NOFILE unless ``fd_limit`` is given) free; at least a few."""
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted``, as far as the hard limit allows.
+
+    The soft limit is often kept low (1024) for programs that use ``select()``; asyncio uses
+    epoll, and every connection costs a descriptor. Returns the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise the open-file limit to %d: %s", target, exc)
+    return soft
+
+
+def connection_ceiling(fd_limit: int | None = None) -> float:
+    """How many connections the open-file limit (the soft RLIMIT_NOFILE unless ``fd_limit``
+    is given) allows after :data:`RESERVED_FDS`; infinite without a limit."""
     if fd_limit is None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        fd_limit = soft if soft != resource.RLIM_INFINITY else None
-    if fd_limit is None:
-        return configured
-    return max(MIN_CONNECTIONS, min(configured, fd_limit - RESERVED_FDS))
+        if soft == resource.RLIM_INFINITY:
+            return math.inf
+        fd_limit = soft
+    return max(MIN_CONNECTIONS, fd_limit - RESERVED_FDS)
 
 
 class _LogLimiter:
@@ -393,7 +415,8 @@ class ConnectionGuard:
     def __init__(self, server: web.Server, limits: ConnectionLimits, *,
                  fd_limit: int | None = None) -> None:
         self.limits = limits
-        self.max_connections = effective_max_connections(limits.max_connections, fd_limit)
+        self.ceiling = connection_ceiling(fd_limit)
+        self.max_connections = int(min(limits.max_connections, self.ceiling))
         self.stats: collections.Counter[str] = collections.Counter()
         self._server = server
         self._loop = asyncio.get_running_loop()
@@ -419,9 +442,9 @@ class ConnectionGuard:
 
         server.request_factory = request_factory
         log.info(
-            "connection limits: %d open at most, timeouts idle %gs, head %gs, body %gs, send %gs",
-            self.max_connections, limits.idle_timeout, limits.header_timeout,
-            limits.body_timeout, limits.send_timeout,
+            "connection limits: %d open at most (newest briefly beyond, up to %g), timeouts "
+            "idle %gs, head %gs, body %gs, send %gs", self.max_connections, self.ceiling,
+            limits.idle_timeout, limits.header_timeout, limits.body_timeout, limits.send_timeout,
         )
 
     def site(self, runner: web.BaseRunner, sock: socket.socket) -> GuardedSite:
@@ -526,8 +549,11 @@ class ConnectionGuard:
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             if self.open_connections >= self.max_connections:
+                # Close the longest-waiting connection; when all are too young for that,
+                # take the new one too, up to what the open-file limit allows. When every
+                # one is busy with a request, wait for one to finish.
                 wait = self._evict()
-                if wait is not None:
+                if wait is not None and (wait == math.inf or self.open_connections >= self.ceiling):
                     self._pause_at_cap(wait)
                     return
             try:

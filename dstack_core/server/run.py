@@ -28,7 +28,12 @@ from ..plugins import load_platform
 from ..service import AgentService, ServiceFiles
 from . import systemd
 from .app import create_app
-from .connections import LISTEN_BACKLOG, ConnectionGuard, listening_sockets
+from .connections import (
+    LISTEN_BACKLOG,
+    ConnectionGuard,
+    listening_sockets,
+    raise_open_file_limit,
+)
 
 __all__ = ["serve", "prepare_socket_path"]
 
@@ -157,6 +162,7 @@ async def _serve_locked(
     try:
         await runner.setup()
         assert runner.server is not None
+        raise_open_file_limit()
         guard = ConnectionGuard(runner.server, settings.limits)
         if activated is not None:
             # systemd owns the socket file and its mode; we only serve on it.

@@ -19,21 +19,21 @@ import errno
 import json
 import os
 import resource
-import selectors
+import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 
 import attrs
 
 from .agent import uds_request
 
 __all__ = [
-    "ConnectionFlood",
     "MALFORMED_REQUESTS",
+    "ConnectionFlood",
     "Malformed",
     "ProbeResult",
     "Prober",
@@ -93,10 +93,12 @@ class ConnectionFlood:
         self.received = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flood", daemon=True)
-        self._selector = selectors.DefaultSelector()
+        self._poller = select.poll()
+        # Unread answers must not wake us: then only a hang-up does.
+        self._events = (select.POLLIN if read else 0) | select.POLLRDHUP
         self._conns: dict[int, _Conn] = {}
 
-    def __enter__(self) -> ConnectionFlood:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -136,11 +138,11 @@ class ConnectionFlood:
             return False
         self.opened += 1
         self._conns[sock.fileno()] = _Conn(sock)
-        self._selector.register(sock, selectors.EVENT_READ)
+        self._poller.register(sock, self._events)
         return True
 
     def _drop(self, conn: _Conn) -> None:
-        self._selector.unregister(conn.sock)
+        self._poller.unregister(conn.sock)
         del self._conns[conn.sock.fileno()]
         conn.sock.close()
 
@@ -151,16 +153,10 @@ class ConnectionFlood:
                 while len(self._conns) < self.count and self._connect():
                     pass
                 timeout = max(0.0, min(next_send - time.monotonic(), 0.05))
-                for key, _ in self._selector.select(timeout) if self._conns else ():
-                    conn = self._conns[key.fd]
+                for fd, event in self._poller.poll(timeout * 1000) if self._conns else ():
+                    conn = self._conns[fd]
                     if not self.read:
-                        # Only notice a close: peek without consuming the answers.
-                        try:
-                            data = conn.sock.recv(1, socket.MSG_PEEK)
-                        except OSError:
-                            data = b""
-                        if data:
-                            continue
+                        data = b""  # only a hang-up wakes us
                     else:
                         try:
                             data = conn.sock.recv(65536)
@@ -191,7 +187,6 @@ class ConnectionFlood:
         finally:
             for conn in list(self._conns.values()):
                 self._drop(conn)
-            self._selector.close()
 
 
 @attrs.define
@@ -220,7 +215,7 @@ class Prober:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prober", daemon=True)
 
-    def __enter__(self) -> Prober:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

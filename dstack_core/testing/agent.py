@@ -63,7 +63,6 @@ def uds_request(
         sock.close()
     raw = b"".join(chunks)
     head, _, payload = raw.partition(b"\r\n\r\n")
-    logscan.register_answer(payload)
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     parsed = {}
     for line in header_lines:
@@ -71,6 +70,7 @@ def uds_request(
         parsed[key.strip().lower()] = value.strip()
     if parsed.get("transfer-encoding") == "chunked":
         payload = _dechunk(payload)
+    logscan.register_answer(payload)  # keys the agent answered are secrets for a log scan
     return int(status_line.split()[1]), parsed, payload
 
 

@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
-    "Hit",
     "LOG_DIR_ENV",
+    "Hit",
     "Needles",
     "log_file",
     "record_output",
@@ -67,8 +67,8 @@ MIN_SECRET: Final = 20
 _lock = threading.Lock()
 _secrets: dict[bytes, str] = {}
 
-_HEX_RUN: Final = re.compile(r"[0-9a-fA-F]{%d,}" % (2 * WINDOW))
-_B64_RUN: Final = re.compile(r"[A-Za-z0-9+/_-]{%d,}" % B64_WINDOW)
+_HEX_RUN: Final = re.compile(f"[0-9a-fA-F]{{{2 * WINDOW},}}")
+_B64_RUN: Final = re.compile(f"[A-Za-z0-9+/_-]{{{B64_WINDOW},}}")
 _ESCAPED_NEWLINE: Final = re.compile(r"\\[rn]")
 _REPR_SPAN: Final = re.compile(r"(?:\\x[0-9a-fA-F]{2}|\\[\\'\"tnr]|[ -\[\]-~])+")
 _PEM_LINE: Final = re.compile(r"[A-Za-z0-9+/=]{16,}")
