@@ -218,9 +218,26 @@ class AuditLog:
     def append_sync(self, entry: Mapping[str, Any]) -> None:
         """Append one record durably, blocking (start-up, before serving).
 
-        :raises OSError: it could not be written (nothing of it stays in the file).
+        :raises AuditUnavailable: it could not be written (nothing of it stays in the file).
         """
-        self._write_batch([dict(entry)])
+        try:
+            self._write_batch([dict(entry)])
+        except OSError as exc:
+            raise self._failed(exc) from None
+        self._recovered()
+
+    def _failed(self, exc: OSError) -> AuditUnavailable:
+        """Log a write failure once per incident; the error to refuse callers with."""
+        if not self._failing:
+            log.error("audit log %s cannot be written (%s); audited calls are refused with "
+                      "503 audit_unavailable until it can", self.path, exc.strerror)
+        self._failing = True
+        return AuditUnavailable("the audit log cannot be written; the call was not made")
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.warning("audit log %s is writable again", self.path)
+        self._failing = False
 
     async def append(self, entry: Mapping[str, Any]) -> None:
         """Append ``entry`` (without the chain keys) as the next record, durably.
@@ -244,18 +261,12 @@ class AuditLog:
             try:
                 await asyncio.to_thread(self._write_batch, [entry for entry, _ in batch])
             except OSError as exc:
-                if not self._failing:
-                    log.error("audit log %s cannot be written (%s); audited calls are refused "
-                              "with 503 audit_unavailable until it can", self.path, exc.strerror)
-                self._failing = True
-                error = AuditUnavailable("the audit log cannot be written; the call was not made")
+                error = self._failed(exc)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
             else:
-                if self._failing:
-                    log.warning("audit log %s is writable again", self.path)
-                self._failing = False
+                self._recovered()
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)

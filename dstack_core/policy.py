@@ -164,8 +164,8 @@ class Match:
         if self.tcp is not None and caller.tcp != self.tcp:
             return False
         if caller.tcp:
-            # A TCP client has no uid, gid or cgroup; validation keeps them out of tcp rules.
-            return True
+            # A TCP client has no uid, gid or cgroup: only a tcp = true rule names it.
+            return self.tcp is True
         if self.uid is not None and caller.uid not in self.uid:
             return False
         if self.gid is not None and caller.gid not in self.gid:

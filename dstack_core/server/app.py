@@ -28,13 +28,13 @@ from .errors import error_middleware, json_response
 from .guard import Guard
 
 __all__ = [
-    "create_app",
     "API_METHODS",
-    "SERVICE_KEY",
-    "GUARD_KEY",
     "DEFAULT_MAX_BODY",
     "DSTACK_METHODS",
+    "GUARD_KEY",
+    "SERVICE_KEY",
     "TAPPD_METHODS",
+    "create_app",
 ]
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ and nothing happens. A call that then fails gets a second record with its error 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import weakref
@@ -147,11 +148,9 @@ class Guard:
         }
         if torn:
             start["torn_bytes_removed"] = torn
-        try:
+        # Unwritable now (logged): serve, refusing audited calls until it heals.
+        with contextlib.suppress(AuditUnavailable):
             audit.append_sync(start)
-        except OSError as exc:
-            log.error("audit log %s: cannot record the agent's start (%s); audited calls will "
-                      "be refused until it can be written", path, exc.strerror)
         return audit
 
     def caller(self, request: web.Request) -> Caller:
