@@ -92,9 +92,9 @@ def _now() -> str:
 def tcp_notice(policy: Policy, *, simulated: bool, platform: str, address: str) -> str:
     """The start-up line saying what the TCP listener at ``address`` serves."""
     if simulated:
-        return (f"TCP listener {address} serves unauthenticated clients (the caller 'tcp') "
-                f"what the policy allows; {platform} is simulated, so nothing is withheld "
-                "from TCP by default")
+        return (f"TCP listener {address}: platform {platform} is simulated, so its "
+                "unauthenticated clients (the caller 'tcp') get what the policy allows, "
+                "everything without one")
     granted = policy.grants_tcp()
     withheld = sorted(TCP_GUARDED - granted)
     notice = f"TCP listener {address}: platform {platform} is not simulated"
