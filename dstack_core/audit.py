@@ -308,6 +308,7 @@ class Verification:
 
     @property
     def intact(self) -> bool:
+        """No problem, and the anchor (if one was asked for) is in the chain."""
         return self.problem is None and self.anchor_found is not False
 
 

@@ -12,7 +12,6 @@ docs/security.md). Anything else is the caller ``tcp``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import socket
@@ -23,9 +22,14 @@ from typing import Final, Protocol
 
 from .policy import Caller
 
-__all__ = ["PROC_ROOT", "SO_PEERPIDFD", "caller_of_socket", "parse_cgroup_file", "read_cgroup"]
-
-log = logging.getLogger(__name__)
+__all__ = [
+    "PROC_ROOT",
+    "SO_PEERPIDFD",
+    "caller_of_socket",
+    "parse_cgroup_file",
+    "peer_cgroup",
+    "read_cgroup",
+]
 
 PROC_ROOT: Final = Path("/proc")
 SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)

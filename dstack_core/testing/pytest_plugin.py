@@ -2,7 +2,7 @@
 
 Registered through the ``pytest11`` entry point ``dstack_core``, so it is active in every
 pytest run of an environment where dstack-core is installed (``-p no:dstack_core`` turns it
-off). It adds two command-line options and one ini option:
+off). It adds three command-line options and one ini option:
 
 * ``--dstack-platform NAME`` (ini ``dstack_platform``): the platform under test, as it is
   registered in the ``dstack_core.platforms`` entry-point group. There is no default: a
