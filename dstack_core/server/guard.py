@@ -159,14 +159,13 @@ class Guard:
         :raises ConnectionResetError: the connection is gone.
         """
         transport = request.transport
-        if transport is None:
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None:
             raise ConnectionResetError("client disconnected")
         caller = self._callers.get(transport)
         if caller is None:
             try:
-                caller = caller_of_socket(
-                    transport.get_extra_info("socket"), with_cgroup=self._with_cgroup
-                )
+                caller = caller_of_socket(sock, with_cgroup=self._with_cgroup)
             except OSError:
                 raise ConnectionResetError("client disconnected") from None
             self._callers[transport] = caller
