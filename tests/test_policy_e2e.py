@@ -466,13 +466,17 @@ class TestAuditDurability:
             except OSError:
                 pass
 
+        total = 5000
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(call, i) for i in range(400)]
-            time.sleep(0.5)
+            futures = [pool.submit(call, i) for i in range(total)]
+            deadline = time.monotonic() + 60
+            while len(acknowledged) < 50 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert agent.proc is not None
             agent.proc.send_signal(signal.SIGKILL)
             agent.proc.wait()
             concurrent.futures.wait(futures)
+        assert 50 <= len(acknowledged) < total, "the kill did not land mid-stream"
         log = workdir / "audit.log"
         result = verify_audit_log(log)
         assert result.problem is None or result.problem.kind == "torn", result.problem
