@@ -145,7 +145,8 @@ class AuditLog:
 
     @classmethod
     def open(cls, path: Path) -> tuple[AuditLog, int]:
-        """Open (or create, mode 0600) the log at ``path``; cut off a torn last line.
+        """Open (or create, mode 0600, and its directory) the log at ``path``; cut off a
+        torn last line.
 
         Blocking. The chain continues from the last complete record, which must be intact.
 
@@ -154,6 +155,7 @@ class AuditLog:
             is not an intact record of this format (it is never overwritten).
         """
         try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             created = not path.exists()
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:

@@ -87,6 +87,12 @@ class TestChain:
         """A new log is created readable and writable by the agent only."""
         assert log_path.stat().st_mode & 0o777 == 0o600
 
+    def test_creates_its_directory(self, tmp_path: Path) -> None:
+        """A log in a directory that does not exist yet gets the directory (mode 0700)."""
+        write_log(tmp_path / "audit" / "agent.log", 1)
+        assert (tmp_path / "audit").stat().st_mode & 0o777 == 0o700
+        assert verify_audit_log(tmp_path / "audit" / "agent.log").records == 1
+
     def test_entries_cannot_forge_chain_keys(self, log_path: Path) -> None:
         """An entry that sets seq, prev, hash or v is a programming error, not a record."""
 
