@@ -143,15 +143,14 @@ def open_workdir() -> Path:
     return path
 
 
-def policy_agent(workdir: Path, policy: str, *extra: str, platform: str = "simulator",
-                 agent: AgentProcess | None = None) -> AgentProcess:
+def policy_agent(workdir: Path, policy: str) -> AgentProcess:
+    """A started simulator agent in ``workdir`` under ``policy``, auditing to audit.log,
+    its socket open to every uid."""
     (workdir / "policy.toml").write_text(policy)
-    args = ["--socket-mode", "0666", "--policy", str(workdir / "policy.toml"),
-            "--audit-log", str(workdir / "audit.log"), *extra]
-    if agent is not None:
-        agent.extra_args += args
-        return agent.start()
-    return AgentProcess(platform, workdir=workdir, extra_args=args).start()
+    return AgentProcess("simulator", workdir=workdir, extra_args=[
+        "--socket-mode", "0666", "--policy", str(workdir / "policy.toml"),
+        "--audit-log", str(workdir / "audit.log"),
+    ]).start()
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +274,7 @@ class TestCallers:
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
+    """An agent directory other uids can reach, removed after the test."""
     path = open_workdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -315,6 +315,7 @@ def tcp_call(port: int, method: str, body: dict[str, Any]) -> tuple[int, dict[st
 
 @pytest.fixture
 def tdx_workdir() -> Iterator[Path]:
+    """A directory for a fake TD and its agent, removed after the test."""
     path = short_tempdir("ptdx")
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -337,7 +338,10 @@ class TestTcp:
             assert (status, body["code"]) == (403, "forbidden") and "GetKey" in body["error"]
             for method, args in (("Sign", {"algorithm": "ed25519", "data": "00"}),
                                  ("EmitEvent", {"event": "x", "payload": "00"}),
-                                 ("GetTlsKey", {"subject": "x"})):
+                                 ("GetTlsKey", {"subject": "x"}),
+                                 ("prpc/GetKey", {"path": "app/x"}),
+                                 ("prpc/Tappd.DeriveK256Key", {"path": "app/x"}),
+                                 ("prpc/Tappd.DeriveKey", {"path": "app/x"})):
                 assert tcp_call(port, method, args)[0] == 403, method
             assert tcp_call(port, "Version", {})[0] == 200
             assert tcp_call(port, "GetQuote", {"report_data": "00"})[0] == 200
