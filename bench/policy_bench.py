@@ -6,7 +6,9 @@ policy and an audit log (every GetKey is a durable, hash-chained record; concurr
 records share one fdatasync). Drives ``Version`` (not audited) and ``GetKey`` (audited)
 over keep-alive Unix-socket connections at concurrency 1 and 16, in rounds that alternate
 the agents so that the machine's load drifts over all of them alike, and prints the median
-requests/second and its ratio to the baseline's.
+requests/second and the agent's CPU time per request (user + system, from /proc: much less
+sensitive than throughput to other load on the machine), each with its ratio to the
+baseline's.
 
     .venv/bin/python bench/policy_bench.py [--seconds 1] [--rounds 5]
 """
@@ -19,6 +21,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,6 +46,21 @@ SETUPS = {
 }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(agent: AgentProcess, method: str, n: int, seconds: float) -> tuple[float, float]:
+    """(requests/s, agent CPU microseconds per request) for one timed run."""
+    assert agent.proc is not None
+    cpu, start = cpu_seconds(agent.proc.pid), time.perf_counter()
+    rate = asyncio.run(drive(agent.socket, method, CASES[method], seconds, n))
+    elapsed = time.perf_counter() - start
+    return rate, (cpu_seconds(agent.proc.pid) - cpu) / (rate * elapsed) * 1e6
+
+
 def start(extra: list[str]) -> AgentProcess:
     agent = AgentProcess("simulator")
     (agent.workdir / "policy.toml").write_text(POLICY)
@@ -58,26 +76,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     agents = {name: start(extra) for name, extra in SETUPS.items()}
-    rates: dict[tuple[str, str, int], list[float]] = {}
+    runs: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
     try:
         # Rounds alternate the setups so that drift in machine load hits them alike.
         for _ in range(args.rounds):
-            for method, body in CASES.items():
+            for method in CASES:
                 for n in CONCURRENCY:
                     for name, agent in agents.items():
-                        rate = asyncio.run(drive(agent.socket, method, body, args.seconds, n))
-                        rates.setdefault((name, method, n), []).append(rate)
+                        runs.setdefault((name, method, n), []).append(
+                            measure(agent, method, n, args.seconds))
     finally:
         for agent in agents.values():
             agent.stop()
             shutil.rmtree(agent.workdir, ignore_errors=True)
-    median = {key: statistics.median(values) for key, values in rates.items()}
-    print(f"policy bench: median of {args.rounds} rounds x {args.seconds}s per case; "
-          "ratio = req/s over the no-policy agent's, same round schedule")
-    print(f"{'setup':<14} {'method':<8} {'conc':>4} {'req/s':>10} {'ratio':>7}")
-    for (name, method, n), rate in median.items():
-        print(f"{name:<14} {method:<8} {n:>4} {rate:>10.1f} "
-              f"{rate / median['no policy', method, n]:>7.3f}")
+    rate = {k: statistics.median(r for r, _ in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in runs.items()}
+    print(f"policy bench: median of {args.rounds} rounds x {args.seconds}s per case; ratios "
+          "are to the no-policy agent in the same rounds")
+    print(f"{'setup':<14} {'method':<8} {'conc':>4} {'req/s':>9} {'ratio':>6} "
+          f"{'CPU us/req':>10} {'ratio':>6}")
+    for key in runs:
+        name, method, n = key
+        base = ("no policy", method, n)
+        print(f"{name:<14} {method:<8} {n:>4} {rate[key]:>9.1f} {rate[key] / rate[base]:>6.3f} "
+              f"{cpu[key]:>10.1f} {cpu[key] / cpu[base]:>6.3f}")
 
 
 if __name__ == "__main__":
