@@ -1,19 +1,23 @@
 """``dstack-agent audit verify FILE``: check the hash chain of an audit log.
 
-Exit status: 0 when every record is intact (and the ``--anchor``, if given, is in the
-chain); 1 naming the first broken record (edited, dropped, reordered, or not a record)
-or a missing anchor; 3 when the only problem is a torn last line left by a crash, which
-the agent removes when it next starts; 2 when the file cannot be read.
+The verdict goes to stdout (one line, or JSON with ``--json``); a failed one is repeated
+on stderr. Exit status: 0 when every record is intact (and the ``--anchor``, if given, is
+in the chain); 1 naming the first broken record (edited, dropped, reordered, or not a
+record) or a missing anchor; 3 when the only problem is a torn last line left by a
+crash, which the agent removes when it next starts; 2 when the file cannot be read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Final
 
-from .audit import verify_audit_log
+import attrs
+
+from .audit import Verification, verify_audit_log
 from .errors import ConfigurationError
 
 __all__ = ["EXIT_BROKEN", "EXIT_INTACT", "EXIT_TORN", "register"]
@@ -43,7 +47,26 @@ def register(commands: Any) -> None:
         help="a record hash kept elsewhere (e.g. a head printed earlier): fail unless the "
         "chain still contains it",
     )
+    verify.add_argument(
+        "--json", action="store_true",
+        help="print {verdict, records, head, problem, anchor_found} as JSON",
+    )
     verify.set_defaults(func=_cmd_verify)
+
+
+def _report(args: argparse.Namespace, verdict: str, message: str, result: Verification) -> None:
+    problem = result.problem
+    if args.json:
+        doc = {
+            "verdict": verdict, "records": result.records, "head": result.head,
+            "problem": None if problem is None else attrs.asdict(problem),
+            "anchor_found": result.anchor_found,
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{args.file}: {message}")
+    if verdict != "intact":
+        print(f"dstack-agent audit verify: {verdict}: {message}", file=sys.stderr)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -51,15 +74,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         result = verify_audit_log(args.file, anchor=args.anchor)
     except OSError as exc:
         raise ConfigurationError(f"cannot read audit log {args.file}: {exc.strerror}") from None
-    problem = result.problem
-    if problem is not None:
-        print(f"{args.file}: {problem.message}", file=sys.stderr)
-        print(f"{args.file}: {result.records} intact records before it, head {result.head}",
-              file=sys.stderr)
-        return EXIT_TORN if problem.kind == "torn" else EXIT_BROKEN
+    before = f"{result.records} intact records before it, head {result.head}"
+    if result.problem is not None:
+        torn = result.problem.kind == "torn"
+        _report(args, "torn" if torn else "broken", f"{result.problem.message}; {before}", result)
+        return EXIT_TORN if torn else EXIT_BROKEN
     if result.anchor_found is False:
-        print(f"{args.file}: anchor {args.anchor} is not in the chain: the log was rewritten "
-              "or truncated after it", file=sys.stderr)
+        _report(args, "broken", f"anchor {args.anchor} is not in the chain: the log was "
+                f"rewritten or truncated after it; {result.records} records, head "
+                f"{result.head}", result)
         return EXIT_BROKEN
-    print(f"{args.file}: intact, {result.records} records, head {result.head}")
+    _report(args, "intact", f"intact, {result.records} records, head {result.head}", result)
     return EXIT_INTACT

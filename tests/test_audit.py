@@ -115,14 +115,20 @@ class TestTamper:
         assert (result.problem.kind, result.problem.line) == (kind, line), result.problem
         cli = run_cli("audit", "verify", str(log_path), check=False)
         assert cli.returncode == (3 if kind == "torn" else 1)
-        assert f"line {line}" in cli.stderr
+        assert f"line {line}" in cli.stdout and f"line {line}" in cli.stderr
+        as_json = json.loads(run_cli("audit", "verify", "--json", str(log_path), check=False).stdout)
+        assert as_json["problem"] == {"kind": kind, "line": line, "message": result.problem.message}
+        assert as_json["verdict"] == ("torn" if kind == "torn" else "broken")
         return result.problem.message
 
     def test_intact_cli(self, log_path: Path, lines: list[bytes]) -> None:
         """audit verify exits 0 on an intact log and prints the record count and head."""
         cli = run_cli("audit", "verify", str(log_path))
-        assert "intact, 6 records" in cli.stdout
+        assert "intact, 6 records" in cli.stdout and not cli.stderr
         assert json.loads(lines[-1])["hash"] in cli.stdout
+        as_json = json.loads(run_cli("audit", "verify", "--json", str(log_path)).stdout)
+        assert as_json == {"verdict": "intact", "records": 6, "problem": None,
+                           "head": json.loads(lines[-1])["hash"], "anchor_found": None}
 
     def test_edited_line(self, log_path: Path, lines: list[bytes]) -> None:
         """A value changed in place (hash not recomputed) is named as that edited line."""
