@@ -82,7 +82,7 @@ class TestSecurityDoc:
         from dstack_core.server.app import API_METHODS
 
         text = (DOCS / "security.md").read_text()
-        examples = re.findall(r"```toml\n(.*?)```", text, re.S)
+        examples = re.findall(r"```toml\n(.*?)```", text, re.DOTALL)
         assert len(examples) >= 4
         for example in examples:
             parse_policy(example, source="docs/security.md", methods=API_METHODS)
@@ -96,7 +96,7 @@ class TestCommandLine:
         readme = (DOCS.parent / "README.md").read_text()
         block = readme.split("## Command line", 1)[1].split("```", 2)[1]
         commands = build_parser()._subparsers._group_actions[0].choices
-        for name, parser in commands.items():
+        for name in commands:
             assert f"dstack-agent {name}" in block, name
         for action in commands["serve"]._actions:
             flags = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
