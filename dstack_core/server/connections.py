@@ -72,12 +72,12 @@ __all__ = [
     "BACKOFF_MIN",
     "LOG_BURST",
     "RESERVED_FDS",
-    "ConnectionGuard",
-    "GuardedRequestHandler",
-    "GuardedSite",
+    "ConnectionManager",
+    "ManagedRequestHandler",
+    "ManagedSite",
     "connection_ceiling",
-    "raise_open_file_limit",
     "listening_sockets",
+    "raise_open_file_limit",
 ]
 
 log = logging.getLogger(__name__)
@@ -219,17 +219,17 @@ class _BrokenBody(MalformedHttp, TimeoutError):
     aiohttp, as :class:`~dstack_core.errors.RequestTimeout` is)."""
 
 
-class GuardedRequestHandler(RequestHandler):
+class ManagedRequestHandler(RequestHandler):
     """aiohttp's HTTP/1.1 protocol with phases, deadlines and JSON for its own errors.
 
-    Created by :class:`ConnectionGuard` for each accepted connection. Only public aiohttp
+    Created by :class:`ConnectionManager` for each accepted connection. Only public aiohttp
     extension points are overridden: the asyncio protocol callbacks, ``handle_error``,
     ``finish_response`` and ``log_access`` (which aiohttp calls once per answer sent).
     """
 
     __slots__ = (
+        "_connections",
         "_deadline",
-        "_guard",
         "_payload",
         "_phase",
         "_request_start",
@@ -239,9 +239,9 @@ class GuardedRequestHandler(RequestHandler):
         "waiting_since",
     )
 
-    def __init__(self, manager: web.Server, guard: ConnectionGuard, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, connections: ConnectionManager, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._guard = guard
+        self._connections = connections
         self._phase = _Phase.IDLE
         self._deadline = math.inf
         self._timer: asyncio.TimerHandle | None = None
@@ -274,24 +274,24 @@ class GuardedRequestHandler(RequestHandler):
         if self.transport is None:
             return
         now = self._loop.time()
-        limits = self._guard.limits
+        limits = self._connections.limits
         if self._stalled_at is not None and now >= self._stalled_at + limits.send_timeout:
-            self._guard.note("send_timeout", "closed a connection that read none of its answer "
-                             "for %g s", limits.send_timeout)
+            self._connections.note("send_timeout", "closed a connection that read none of its "
+                                   "answer for %g s", limits.send_timeout)
             self.transport.abort()
             return
         if now < self._deadline:
             self._arm(self._deadline)
         elif self._phase is _Phase.IDLE:
-            self._guard.stats["idle_closed"] += 1
+            self._connections.stats["idle_closed"] += 1
             self.force_close()
         elif self._phase is _Phase.HEAD:
-            self._guard.note("header_timeout", "closed a connection that sent no complete "
+            self._connections.note("header_timeout", "closed a connection that sent no complete "
                              "request head in %g s", limits.header_timeout)
             self.transport.write(_HEAD_TIMEOUT_RESPONSE)
             self.force_close()
         elif self._phase is _Phase.BODY:
-            self._guard.note("body_timeout", "closed a connection that sent no complete "
+            self._connections.note("body_timeout", "closed a connection that sent no complete "
                              "request body in %g s", limits.body_timeout)
             self._enter(_Phase.LINGER, None)
             assert self._payload is not None
@@ -306,39 +306,39 @@ class GuardedRequestHandler(RequestHandler):
         self._payload = payload
         if payload.is_eof():
             self._enter(_Phase.BUSY, None)
-            self._guard.busy(self)
+            self._connections.busy(self)
         else:
-            self._enter(_Phase.BODY, self._guard.limits.body_timeout)
+            self._enter(_Phase.BODY, self._connections.limits.body_timeout)
             payload.on_eof(self._body_received)
 
     def _body_received(self) -> None:
         if self._phase is _Phase.BODY:
             self._enter(_Phase.BUSY, None)
-            self._guard.busy(self)
+            self._connections.busy(self)
         elif self._phase is _Phase.LINGER:
-            self._enter(_Phase.IDLE, self._guard.limits.idle_timeout)
+            self._enter(_Phase.IDLE, self._connections.limits.idle_timeout)
 
     # --- asyncio protocol callbacks -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._guard.waiting(self)
-        self._enter(_Phase.IDLE, self._guard.limits.idle_timeout)
+        self._connections.waiting(self)
+        self._enter(_Phase.IDLE, self._connections.limits.idle_timeout)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._payload = None
-        self._guard.closed(self)
+        self._connections.closed(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         phase = self._phase
         if phase is _Phase.IDLE and data:
             self._request_start = data[:32]
-            self._enter(_Phase.HEAD, self._guard.limits.header_timeout)
-            self._guard.waiting(self)  # youngest again: a request is starting
+            self._enter(_Phase.HEAD, self._connections.limits.header_timeout)
+            self._connections.waiting(self)  # youngest again: a request is starting
         super().data_received(data)
         if phase is _Phase.BODY:
             self._check_body_framing()
@@ -356,14 +356,14 @@ class GuardedRequestHandler(RequestHandler):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._stalled_at = self._loop.time()
-        self._arm(self._stalled_at + self._guard.limits.send_timeout)
-        self._guard.waiting(self)  # a client that reads nothing may be evicted
+        self._arm(self._stalled_at + self._connections.limits.send_timeout)
+        self._connections.waiting(self)  # a client that reads nothing may be evicted
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._stalled_at = None
         if self._phase is _Phase.BUSY:
-            self._guard.busy(self)
+            self._connections.busy(self)
 
     # --- aiohttp extension points -------------------------------------------------------
 
@@ -374,8 +374,8 @@ class GuardedRequestHandler(RequestHandler):
         if payload is not None and not payload.is_eof():
             self._enter(_Phase.LINGER, None)
         else:
-            self._enter(_Phase.IDLE, self._guard.limits.idle_timeout)
-        self._guard.waiting(self)
+            self._enter(_Phase.IDLE, self._connections.limits.idle_timeout)
+        self._connections.waiting(self)
         super().log_access(request, response, time)
 
     def handle_error(self, request: BaseRequest, status: int = 500,
@@ -386,7 +386,7 @@ class GuardedRequestHandler(RequestHandler):
         if error.http_status >= 500:
             log.error("error handling a request", exc_info=exc)
         else:
-            self._guard.note("rejected_http", "rejected a request the HTTP parser refused "
+            self._connections.note("rejected_http", "rejected a request the HTTP parser refused "
                              "(%s): %s", type(exc).__name__, error.code)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already started; cannot send an error")
@@ -402,7 +402,7 @@ class GuardedRequestHandler(RequestHandler):
         return await super().finish_response(request, resp, start_time)
 
 
-class ConnectionGuard:
+class ConnectionManager:
     """Every listening socket and client connection of one aiohttp server.
 
     :param server: the runner's :class:`aiohttp.web.Server` (``runner.server``).
@@ -424,7 +424,7 @@ class ConnectionGuard:
         self._open = 0  # accepted, not yet lost
         self._aborting = 0  # evicted, not yet lost
         # Connections with no request being handled, longest-waiting first (dicts keep order).
-        self._waiting: dict[GuardedRequestHandler, None] = {}
+        self._waiting: dict[ManagedRequestHandler, None] = {}
         self._listeners: list[socket.socket] = []
         self._at_cap = False
         self._cap_timer: asyncio.TimerHandle | None = None
@@ -436,7 +436,7 @@ class ConnectionGuard:
 
         def request_factory(message: Any, payload: StreamReader, protocol: RequestHandler,
                             writer: Any, task: asyncio.Task[None]) -> BaseRequest:
-            if isinstance(protocol, GuardedRequestHandler):
+            if isinstance(protocol, ManagedRequestHandler):
                 protocol.request_started(payload)
             return factory(message, payload, protocol, writer, task)
 
@@ -447,9 +447,9 @@ class ConnectionGuard:
             limits.idle_timeout, limits.header_timeout, limits.body_timeout, limits.send_timeout,
         )
 
-    def site(self, runner: web.BaseRunner, sock: socket.socket) -> GuardedSite:
-        """A site serving on ``sock`` (bound and listening) through this guard."""
-        return GuardedSite(runner, sock, self)
+    def site(self, runner: web.BaseRunner, sock: socket.socket) -> ManagedSite:
+        """A site serving on ``sock`` (bound and listening) through this manager."""
+        return ManagedSite(runner, sock, self)
 
     @property
     def open_connections(self) -> int:
@@ -462,7 +462,7 @@ class ConnectionGuard:
 
     # --- bookkeeping called by the connections ------------------------------------------
 
-    def waiting(self, conn: GuardedRequestHandler) -> None:
+    def waiting(self, conn: ManagedRequestHandler) -> None:
         """``conn`` has no request being handled (or stalls its answer): evictable, youngest."""
         waiting = self._waiting
         waiting.pop(conn, None)
@@ -471,10 +471,10 @@ class ConnectionGuard:
         if self._at_cap and self._cap_timer is None:
             self._resume_accepting()  # paused with every connection busy: one is not now
 
-    def busy(self, conn: GuardedRequestHandler) -> None:
+    def busy(self, conn: ManagedRequestHandler) -> None:
         self._waiting.pop(conn, None)
 
-    def closed(self, conn: GuardedRequestHandler) -> None:
+    def closed(self, conn: ManagedRequestHandler) -> None:
         self._waiting.pop(conn, None)
         self._open -= 1
         if conn.evicted:
@@ -582,9 +582,9 @@ class ConnectionGuard:
             conn.close()
             log.debug("could not set up an accepted connection: %s", exc)
 
-    def _protocol(self) -> GuardedRequestHandler:
+    def _protocol(self) -> ManagedRequestHandler:
         limits = self.limits
-        return GuardedRequestHandler(
+        return ManagedRequestHandler(
             self._server,
             self,
             loop=self._loop,
@@ -662,13 +662,15 @@ class _AcceptIncident:
         self._on_over()
 
 
-class GuardedSite(web.BaseSite):
-    """An aiohttp site on an already bound, listening socket, accepted by a guard."""
+class ManagedSite(web.BaseSite):
+    """An aiohttp site on an already bound, listening socket, accepted by a connection manager."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, sock: socket.socket, connections: ConnectionManager
+    ) -> None:
         super().__init__(runner, backlog=LISTEN_BACKLOG)
         self._sock = sock
-        self._guard = guard
+        self._connections = connections
 
     @property
     def name(self) -> str:
@@ -676,10 +678,10 @@ class GuardedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        self._guard.listen(self._sock)
+        self._connections.listen(self._sock)
 
     async def stop(self) -> None:
-        self._guard.unlisten(self._sock)
+        self._connections.unlisten(self._sock)
         self._sock.close()
         await super().stop()
 

@@ -299,9 +299,11 @@ def _post(headers: str, body: bytes) -> bytes:
 
 
 MALFORMED_REQUESTS: Final[tuple[Malformed, ...]] = (
-    Malformed("unknown verb", b"FOO /GetKey HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
-    Malformed("unknown verb with body", b"BREW /Info HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-              405, "method_not_allowed"),
+    Malformed("unknown verb", b"FOO /GetKey HTTP/1.1\r\nHost: x\r\n\r\n", 405,
+              "method_not_allowed"),
+    Malformed("unknown verb with body",
+              b"BREW /Info HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405,
+              "method_not_allowed"),
     Malformed("lower-case verb", b"get /Version HTTP/1.1\r\nHost: x\r\n\r\n", 405,
               "method_not_allowed"),
     Malformed("binary garbage", b"\x00\xffNOT HTTP AT ALL\r\n\r\n", 400, "malformed_http"),
@@ -315,7 +317,8 @@ MALFORMED_REQUESTS: Final[tuple[Malformed, ...]] = (
     Malformed("long header", b"GET /Version HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000
               + b"\r\n\r\n", 431, "header_too_large"),
     Malformed("too many headers", b"GET /Version HTTP/1.1\r\nHost: x\r\n"
-              + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n", 431, "header_too_large"),
+              + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n", 431,
+              "header_too_large"),
     Malformed("space in header name", b"GET /Version HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
               400, "malformed_http"),
     Malformed("header without colon", b"GET /Version HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n", 400,

@@ -148,7 +148,10 @@ class AgentProcess:
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Block until the socket answers; raise with the agent's log if it died."""
+        """Block until the socket answers; raise with the agent's log if it died.
+
+        A 403 counts as an answer: a caller policy may deny this process ``Version``.
+        """
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -156,7 +159,7 @@ class AgentProcess:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 status, _, _ = uds_request(self.socket, "GET", "/Version", timeout=2)
-                if status == 200:
+                if status in (200, 403):
                     self._register_key_files()  # the agent has made its keys by now
                     return
             except OSError:

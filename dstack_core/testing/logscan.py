@@ -14,7 +14,8 @@ Every 16-byte window of a secret is a needle (18 bytes in base64), so printing p
 is caught as well; windows that long do not occur by chance.
 
 What a secret is: any registered byte string. :func:`register_key_files` knows upstream's
-``appkeys.json`` (the k256 key, the disk and env keys, the CA key's scalar) and the simulator's 32-byte seed files (the mock PKI seed, and the root CA and
+``appkeys.json`` (the k256 key, the disk and env keys, the CA key's scalar) and the
+simulator's 32-byte seed files (the mock PKI seed, and the root CA and
 PCK keys derived from it). :func:`register_answer` takes the private keys an agent answered
 (GetKey, GetTlsKey, DeriveKey, DeriveK256Key): the test kit's ``uds_request`` calls it.
 
