@@ -43,6 +43,7 @@ import asyncio
 import collections
 import enum
 import errno
+import functools
 import logging
 import math
 import resource
@@ -261,13 +262,18 @@ class ManagedRequestHandler(RequestHandler):
             timer.cancel()
         self._timer = self._loop.call_at(when, self._on_timer)
 
-    def _enter(self, phase: _Phase, timeout: float | None) -> None:
+    def _enter(self, phase: _Phase, timeout: float | None) -> float:
+        """Enter ``phase`` with a deadline ``timeout`` seconds from now; returns now."""
         self._phase = phase
+        now = self._loop.time()
         if timeout is None:
             self._deadline = math.inf
         else:
-            self._deadline = self._loop.time() + timeout
-            self._arm(self._deadline)
+            self._deadline = now + timeout
+            # Idle, wake up no later than a head's deadline would be: a request starting
+            # then needs no earlier timer (no cancel and re-arm per request).
+            self._arm(now + min(timeout, self._connections.limits.header_timeout))
+        return now
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -322,8 +328,8 @@ class ManagedRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._connections.waiting(self)
-        self._enter(_Phase.IDLE, self._connections.limits.idle_timeout)
+        self._connections.waiting(self, self._enter(_Phase.IDLE,
+                                                    self._connections.limits.idle_timeout))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
@@ -337,8 +343,8 @@ class ManagedRequestHandler(RequestHandler):
         phase = self._phase
         if phase is _Phase.IDLE and data:
             self._request_start = data[:32]
-            self._enter(_Phase.HEAD, self._connections.limits.header_timeout)
-            self._connections.waiting(self)  # youngest again: a request is starting
+            now = self._enter(_Phase.HEAD, self._connections.limits.header_timeout)
+            self._connections.waiting(self, now)  # youngest again: a request is starting
         super().data_received(data)
         if phase is _Phase.BODY:
             self._check_body_framing()
@@ -357,7 +363,7 @@ class ManagedRequestHandler(RequestHandler):
         super().pause_writing()
         self._stalled_at = self._loop.time()
         self._arm(self._stalled_at + self._connections.limits.send_timeout)
-        self._connections.waiting(self)  # a client that reads nothing may be evicted
+        self._connections.waiting(self, self._stalled_at)  # reads nothing: may be evicted
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -372,10 +378,10 @@ class ManagedRequestHandler(RequestHandler):
         # Called once per answer, after its last byte was handed to the transport.
         payload, self._payload = self._payload, None
         if payload is not None and not payload.is_eof():
-            self._enter(_Phase.LINGER, None)
+            now = self._enter(_Phase.LINGER, None)
         else:
-            self._enter(_Phase.IDLE, self._connections.limits.idle_timeout)
-        self._connections.waiting(self)
+            now = self._enter(_Phase.IDLE, self._connections.limits.idle_timeout)
+        self._connections.waiting(self, now)
         super().log_access(request, response, time)
 
     def handle_error(self, request: BaseRequest, status: int = 500,
@@ -462,12 +468,13 @@ class ConnectionManager:
 
     # --- bookkeeping called by the connections ------------------------------------------
 
-    def waiting(self, conn: ManagedRequestHandler) -> None:
-        """``conn`` has no request being handled (or stalls its answer): evictable, youngest."""
+    def waiting(self, conn: ManagedRequestHandler, now: float) -> None:
+        """``conn`` has no request being handled (or stalls its answer) since ``now``:
+        evictable, and the youngest."""
         waiting = self._waiting
         waiting.pop(conn, None)
         waiting[conn] = None
-        conn.waiting_since = self._loop.time()
+        conn.waiting_since = now
         if self._at_cap and self._cap_timer is None:
             self._resume_accepting()  # paused with every connection busy: one is not now
 
@@ -570,14 +577,14 @@ class ConnectionManager:
     def _accepted(self, conn: socket.socket) -> None:
         self._backoff = 0.0
         self._open += 1
-        task = self._loop.create_task(self._connect(conn))
+        task = self._loop.create_task(self._loop.connect_accepted_socket(self._protocol, conn))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._connected, conn))
 
-    async def _connect(self, conn: socket.socket) -> None:
-        try:
-            await self._loop.connect_accepted_socket(self._protocol, conn)
-        except OSError as exc:
+    def _connected(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if task.cancelled() or exc is not None:
             self._open -= 1
             conn.close()
             log.debug("could not set up an accepted connection: %s", exc)

@@ -6,6 +6,7 @@ the behaviour of the whole house: socket, handler, façade, plugin, crypto.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -184,7 +185,16 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._keep_audit_log()
         return self.proc.returncode
+
+    def _keep_audit_log(self) -> None:
+        """An audit log is a log too: a log scan gets a copy (the workdir may be removed)."""
+        command = self.command
+        if "--audit-log" in command[:-1]:
+            path = Path(command[command.index("--audit-log") + 1])
+            with contextlib.suppress(OSError):
+                logscan.record_output("audit", path.read_bytes())
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
