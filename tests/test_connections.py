@@ -143,6 +143,22 @@ def healthy(agent: AgentProcess) -> None:
     assert status == 200 and json.loads(body)["version"]
 
 
+def probe_under(agent: AgentProcess, flood: ConnectionFlood, *, opened: int) -> None:
+    """Run ``flood`` for 5 s once ``opened`` of its connections are open, with a prober:
+    no probe fails, none waits 3 s, the log grows little, no traceback, healthy after."""
+    before = log_size(agent)
+    with flood:
+        flood.wait_open(opened)
+        with Prober(agent.socket) as prober:
+            time.sleep(5)
+    result = prober.result
+    assert result.answered >= 3 and result.failed == 0, result
+    assert result.max_latency < 3.0, result
+    assert log_size(agent) - before < LOG_BUDGET
+    assert "Traceback" not in agent.output()
+    healthy(agent)
+
+
 @pytest.fixture(scope="module")
 def fast_agent() -> Iterator[AgentProcess]:
     """An agent with one-second timeouts."""
@@ -178,17 +194,26 @@ class TestTimeouts:
         assert 0.4 <= time.monotonic() - start <= 1 + SLACK
         sock.close()
 
-    def test_incomplete_head_gets_408(self, fast_agent):
-        """A head that never completes gets 408 request_timeout as JSON, then the close."""
+    @pytest.mark.parametrize(
+        ("sent", "message"),
+        [
+            (b"GET /Version HTTP/1.1\r\nHost: x\r\nX-Slow: ", "request head not received in time"),
+            (b"POST /GetKey HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pa",
+             "request body not received in time"),
+        ],
+        ids=["head", "body"],
+    )
+    def test_incomplete_request_gets_408(self, fast_agent, sent, message):
+        """A head or body that never completes gets 408 request_timeout as JSON at its
+        deadline (for a body, from the handler reading it), then the close."""
         sock = connect(fast_agent)
-        sock.sendall(b"GET /Version HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        sock.sendall(sent)
         start = time.monotonic()
         raw = read_until_closed(sock)
         assert 0.9 <= time.monotonic() - start <= 1 + SLACK
         status, headers, body = read_answer(raw)
         assert status == 408 and headers["connection"] == "close"
-        assert json.loads(body) == {"error": "request head not received in time",
-                                    "code": "request_timeout"}
+        assert json.loads(body) == {"error": message, "code": "request_timeout"}
         sock.close()
 
     def test_trickled_head_gets_408(self, fast_agent):
@@ -215,19 +240,6 @@ class TestTimeouts:
         thread.join()
         assert time.monotonic() - start <= 1 + SLACK
         assert read_answer(raw)[0] == 408
-        sock.close()
-
-    def test_incomplete_body_gets_408(self, fast_agent):
-        """A body that never completes gets 408 request_timeout from the handler reading it."""
-        sock = connect(fast_agent)
-        sock.sendall(b"POST /GetKey HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pa")
-        start = time.monotonic()
-        raw = read_until_closed(sock)
-        assert 0.9 <= time.monotonic() - start <= 1 + SLACK
-        status, headers, body = read_answer(raw)
-        assert status == 408 and headers["connection"] == "close"
-        assert json.loads(body) == {"error": "request body not received in time",
-                                    "code": "request_timeout"}
         sock.close()
 
     def test_unread_answers_are_cut_off(self, fast_agent):
@@ -263,20 +275,10 @@ class TestAttacks:
         """200 connections trickling request heads: legitimate requests are answered
         throughout, the trickling ones are cut at the header deadline or evicted at the cap."""
         agent = start_agent("--header-timeout", "2", "--max-connections", "64")
-        before = log_size(agent)
         head = b"GET /Version HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: a\r\n" * 50
-        with ConnectionFlood(agent.socket, 200, send=head, chunk=1, interval=0.25) as flood:
-            flood.wait_open(64)
-            with Prober(agent.socket) as prober:
-                time.sleep(5)
-        result = prober.result
-        # A new client queues behind the flood's reconnections: (200 - 64) of them at
-        # 64 / EVICTION_GRACE evictions a second, about half a second.
-        assert result.answered >= 3 and result.failed == 0, result
-        assert result.max_latency < 3.0, result
+        flood = ConnectionFlood(agent.socket, 200, send=head, chunk=1, interval=0.25)
+        probe_under(agent, flood, opened=64)
         assert flood.closed_by_server >= 200  # none of them was allowed to linger
-        assert log_size(agent) - before < LOG_BUDGET
-        healthy(agent)
 
     def test_fd_exhaustion(self, start_agent):
         """Under RLIMIT_NOFILE=256, 400 idle connections re-opened as soon as they close
@@ -284,20 +286,11 @@ class TestAttacks:
         legitimate requests, and the log stays small."""
         agent = start_agent(preexec_fn=fd_limit(256))
         assert "192 open at most (newest briefly beyond, up to 192)" in agent.output()
-        before = log_size(agent)
-        with ConnectionFlood(agent.socket, 400) as flood:
-            flood.wait_open(192)
-            with Prober(agent.socket) as prober:
-                time.sleep(5)
-        result = prober.result
-        # A new client queues behind the flood's reconnections: (400 - 192) of them at
-        # 192 / EVICTION_GRACE evictions a second, under a third of a second.
-        assert result.answered >= 5 and result.failed == 0, result
-        assert result.max_latency < 3.0, result
+        flood = ConnectionFlood(agent.socket, 400)
+        # At the ceiling a new client queues behind the flood's reconnections: (400 - 192)
+        # of them at 192 / EVICTION_GRACE evictions a second, under a third of a second.
+        probe_under(agent, flood, opened=192)
         assert flood.closed_by_server > 0  # evicted to make room
-        assert log_size(agent) - before < LOG_BUDGET
-        assert "Traceback" not in agent.output()
-        healthy(agent)
 
     def test_accept_fails_at_the_fd_limit(self, start_agent, faulty_plugin):
         """A plugin leaks every free descriptor for 3 s while idle connections are open:
