@@ -27,12 +27,12 @@ from pathlib import Path
 
 import attrs
 
+from dstack_core.server.connections import raise_open_file_limit
 from dstack_core.testing import AgentProcess
 from dstack_core.testing.abuse import (
     MALFORMED_REQUESTS,
     ConnectionFlood,
     Prober,
-    raise_fd_limit,
     send_raw,
 )
 
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--only", help="run only the scenario with this name")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     args = parser.parse_args()
-    raise_fd_limit(8192)
+    raise_open_file_limit(8192)
     trees: list[tuple[str, Path | None]] = [("this tree", None)]
     if args.baseline_tree:
         trees.insert(0, ("baseline", args.baseline_tree.resolve()))

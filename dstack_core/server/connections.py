@@ -168,7 +168,7 @@ class _LogLimiter:
             self._flush = self._loop.call_at(window[0] + LOG_WINDOW, self.flush)
 
     def flush(self) -> None:
-        """Summarise every window that has ended (and, at shutdown, ``close`` every one)."""
+        """Summarise every window that has ended."""
         self._flush = None
         now = self._loop.time()
         for kind, window in list(self._windows.items()):
@@ -180,6 +180,7 @@ class _LogLimiter:
             self._flush = self._loop.call_at(min(pending), self.flush)
 
     def close(self) -> None:
+        """Summarise every window (at shutdown)."""
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
@@ -223,9 +224,11 @@ class _BrokenBody(MalformedHttp, TimeoutError):
 class ManagedRequestHandler(RequestHandler):
     """aiohttp's HTTP/1.1 protocol with phases, deadlines and JSON for its own errors.
 
-    Created by :class:`ConnectionManager` for each accepted connection. Only public aiohttp
-    extension points are overridden: the asyncio protocol callbacks, ``handle_error``,
-    ``finish_response`` and ``log_access`` (which aiohttp calls once per answer sent).
+    Created by :class:`ConnectionManager` for each accepted connection. It overrides the
+    asyncio protocol callbacks and aiohttp's documented hooks (``handle_error``,
+    ``finish_response``, ``log_access``, which aiohttp calls once per answer sent), and
+    reads one private detail (the message queue, in :meth:`_check_body_framing`); tests pin
+    each behaviour, so an aiohttp upgrade that changes them fails loudly.
     """
 
     __slots__ = (
@@ -292,13 +295,13 @@ class ManagedRequestHandler(RequestHandler):
             self._connections.stats["idle_closed"] += 1
             self.force_close()
         elif self._phase is _Phase.HEAD:
-            self._connections.note("header_timeout", "closed a connection that sent no complete "
-                             "request head in %g s", limits.header_timeout)
+            self._connections.note("header_timeout", "closed a connection that sent no "
+                                   "complete request head in %g s", limits.header_timeout)
             self.transport.write(_HEAD_TIMEOUT_RESPONSE)
             self.force_close()
         elif self._phase is _Phase.BODY:
-            self._connections.note("body_timeout", "closed a connection that sent no complete "
-                             "request body in %g s", limits.body_timeout)
+            self._connections.note("body_timeout", "closed a connection that sent no "
+                                   "complete request body in %g s", limits.body_timeout)
             self._enter(_Phase.LINGER, None)
             assert self._payload is not None
             # The handler reading the body answers 408 (RequestTimeout is a TimeoutError, which
@@ -392,8 +395,8 @@ class ManagedRequestHandler(RequestHandler):
         if error.http_status >= 500:
             log.error("error handling a request", exc_info=exc)
         else:
-            self._connections.note("rejected_http", "rejected a request the HTTP parser refused "
-                             "(%s): %s", type(exc).__name__, error.code)
+            self._connections.note("rejected_http", "rejected a request the HTTP parser "
+                                   "refused (%s): %s", type(exc).__name__, error.code)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already started; cannot send an error")
         response = error_response(error)
@@ -424,6 +427,7 @@ class ConnectionManager:
         self.ceiling = connection_ceiling(fd_limit)
         self.max_connections = int(min(limits.max_connections, self.ceiling))
         self.stats: collections.Counter[str] = collections.Counter()
+        """How many of each event (``evicted``, ``header_timeout``, ...) so far."""
         self._server = server
         self._loop = asyncio.get_running_loop()
         self._log = _LogLimiter(self._loop)
@@ -654,7 +658,7 @@ class _AcceptIncident:
     def _check(self) -> None:
         now = self._loop.time()
         if now - self.last >= INCIDENT_QUIET:
-            self.close()
+            self.close(over=True)
             return
         if now - self.reported >= LOG_WINDOW:
             self.reported = now
@@ -662,20 +666,21 @@ class _AcceptIncident:
                         now - self.start)
         self._timer = self._loop.call_at(self.last + INCIDENT_QUIET, self._check)
 
-    def close(self) -> None:
+    def close(self, *, over: bool = False) -> None:
+        """End the incident: accept() works again (``over``), or the agent stops."""
         self._timer.cancel()
-        log.warning("accept() works again: %d failures in %.1f s", self.failures,
-                    self.last - self.start)
+        log.warning("accept() %s: %d failures in %.1f s", "works again" if over else "failed",
+                    self.failures, self.last - self.start)
         self._on_over()
 
 
 class ManagedSite(web.BaseSite):
-    """An aiohttp site on an already bound, listening socket, accepted by a connection manager."""
+    """An aiohttp site on a bound, listening socket, accepted by a connection manager."""
 
     def __init__(
         self, runner: web.BaseRunner, sock: socket.socket, connections: ConnectionManager
     ) -> None:
-        super().__init__(runner, backlog=LISTEN_BACKLOG)
+        super().__init__(runner)
         self._sock = sock
         self._connections = connections
 

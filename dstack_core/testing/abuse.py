@@ -18,7 +18,6 @@ import contextlib
 import errno
 import json
 import os
-import resource
 import select
 import socket
 import threading
@@ -29,6 +28,7 @@ from typing import Final, Self
 
 import attrs
 
+from ..server.connections import raise_open_file_limit
 from .agent import uds_request
 
 __all__ = [
@@ -38,19 +38,9 @@ __all__ = [
     "ProbeResult",
     "Prober",
     "log_growth",
-    "raise_fd_limit",
     "read_answer",
     "send_raw",
 ]
-
-
-def raise_fd_limit(wanted: int) -> int:
-    """Raise this process's soft RLIMIT_NOFILE towards ``wanted`` (up to the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return max(soft, target)
 
 
 @attrs.define
@@ -110,7 +100,7 @@ class ConnectionFlood:
         return len(self._conns)
 
     def start(self) -> None:
-        raise_fd_limit(self.count + 256)
+        raise_open_file_limit(self.count + 256)
         self._thread.start()
 
     def wait_open(self, count: int | None = None, timeout: float = 30.0) -> None:

@@ -133,7 +133,7 @@ class AgentProcess:
 
     def _register_key_files(self) -> None:
         """Let a log scan know this agent's keys (its inputs and its state dir)."""
-        keyfiles = [Path(a) for a in self.command if a.endswith(".json") or a.endswith(".seed")]
+        keyfiles = [Path(a) for a in self.command if a.endswith((".json", ".seed"))]
         logscan.register_key_files(*keyfiles, self.state_dir)
 
     def start(self, *, wait: bool = True) -> AgentProcess:
@@ -141,7 +141,8 @@ class AgentProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env}, preexec_fn=self.preexec_fn,
+            # The caller's preexec_fn must be async-signal-safe (setrlimit is).
+            env={**os.environ, **self.env}, preexec_fn=self.preexec_fn,  # noqa: PLW1509
         )
         log.close()
         if wait:
