@@ -20,7 +20,6 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
-    BadHttpMethod,
     BadStatusLine,
     HttpProcessingError,
     InvalidHeader,
@@ -68,8 +67,12 @@ _HTTP_CODES: Final = {
     417: ExpectationFailed.code,  # an Expect other than 100-continue
 }
 # An HTTP method is a token (RFC 9110 section 9.1) followed by one space.
-_METHOD_TOKEN: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
-_TLS_HANDSHAKE: Final = b"\x16\x03"
+_METHOD_TOKEN: Final = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
+# Methods the parser knows: a request line starting with one of them that the parser
+# refuses is malformed (say, a bad version), not an unknown method.
+_KNOWN_METHODS: Final = frozenset(
+    b"GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH".split()
+)
 _BAD_FRAMING: Final = "malformed body framing (Content-Length or chunked encoding)"
 
 
@@ -104,16 +107,17 @@ def http_layer_error(exc: BaseException | None, request_start: bytes = b"") -> D
 
     Messages are fixed per kind: nothing the client sent is echoed.
     """
-    if isinstance(exc, BadHttpMethod):
-        if not request_start.startswith(_TLS_HANDSHAKE) and _METHOD_TOKEN.match(request_start):
+    if isinstance(exc, BadStatusLine):  # aiohttp >= 3.11 raises its subclass BadHttpMethod
+        method = _METHOD_TOKEN.match(request_start)
+        if method and method[1] not in _KNOWN_METHODS:
             return MethodNotAllowed(f"method not allowed; use one of {ALLOWED_METHODS}")
-        return MalformedHttp("malformed request line: not an HTTP request")
+        if not method:  # binary junk, a TLS handshake on the plain socket, ...
+            return MalformedHttp("malformed request line: not an HTTP request")
+        return MalformedHttp("malformed request line")
     if isinstance(exc, LineTooLong):
         if exc.args[1:2] == (MAX_REQUEST_LINE,):
             return UriTooLong(f"request line longer than {MAX_REQUEST_LINE} bytes")
         return HeaderTooLarge(f"header field longer than {MAX_HEADER_FIELD} bytes")
-    if isinstance(exc, BadStatusLine):
-        return MalformedHttp("malformed request line")
     if isinstance(exc, InvalidURLError):
         return MalformedHttp("malformed request target")
     if isinstance(exc, InvalidHeader):
