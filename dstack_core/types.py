@@ -249,7 +249,13 @@ class TrustBundle:
 
     :ivar root_ca_pem: the mock Intel root CA certificate (PEM).
     :ivar collateral_json: dcap-qvl ``QuoteCollateralV3`` in its JSON form.
+    :ivar os_image_policy_json: the OS image the platform simulates, as an OS image policy
+        (``docs/verify.md``: its ``os_image_hash`` and the MRTD and RTMR0-2 it boots to),
+        or None; with it a verifier can tie simulated apps to a known (simulated) OS.
+
+    .. versionchanged:: 0.1 ``os_image_policy_json`` added (optional).
     """
 
     root_ca_pem: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.testing import AgentProcess, short_tempdir
 
 DATA = Path(__file__).parent / "data"
@@ -21,6 +22,14 @@ UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
 class Bundle:
     root_ca_der: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None
+
+    @property
+    def os_image_policy(self) -> OsImagePolicy | None:
+        """The bundle's OS image policy (the simulated image's MRTD and RTMR0-2)."""
+        if self.os_image_policy_json is None:
+            return None
+        return OsImagePolicy.from_json(self.os_image_policy_json)
 
 
 @attrs.frozen(kw_only=True)
@@ -61,7 +70,12 @@ def trust_bundle_for(state_dir: Path) -> Bundle:
     out = short_tempdir("bundle")
     run_cli("simulator", "trust-bundle", "--state-dir", str(state_dir), "--out", str(out))
     root = x509.load_pem_x509_certificate((out / "root_ca.pem").read_bytes())
-    bundle = Bundle(root.public_bytes(Encoding.DER), (out / "collateral.json").read_text())
+    policy = out / "os_image_policy.json"
+    bundle = Bundle(
+        root.public_bytes(Encoding.DER),
+        (out / "collateral.json").read_text(),
+        policy.read_text() if policy.exists() else None,
+    )
     shutil.rmtree(out)
     return bundle
 

@@ -71,7 +71,7 @@ def bundle(agent: FakeTdxAgent) -> Bundle:
     """The fake machine's mock-PKI trust bundle."""
     trust = agent.machine.trust_bundle()
     root = x509.load_pem_x509_certificate(trust.root_ca_pem)
-    return Bundle(root.public_bytes(Encoding.DER), trust.collateral_json)
+    return Bundle(root.public_bytes(Encoding.DER), trust.collateral_json, trust.os_image_policy_json)
 
 
 @pytest.fixture(scope="module")

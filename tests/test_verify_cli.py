@@ -28,6 +28,8 @@ def files(agent, bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> di
     (trust / "collateral.json").write_text(bundle.collateral_json)
     pem = x509.load_der_x509_certificate(bundle.root_ca_der).public_bytes(Encoding.PEM)
     (trust / "root_ca.pem").write_bytes(pem)
+    assert bundle.os_image_policy_json is not None
+    (trust / "os_image_policy.json").write_text(bundle.os_image_policy_json)
     report_data = hashlib.sha512(b"app-data:" + APP_DATA).digest()
     _, attest = agent.call("Attest", {"report_data": report_data.hex()})
     status, quote = agent.call("GetQuote", {"report_data": "0c11"})
