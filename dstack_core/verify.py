@@ -2034,6 +2034,9 @@ def _snp_binding_check(evidence: Evidence) -> tuple[CheckStatus, str] | None:
             "the envelope makes app_info claims, which an SEV-SNP report cannot back (there "
             "are no runtime registers to recompute them from)"
         )
+    tag = _platform_tag_problem(evidence)
+    if tag is not None:
+        problems.append(tag)
     return _outcome(problems, done)
 
 
