@@ -695,3 +695,178 @@ def test_runtime_events_claims_are_the_bound_ones(genuine, collateral):
         assert claim.payload == (event.event_payload if measured else None)
     assert replay_rtmrs(envelope.event_log) == TdxQuote.from_bytes(envelope.quote).report.rtmrs
     assert isinstance(result.runtime_events[0], RuntimeEvent)
+
+
+# --- strict inputs, one rule for the CLI and the service ------------------------------------
+
+
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], data: bytes, *args: str) -> tuple[int, Any]:
+    path = tmp_path / "evidence"
+    path.write_bytes(data)
+    code = main(["verify", str(path), *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+class TestStrictInputs:
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b'{"attestation": "00", "attestation": "%s"}',
+            b'{"attestation": NaN}',
+            b'{"attestation": "%s", "debug": Infinity}',
+            b'{"quote": "00", "event_log": "[{\\"imr\\": 0, \\"imr\\": 3}]"}',
+        ],
+        ids=["duplicate-key", "nan", "infinity", "duplicate-in-event-log"],
+    )
+    def test_json_refused_by_cli_and_service(self, genuine, tmp_path, capsys, body):
+        """Duplicate keys (first-wins and last-wins parsers would disagree) and NaN/Infinity
+        are refused by both: the CLI exits 2, the service answers 400."""
+        if b"%s" in body:
+            body = body.replace(b"%s", genuine.attestation.hex().encode())
+        code, doc = cli(tmp_path, capsys, body)
+        assert code == 2 and doc["verdict"] == "fail" and doc["code"] in (
+            "malformed_evidence",
+            "invalid_request",
+        ), doc
+        status, answer = post(service_settings(genuine), body)
+        assert status == 400 and answer["code"] in ("invalid_request", "malformed_evidence")
+
+    @pytest.mark.parametrize(
+        "value", ["", "0x", "0X", "abc", "zz", "0x0", "00" * 65, " 00", "0x" + "0" * 130]
+    )
+    def test_bad_expected_report_data_is_an_error_in_both(self, genuine, tmp_path, capsys, value):
+        """An empty, odd-length, non-hex or over-long expectation: CLI exit 2, service 400
+        invalid_request; never "64 zero bytes" and never "no expectation"."""
+        code, doc = cli(
+            tmp_path, capsys, genuine.attestation, "--expect-report-data", value
+        )
+        assert code == 2 and "expect" in doc["error"], doc
+        status, answer = post(
+            service_settings(genuine),
+            {"attestation": genuine.attestation.hex(), "expected_report_data": value},
+        )
+        assert status == 400 and answer["code"] == "invalid_request", answer
+
+    @pytest.mark.parametrize(
+        "value", [REPORT_DATA.hex(), "0x" + REPORT_DATA.hex(), b"soundness".hex(), "0X" + b"soundness".hex()]
+    )
+    def test_good_expected_report_data_means_the_same_in_both(
+        self, genuine, tmp_path, capsys, value
+    ):
+        """Hex with or without 0x, shorter than 64 bytes zero-padded: pass in both."""
+        bundle_dir = write_bundle(genuine.bundle, tmp_path / "bundle")
+        code, doc = cli(
+            tmp_path, capsys, genuine.attestation,
+            "--trust-bundle", str(bundle_dir), "--allow-simulator", "--expect-report-data", value,
+        )
+        assert code == 0 and doc["checks"]["report_data"]["status"] == "pass", doc["reason"]
+        status, answer = post(
+            service_settings(genuine),
+            {"attestation": genuine.attestation.hex(), "expected_report_data": value},
+        )
+        assert status == 200 and answer["checks"]["report_data"]["status"] == "pass"
+        assert answer["is_valid"] is True
+
+    def test_null_expectation_is_none_in_the_service(self, genuine):
+        """JSON null (or no key) means no expectation."""
+        status, answer = post(
+            service_settings(genuine),
+            {"attestation": genuine.attestation.hex(), "expected_report_data": None},
+        )
+        assert status == 200 and answer["checks"]["report_data"]["status"] == "skipped"
+
+
+class TestBoundedResources:
+    def test_oversized_body_refused_from_its_content_length(self, genuine):
+        """A body declared over the limit is answered 400 payload_too_large before a byte
+        of it is sent."""
+
+        async def go() -> tuple[bytes, bytes]:
+            server = test_utils.TestServer(create_verifier_app(service_settings(genuine)))
+            await server.start_server()
+            try:
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                writer.write(
+                    b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000000000\r\n\r\n"
+                )
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                body = await asyncio.wait_for(reader.read(4096), 30)
+                writer.close()
+                return head, body
+            finally:
+                await server.close()
+
+        head, body = asyncio.run(go())
+        assert head.startswith(b"HTTP/1.1 400")
+        assert json.loads(body[body.index(b"{"):])["code"] == "payload_too_large"
+
+    def test_chunked_body_cut_at_the_limit(self, genuine):
+        """A chunked body (no Content-Length) is cut off as soon as it passes the limit."""
+        small = service_settings(genuine, max_body_size=4096)
+
+        async def chunks():
+            for _ in range(100):
+                yield b" " * 1024
+
+        async def go() -> tuple[int, Any]:
+            server = test_utils.TestServer(create_verifier_app(small))
+            async with test_utils.TestClient(server) as client:
+                response = await client.post("/verify", data=chunks())
+                return response.status, await response.json()
+
+        status, doc = asyncio.run(go())
+        assert status == 400 and doc["code"] == "payload_too_large"
+
+    def test_slow_body_times_out(self, genuine):
+        """A body that stops arriving gets 408 request_timeout after body_timeout."""
+        slow = service_settings(genuine, body_timeout=0.5)
+
+        async def go() -> bytes:
+            server = test_utils.TestServer(create_verifier_app(slow))
+            await server.start_server()
+            try:
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                writer.write(
+                    b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"att"
+                )
+                await writer.drain()
+                answer = await asyncio.wait_for(reader.read(4096), 30)
+                writer.close()
+                return answer
+            finally:
+                await server.close()
+
+        answer = asyncio.run(go())
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"request_timeout" in answer
+
+    def test_24_mib_hex_body_is_decoded_in_linear_memory(self):
+        """A 24 MiB hex body costs a few times its size to decode (the backtracking hex
+        regex it replaces took over 70 times), and is answered 400, not 500."""
+        import tracemalloc
+
+        from dstack_core.server.verifier import _decode_request
+
+        body = json.dumps({"quote": "ab" * (12 << 20)}).encode()
+        tracemalloc.start()
+        try:
+            with pytest.raises(Exception) as info:
+                _decode_request(body)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert getattr(info.value, "http_status", None) == 400
+        assert peak < 4 * len(body), peak / len(body)
+
+    def test_evidence_over_the_limit_is_refused_before_decoding(self, tmp_path, capsys):
+        """The CLI reads at most the limit plus one byte and refuses more (exit 2)."""
+        from dstack_core.verify import MAX_EVIDENCE_SIZE
+
+        path = tmp_path / "big"
+        with open(path, "wb") as handle:
+            handle.truncate(MAX_EVIDENCE_SIZE + 1)
+        code = main(["verify", str(path)])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == 2 and "limit" in doc["error"]
