@@ -780,13 +780,6 @@ def _der_certificate(data: bytes) -> list[x509.Certificate]:
         raise EvidenceError(f"not a DER certificate: {exc}") from None
 
 
-def _hex_digits(text: bytes) -> memoryview:
-    """``text`` without ASCII whitespace and a leading ``0x``: linear, one copy (no regex:
-    a repeated group over megabytes of input backtracks into gigabytes of memory)."""
-    compact = memoryview(text.translate(None, _ASCII_WHITESPACE))
-    return compact[2:] if bytes(compact[:2]) in _HEX_PREFIXES else compact
-
-
 def _is_hex_text(text: bytes) -> bool:
     """Whether ``text`` (stripped) is an even number of hex digits, whitespace allowed
     anywhere, after an optional ``0x``. Deleting the hex digits and whitespace leaves only
@@ -802,13 +795,21 @@ def _is_hex_text(text: bytes) -> bool:
 
 
 def _decode_hex(text: bytes | str, what: str) -> bytes:
-    """Hex text (whitespace allowed, optional ``0x``) to bytes.
+    """Hex text (whitespace allowed anywhere, optional ``0x``) to bytes, in linear time and
+    memory: no regex (a repeated group over megabytes backtracks into gigabytes), and no
+    copy of the input unless it holds whitespace or a prefix.
 
     :raises EvidenceError: not ASCII, empty, odd-length or other than hex digits.
     """
+    digits: bytes | str = text
     try:
-        raw = text.encode("ascii") if isinstance(text, str) else text
-        digits = _hex_digits(raw)
+        if isinstance(text, str):
+            if any(c in text for c in _ASCII_WHITESPACE.decode()):
+                digits = text.encode("ascii").translate(None, _ASCII_WHITESPACE)
+        elif any(bytes([c]) in text for c in _ASCII_WHITESPACE):
+            digits = text.translate(None, _ASCII_WHITESPACE)
+        if digits[:2] in ("0x", "0X", *_HEX_PREFIXES):
+            digits = digits[2:]
         if not digits:
             raise ValueError("empty")
         return binascii.a2b_hex(digits)
