@@ -776,7 +776,7 @@ def _der_certificate(data: bytes) -> list[x509.Certificate]:
     # PEM text, so "contains -----BEGIN" does not mean "is PEM".
     try:
         return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise EvidenceError(f"not a DER certificate: {exc}") from None
 
 
@@ -1109,7 +1109,7 @@ def _chain_valid(pem: str, root_der: bytes | None, now: int) -> bool:
         chain = x509.load_pem_x509_certificates(pem.encode())
         verify_chain(chain)
         chain[-1].verify_directly_issued_by(chain[-1])
-    except (ValueError, TypeError, InvalidSignature, EvidenceError):
+    except (ValueError, TypeError, InvalidSignature, EvidenceError, x509.InvalidVersion):
         return False
     moment = datetime.fromtimestamp(now, UTC)
     if any(not (c.not_valid_before_utc <= moment <= c.not_valid_after_utc) for c in chain):

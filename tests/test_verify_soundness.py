@@ -870,3 +870,20 @@ class TestBoundedResources:
         code = main(["verify", str(path)])
         doc = json.loads(capsys.readouterr().out)
         assert code == 2 and "limit" in doc["error"]
+
+
+def test_certificate_with_an_invalid_version_is_malformed_evidence():
+    """A certificate whose version field says v4 (found by the mutation suite): cryptography
+    raises InvalidVersion, which is no ValueError; the verifier reports malformed evidence
+    (CLI exit 2, service 400) instead of crashing."""
+    import base64
+
+    from dstack_core.errors import EvidenceError
+
+    ca = certs.new_app_ca(certs.new_tls_key(), now=datetime.now(UTC))
+    der = bytearray(ca.cert.public_bytes(serialization.Encoding.DER))
+    der[der.index(bytes.fromhex("a003020102")) + 4] = 3
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE-----\n"
+    for data in (bytes(der), pem, json.dumps({"certificate_chain": [pem.decode()]})):
+        with pytest.raises(EvidenceError):
+            load_evidence(data)

@@ -101,7 +101,7 @@ def load_certificates(path: Path, what: str = "trust anchor") -> tuple[bytes, ..
             if b"-----BEGIN" in data
             else [x509.load_der_x509_certificate(data)]
         )
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise ConfigurationError(f"{what} {path} is not a PEM or DER certificate: {exc}") from None
     return tuple(cert.public_bytes(Encoding.DER) for cert in certs)
 
