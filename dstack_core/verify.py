@@ -89,6 +89,7 @@ from .upstream import UpstreamAttestation, decode_attestation, is_upstream_attes
 __all__ = [
     "CHECK_NAMES",
     "DEFAULT_ALLOWED_TCB_STATUSES",
+    "HARDWARE_TAGS",
     "MAX_EVIDENCE_SIZE",
     "SIMULATOR_MARKER",
     "SNP_CHECK_NAMES",
@@ -101,6 +102,7 @@ __all__ = [
     "VerificationResult",
     "VerifyOptions",
     "bytes_tuple",
+    "claims_hardware",
     "evidence_from_json",
     "load_evidence",
     "parse_expected_report_data",
@@ -159,6 +161,10 @@ SIMULATOR_MARKER: Final = SIMULATOR_USER_DATA[:16]
 """``DSTACK-SIMULATOR``: the start of a simulator quote's header user_data."""
 
 SIMULATOR_PLATFORM: Final = "simulator"
+HARDWARE_TAGS: Final = frozenset(
+    {"tdx", "sev-snp", "sev", "snp", "gcp-tdx", "nitro-enclave", "aws-nitro-tpm"}
+)
+"""Platform tags that name real TEE hardware (ours and upstream's platform kinds)."""
 TDX_FORMAT: Final = "tdx"
 SNP_FORMAT: Final = "sev-snp"
 TEE_VARIANT_TDX: Final = "dstack-tdx"
@@ -1576,10 +1582,23 @@ _APP_INFO_COMPARED: Final = (
 )
 
 
-def _platform_tag_problem(evidence: Evidence) -> str | None:
-    """Why the envelope's free-text platform tag disagrees with what the evidence is."""
+def claims_hardware(tag: str) -> bool:
+    """Whether a platform tag names real TEE hardware: one of :data:`HARDWARE_TAGS`, or one
+    of them followed by ``-`` (``gcp-tdx-confidential-space``)."""
+    return any(tag == name or tag.startswith(f"{name}-") for name in HARDWARE_TAGS)
+
+
+def _platform_tag_problem(evidence: Evidence, simulated: bool) -> str | None:
+    """Why the envelope's free-text platform tag disagrees with what the evidence is.
+
+    The tag must be the platform the evidence is (``tdx``, ``simulator``, ``sev-snp``). A
+    simulated platform's own name is accepted on simulated evidence (a marked quote, or one
+    verified under an external root) unless it names hardware; it is never reported.
+    """
     tag = evidence.platform_tag
     if tag is None or tag == evidence.platform:
+        return None
+    if simulated and not claims_hardware(tag):
         return None
     if evidence.quote is None:
         return f"the envelope says platform {tag!r}, but the evidence is an SEV-SNP report"
@@ -1592,7 +1611,12 @@ def _platform_tag_problem(evidence: Evidence) -> str | None:
 
 
 def _envelope_binding_check(
-    evidence: Evidence, derived: AppInfo | None, os_image_hash: bytes, stated: bytes | None
+    evidence: Evidence,
+    derived: AppInfo | None,
+    os_image_hash: bytes,
+    stated: bytes | None,
+    *,
+    simulated: bool,
 ) -> tuple[CheckStatus, str] | None:
     """None when not applicable (a bare quote without claims).
 
@@ -1600,6 +1624,7 @@ def _envelope_binding_check(
         RTMR3 is not bound.
     :param os_image_hash: the bound OS image hash, or ``b""``.
     :param stated: the vm_config's (unbound) OS image hash, or None.
+    :param simulated: whether the evidence is simulated (see :func:`_platform_tag_problem`).
     """
     if evidence.report_data is None:
         return None
@@ -1646,7 +1671,7 @@ def _envelope_binding_check(
                 "app_info os_image_hash equals the vm_config's, which no signature covers "
                 "(not a claim: see os_image)"
             )
-    tag = _platform_tag_problem(evidence)
+    tag = _platform_tag_problem(evidence, simulated)
     if tag is not None:
         problems.append(tag)
     return _outcome(problems, done)
@@ -1884,6 +1909,7 @@ def verify_evidence(
         checks.require("mr_service_td")
     checks["mr_service_td"] = _mr_service_td_check(report, dcap["mr_service_td"])
 
+    simulated = evidence.marked_simulated or options.root_ca_der is not None
     replay = _replay(evidence)
     checks["event_log"] = _event_log_check(evidence, replay, options)
     checks["runtime_events"] = _runtime_events_check(evidence, replay)
@@ -1912,7 +1938,9 @@ def verify_evidence(
         checks.require("os_image")
     checks.claims(
         "envelope_binding",
-        _envelope_binding_check(evidence, derived, os_image.os_image_hash, stated),
+        _envelope_binding_check(
+            evidence, derived, os_image.os_image_hash, stated, simulated=simulated
+        ),
         "a bare quote: no envelope claims to compare (its report_data is the only claim)",
     )
     _report_data_and_ratls_checks(checks, evidence, options, "quote")
@@ -1926,7 +1954,7 @@ def verify_evidence(
         evidence,
         options,
         CHECK_NAMES,
-        simulated=evidence.marked_simulated or options.root_ca_der is not None,
+        simulated=simulated,
         tcb_status=tcb_status,
         advisory_ids=advisories,
         quote_version=quote.version,
@@ -2035,7 +2063,7 @@ def _snp_binding_check(evidence: Evidence) -> tuple[CheckStatus, str] | None:
             "the envelope makes app_info claims, which an SEV-SNP report cannot back (there "
             "are no runtime registers to recompute them from)"
         )
-    tag = _platform_tag_problem(evidence)
+    tag = _platform_tag_problem(evidence, evidence.marked_simulated)
     if tag is not None:
         problems.append(tag)
     return _outcome(problems, done)

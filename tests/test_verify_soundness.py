@@ -426,17 +426,41 @@ def assert_failed_with_os(result: VerificationResult, check: str) -> None:
 
 
 class TestPlatformTag:
-    @pytest.mark.parametrize("tag", ["gcp-tdx-confidential-space", "tdx", "sev-snp", "acme"])
+    @pytest.mark.parametrize(
+        "tag", ["gcp-tdx-confidential-space", "tdx", "sev-snp", "nitro-enclave", "tdx-sim"]
+    )
     def test_tag_that_disagrees_fails(self, genuine, collateral, tag):
         """The envelope's free-text platform never becomes the reported platform; one that
-        disagrees with the quote fails envelope_binding."""
+        names other hardware than the quote is fails envelope_binding."""
         forged = attrs.evolve(Envelope.from_cbor(genuine.attestation), platform=tag).to_cbor()
         result = verify(forged, options(genuine), collateral)
         assert result.platform == "simulator"
         assert result.verdict == "fail" and result.reason.startswith("envelope_binding:")
         assert tag in result.check("envelope_binding").detail
+        assert json.dumps(tag) not in json.dumps(result.claims())
         _status, doc = post(service_settings(genuine), {"attestation": forged.hex()})
         assert doc["is_valid"] is False and doc["reason"].startswith("envelope_binding:")
+
+    def test_simulated_vendor_tag_is_accepted_but_not_reported(self, genuine, collateral):
+        """A simulated platform's own name (docs/plugins: never a hardware tag) on simulated
+        evidence is accepted; the reported platform is still what the quote is."""
+        forged = attrs.evolve(Envelope.from_cbor(genuine.attestation), platform="softtee")
+        result = verify(forged.to_cbor(), options(genuine), collateral)
+        assert result.verdict == "pass" and result.platform == "simulator"
+        assert "softtee" not in json.dumps(result.claims())
+
+    def test_hardware_quote_must_say_tdx(self):
+        """An unmarked quote verified under Intel's root is hardware evidence: its envelope
+        must say tdx (the mock signature fails too; the tag is what this test looks at)."""
+        report = mock_td_report(mr_td=bytes(48), rtmrs=[bytes(48)] * 4, report_data=REPORT_DATA)
+        quote = PKI.sign_quote(report, user_data=b"HARDWARE".ljust(20, b"\0"))
+        for tag, ok in (("tdx", True), ("softtee", False), ("gcp-tdx-confidential-space", False)):
+            envelope = Envelope(
+                platform=tag, evidence_format="tdx", quote=quote, report_data=REPORT_DATA
+            )
+            result = verify(envelope.to_cbor(), VerifyOptions(now=NOW), None)
+            assert result.platform == "tdx" and not result.simulated
+            assert (result.check("envelope_binding").status == "pass") is ok, tag
 
     def test_upstream_and_quote_platform_come_from_the_quote(self, genuine, collateral):
         """Formats without a tag report what the quote is."""
