@@ -1369,7 +1369,9 @@ class _Replay:
     :ivar boot: the log's RTMR0-2 events, as given.
     :ivar runtime: what RTMR3 replays: upstream's ``runtime_events``, else the log's RTMR3
         entries.
-    :ivar boot_present: whether an RTMR1 or RTMR2 event extends (EV_NO_ACTION does not).
+    :ivar boot_present: whether an RTMR1 or RTMR2 event extends (EV_NO_ACTION does not);
+        without one, the log is lite-stripped unless the quote's RTMR1 and RTMR2 are zero
+        (:func:`_boot_replayable`).
     :ivar foreign: RTMR3 entries that are not dstack runtime events, described.
     """
 
@@ -1420,6 +1422,13 @@ def _replay(evidence: Evidence) -> _Replay:
     )
 
 
+def _boot_replayable(evidence: Evidence, replay: _Replay) -> bool:
+    """Whether the log can account for RTMR0-2: it has extending RTMR1/RTMR2 events, or
+    the quote's RTMR1 and RTMR2 are zero (nothing was measured there to strip)."""
+    quoted = _tdx(evidence).report.rtmrs
+    return replay.boot_present or not any(quoted[1] + quoted[2])
+
+
 def _own_envelope(evidence: Evidence) -> bool:
     """Our envelope, bare or in a certificate: it always carries the full event log."""
     return "dstack-core" in (evidence.kind, evidence.attestation_kind)
@@ -1431,11 +1440,12 @@ def _event_log_check(
     if not evidence.event_log_given:
         return "skipped", "no event log given: the quoted RTMR0-3 cannot be tied to any events"
     quoted = _tdx(evidence).report.rtmrs
+    replayable = _boot_replayable(evidence, replay)
     counts = [sum(1 for e in replay.boot if e.imr == i) for i in range(3)] + [len(replay.runtime)]
     mismatched = []
     parts = []
     for index in range(RTMR_COUNT):
-        if index < RUNTIME_IMR and not replay.boot_present:
+        if index < RUNTIME_IMR and not replayable:
             parts.append(f"RTMR{index} not replayable ({counts[index]} events)")
             continue
         if hmac.compare_digest(replay.rtmrs[index], quoted[index]):
@@ -1455,7 +1465,7 @@ def _event_log_check(
         )
     if mismatched:
         return "fail", f"replay differs from the quote: {summary}"
-    if not replay.boot_present:
+    if not replayable:
         why = (
             "the log carries no RTMR1/RTMR2 boot events (lite-stripped, as in upstream RA-TLS "
             "certificates), so RTMR0-2 cannot be replayed"
@@ -1555,7 +1565,7 @@ def _bind(evidence: Evidence, replay: _Replay, runtime_check: CheckStatus) -> _B
         else None
     )
     boot = []
-    if replay.boot_present:
+    if _boot_replayable(evidence, replay):
         for event in replay.boot:
             if event.event_type == EV_NO_ACTION:
                 continue

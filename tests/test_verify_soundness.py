@@ -911,3 +911,27 @@ def test_certificate_with_an_invalid_version_is_malformed_evidence():
     for data in (bytes(der), pem, json.dumps({"certificate_chain": [pem.decode()]})):
         with pytest.raises(EvidenceError):
             load_evidence(data)
+
+
+def test_a_platform_without_boot_measurements_needs_no_boot_events(pki_collateral):
+    """A TD whose RTMR0-2 are zero (a software TEE measuring nothing at boot) has nothing to
+    strip: our envelope without boot events replays. With a non-zero RTMR1 the same empty
+    boot log is incomplete, and an envelope never gets allow_stripped_event_log."""
+    runtime = (runtime_event("app-id", b"\x01" * 20), runtime_event("system-ready", b""))
+    for rtmr1, expected in ((bytes(48), "pass"), (b"\x01" * 48, "skipped")):
+        rtmr3 = replay_rtmrs(runtime)[3]
+        report = mock_td_report(
+            mr_td=bytes(48), rtmrs=[bytes(48), rtmr1, bytes(48), rtmr3], report_data=REPORT_DATA
+        )
+        quote = PKI.sign_quote(report, user_data=b"SOFTTEE".ljust(20, b"\0"))
+        envelope = Envelope(
+            platform="softtee", evidence_format="tdx", quote=quote, event_log=runtime,
+            report_data=REPORT_DATA,
+        )
+        for allow in (False, True):
+            options = upstream_options(allow_stripped_event_log=allow)
+            result = verify(envelope.to_cbor(), options, pki_collateral)
+            assert result.check("event_log").status == expected, result.check("event_log").detail
+        # RTMR3 is bound either way: its claims do not depend on RTMR0-2.
+        assert result.app_id == b"\x01" * 20 and result.identity_bound
+        assert (result.verdict == "pass") is (expected == "pass")
