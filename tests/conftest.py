@@ -7,12 +7,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
 from dstack_core.osimage import OsImagePolicy
 from dstack_core.testing import AgentProcess, short_tempdir
+from dstack_core.verify import VerifyOptions
 
 DATA = Path(__file__).parent / "data"
 UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
@@ -30,6 +32,17 @@ class Bundle:
         if self.os_image_policy_json is None:
             return None
         return OsImagePolicy.from_json(self.os_image_policy_json)
+
+    def verify_options(self, now: int, **changes: Any) -> VerifyOptions:
+        """Options that trust this bundle: its root CA (with the simulator opt-in) and its
+        OS image policy; ``changes`` override any field."""
+        fields: dict[str, Any] = {
+            "now": now,
+            "root_ca_der": self.root_ca_der,
+            "allow_simulator": True,
+            "os_image_policy": self.os_image_policy,
+        }
+        return VerifyOptions(**{**fields, **changes})
 
 
 @attrs.frozen(kw_only=True)

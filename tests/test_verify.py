@@ -89,13 +89,7 @@ def collateral(sample: Sample) -> Collateral:
 
 def trusting(sample: Sample, **changes: Any) -> VerifyOptions:
     """Options that trust the simulator (its root CA, opt-in, its OS image policy)."""
-    fields: dict[str, Any] = {
-        "now": NOW,
-        "root_ca_der": sample.bundle.root_ca_der,
-        "allow_simulator": True,
-        "os_image_policy": sample.bundle.os_image_policy,
-    }
-    return VerifyOptions(**{**fields, **changes})
+    return sample.bundle.verify_options(NOW, **changes)
 
 
 def statuses(result: VerificationResult) -> dict[str, str]:

@@ -233,26 +233,40 @@ def new_event(data: st.DataObject, events: Sequence[TdxEvent]) -> TdxEvent:
     return _valid_event(**{**fields, "digest": _digest_for(data, draft, events)})
 
 
-def mutate_events(data: st.DataObject, events: Sequence[TdxEvent]) -> tuple[TdxEvent, ...]:
-    """One structured change to an event log."""
-    out = list(events)
-    ops = ["insert"] + (["drop", "reorder", "retype", "redigest", "reimr", "payload",
-                         "rename", "version", "duplicate"] if out else [])
+def mutate_list(
+    data: st.DataObject,
+    items: Sequence[Any],
+    new: Callable[[], Any],
+    edit: Callable[[str, Any], Any],
+    edits: Sequence[str],
+) -> tuple[Any, ...]:
+    """One structured change to a list of events: insert ``new()``, drop, reorder,
+    duplicate, or one of ``edits`` applied to an element by ``edit(op, element)``."""
+    out = list(items)
+    ops = ["insert"] + (["drop", "reorder", "duplicate", *edits] if out else [])
     op = data.draw(st.sampled_from(ops), label="event op")
     note(f"event op: {op}")
     if op == "insert":
-        out.insert(data.draw(st.integers(0, len(out))), new_event(data, events))
+        out.insert(data.draw(st.integers(0, len(out))), new())
         return tuple(out)
     index = data.draw(st.integers(0, len(out) - 1), label="event")
-    event = out[index]
     if op == "drop":
         del out[index]
     elif op == "reorder":
         other = data.draw(st.integers(0, len(out) - 1))
         out[index], out[other] = out[other], out[index]
     elif op == "duplicate":
-        out.insert(data.draw(st.integers(0, len(out))), event)
+        out.insert(data.draw(st.integers(0, len(out))), out[index])
     else:
+        out[index] = edit(op, out[index])
+    return tuple(out)
+
+
+def mutate_events(data: st.DataObject, events: Sequence[TdxEvent]) -> tuple[TdxEvent, ...]:
+    """One structured change to an event log: the list operations, or retype, re-digest,
+    move to another register, change the payload, name or digest version of one event."""
+
+    def edit(op: str, event: TdxEvent) -> TdxEvent:
         fields = attrs.asdict(event, recurse=False)
         if op == "retype":
             fields["event_type"] = data.draw(st.sampled_from(TYPES))
@@ -267,36 +281,29 @@ def mutate_events(data: st.DataObject, events: Sequence[TdxEvent]) -> tuple[TdxE
             fields["event_payload"] = data.draw(st.sampled_from([bytes(payload), b""] + list(PAYLOADS)))
         elif op == "rename":
             fields["event"] = data.draw(st.sampled_from(NAMES))
-        elif op == "version":
+        else:
             fields["version"] = 3 - event.version
-        out[index] = _valid_event(**fields)
-    return tuple(out)
+        return _valid_event(**fields)
+
+    edits = ("retype", "redigest", "reimr", "payload", "rename", "version")
+    return mutate_list(data, events, lambda: new_event(data, events), edit, edits)
 
 
 def mutate_runtime(data: st.DataObject, events: Sequence[RuntimeEvent]) -> tuple[RuntimeEvent, ...]:
     """One change to upstream's runtime_events list (what upstream replays)."""
-    out = list(events)
-    op = data.draw(st.sampled_from(["insert", "drop", "reorder", "payload", "rename", "version"]))
-    if op == "insert" or not out:
-        out.insert(
-            data.draw(st.integers(0, len(out))),
-            RuntimeEvent(event=data.draw(st.sampled_from(NAMES)), payload=data.draw(st.sampled_from(PAYLOADS))),
-        )
-        return tuple(out)
-    index = data.draw(st.integers(0, len(out) - 1))
-    event = out[index]
-    if op == "drop":
-        del out[index]
-    elif op == "reorder":
-        other = data.draw(st.integers(0, len(out) - 1))
-        out[index], out[other] = out[other], out[index]
-    elif op == "payload":
-        out[index] = attrs.evolve(event, payload=data.draw(st.sampled_from(PAYLOADS)))
-    elif op == "rename":
-        out[index] = attrs.evolve(event, event=data.draw(st.sampled_from(NAMES)))
-    else:
-        out[index] = attrs.evolve(event, version=3 - event.version)
-    return tuple(out)
+
+    def new() -> RuntimeEvent:
+        name = data.draw(st.sampled_from(NAMES))
+        return RuntimeEvent(event=name, payload=data.draw(st.sampled_from(PAYLOADS)))
+
+    def edit(op: str, event: RuntimeEvent) -> RuntimeEvent:
+        if op == "payload":
+            return attrs.evolve(event, payload=data.draw(st.sampled_from(PAYLOADS)))
+        if op == "rename":
+            return attrs.evolve(event, event=data.draw(st.sampled_from(NAMES)))
+        return attrs.evolve(event, version=3 - event.version)
+
+    return mutate_list(data, events, new, edit, ("payload", "rename", "version"))
 
 
 # --- mutations of bytes ---------------------------------------------------------------------
@@ -554,16 +561,6 @@ def simulator(agent, bundle: Bundle) -> SimulatorEvidence:
     return SimulatorEvidence((a, b), (qa, qb), (ta, tb), bundle)
 
 
-def simulator_options(bundle: Bundle, **changes: Any) -> VerifyOptions:
-    return VerifyOptions(
-        now=NOW,
-        root_ca_der=bundle.root_ca_der,
-        allow_simulator=True,
-        os_image_policy=bundle.os_image_policy,
-        **changes,
-    )
-
-
 def _fake_agent(machine_type: Any, **create: Any) -> Iterator[Any]:
     workdir = short_tempdir("mut")
     machine = machine_type.create(workdir / "tree", **create)
@@ -687,7 +684,7 @@ class TestMutations:
         """Our envelope (bytes, hex, Attest JSON) from the simulator."""
         a, b = simulator.envelopes
         source = Source(
-            "simulator envelope", a, b, simulator_options(simulator.bundle),
+            "simulator envelope", a, b, simulator.bundle.verify_options(NOW),
             Collateral.from_json(simulator.bundle.collateral_json), _identity,
         )
         run(source, data, lambda d, raw, partner: as_form(d, mutate_envelope(d, raw, partner)))
@@ -698,7 +695,7 @@ class TestMutations:
         """GetQuote's JSON body (stripped boot events, runtime events with payloads)."""
         a, b = simulator.get_quotes
         source = Source(
-            "get quote", a, b, simulator_options(simulator.bundle),
+            "get quote", a, b, simulator.bundle.verify_options(NOW),
             Collateral.from_json(simulator.bundle.collateral_json), json.dumps,
         )
         run(source, data, mutate_get_quote)
@@ -712,8 +709,8 @@ class TestMutations:
         anchored = data.draw(st.booleans(), label="trust anchor")
         source = Source(
             f"ratls {anchored}", a, b,
-            simulator_options(
-                simulator.bundle,
+            simulator.bundle.verify_options(
+                NOW,
                 ratls_trust_anchors=[anchor.public_bytes(serialization.Encoding.DER)] if anchored else [],
             ),
             Collateral.from_json(simulator.bundle.collateral_json),
@@ -728,7 +725,7 @@ class TestMutations:
         wire = data.draw(st.sampled_from([0, 1]), label="wire version")
         a, b = (upstream_from_envelope(e, wire) for e in simulator.envelopes)
         source = Source(
-            f"upstream v{wire}", a, b, simulator_options(simulator.bundle),
+            f"upstream v{wire}", a, b, simulator.bundle.verify_options(NOW),
             Collateral.from_json(simulator.bundle.collateral_json), _identity,
         )
         run(source, data, mutate_upstream)

@@ -114,13 +114,7 @@ def collateral(genuine: Genuine) -> Collateral:
 
 def options(genuine: Genuine, **changes: Any) -> VerifyOptions:
     """Trust the simulator, with its bundle's OS image policy."""
-    fields: dict[str, Any] = {
-        "now": NOW,
-        "root_ca_der": genuine.bundle.root_ca_der,
-        "allow_simulator": True,
-        "os_image_policy": genuine.bundle.os_image_policy,
-    }
-    return VerifyOptions(**{**fields, **changes})
+    return genuine.bundle.verify_options(NOW, **changes)
 
 
 # --- the attacks, on an event list ---------------------------------------------------------
