@@ -28,7 +28,16 @@ before it pass, checks after it are ``skipped`` as not reached.
 The verdict is ``pass`` only if no check failed and every *mandatory* check passed. Which
 checks are mandatory depends on the evidence: the quote checks and the event log always;
 ``envelope_binding`` for envelopes; ``ratls_binding`` for certificates; ``report_data``
-when an expectation was given.
+when an expectation was given; ``os_image`` with an OS image policy; ``ratls_chain`` with
+trust anchors. ``reason`` names the first failed check.
+
+A claim comes only from data the quote's signature covers, directly or through a replay
+that reproduces the signed registers (docs/verify.md has the table): RTMR3 may hold only
+dstack runtime events, replayed from their content; the identity is read from them only
+when that replay gives the quote's RTMR3 and the quote is authenticated; ``os_image_hash``
+only through an OS image policy (:mod:`dstack_core.osimage`) or a bound ``os-image-hash``
+event; ``platform`` from the quote, never from the envelope's tag. What nothing binds is
+reported empty, whatever the verdict.
 
 SEV-SNP evidence (our envelope with evidence format ``sev-snp``, also inside an RA-TLS
 certificate) has its own checks, :data:`SNP_CHECK_NAMES`: the report is parsed
@@ -1669,14 +1678,18 @@ def _envelope_binding_check(
                     f"app_info claims {', '.join(_APP_INFO_COMPARED)} equal the values "
                     "recomputed from quote and log"
                 )
-        if os_image_hash:
+        # An empty os_image_hash claims nothing; a non-empty one must be the bound hash, or
+        # without one at least the vm_config's (which is then said to be unbound).
+        if not claimed.os_image_hash:
+            pass
+        elif os_image_hash:
             if claimed.os_image_hash != os_image_hash:
                 problems.append("app_info os_image_hash differs from the bound os_image_hash")
             else:
                 done.append("app_info os_image_hash equals the bound one")
-        elif claimed.os_image_hash != (stated or b""):
+        elif claimed.os_image_hash != stated:
             problems.append("app_info os_image_hash differs from the vm_config's")
-        elif claimed.os_image_hash:
+        else:
             done.append(
                 "app_info os_image_hash equals the vm_config's, which no signature covers "
                 "(not a claim: see os_image)"
