@@ -76,8 +76,8 @@ DEFAULT_MAX_BODY: Final = MAX_EVIDENCE_SIZE
 DEFAULT_BODY_TIMEOUT: Final = 30.0
 """Seconds a request body may take to arrive before the answer is 408."""
 DEFAULT_MAX_CONCURRENT: Final = 4
-"""Requests decoded and verified at once; more wait (bounds memory: each may hold a
-24 MiB body a few times over while it is decoded)."""
+"""Requests decoded and verified at once; more wait (bounds CPU and the memory of decoding:
+each may hold a 24 MiB body a few times over while it is decoded)."""
 READ_CHUNK: Final = 64 * 1024
 SERVICE_NAME: Final = "dstack-verifier"
 ENV_PREFIX: Final = "DSTACK_VERIFIER_"
@@ -239,8 +239,9 @@ def _decode_request(
 
 async def _verify(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
+    # The body is read before taking a slot: a slow client waits for its own body only.
+    holder = [await _read_body(request, settings.max_body_size, settings.body_timeout)]
     async with request.app[SLOTS_KEY]:
-        holder = [await _read_body(request, settings.max_body_size, settings.body_timeout)]
         expected, evidence = await asyncio.to_thread(_decode_request, holder)
         now = settings.clock()
         collateral = None
