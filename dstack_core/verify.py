@@ -378,6 +378,8 @@ class Evidence:
         ``quote`` and ``snp_report`` is set.
     :ivar event_log: the event log as given (boot events, then RTMR3 events).
     :ivar event_log_given: False for a bare quote without a log.
+    :ivar unreplayable: JSON events whose digest is not 48 bytes (kept with a zero digest),
+        described; ``event_log`` fails on them.
     :ivar runtime_events: upstream only: the separate runtime event list upstream replays.
     :ivar preimages: per ``event_log`` entry, a ``preimage`` the evidence carried, or None.
     :ivar report_data: the report data the envelope claims, or None (bare quote).
@@ -396,6 +398,7 @@ class Evidence:
     snp_report: SnpReport | None = None
     event_log: tuple[TdxEvent, ...] = ()
     event_log_given: bool = True
+    unreplayable: tuple[str, ...] = ()
     runtime_events: tuple[RuntimeEvent, ...] | None = None
     preimages: tuple[bytes | None, ...] = ()
     report_data: bytes | None = None
@@ -914,8 +917,9 @@ def _from_quote(
     parsed = _parse_quote(quote)
     preimages: tuple[bytes | None, ...] = ()
     event_log: tuple[TdxEvent, ...] = ()
+    unreplayable: tuple[str, ...] = ()
     if events is not None:
-        event_log = events_from_json(events)
+        event_log, unreplayable = _json_events(events)
         preimages = tuple(_json_preimage(e, i) for i, e in enumerate(events))
     return Evidence(
         kind="quote",
@@ -923,10 +927,44 @@ def _from_quote(
         quote=parsed,
         event_log=event_log,
         event_log_given=events is not None,
+        unreplayable=unreplayable,
         preimages=preimages,
         report_data=report_data,
         vm_config=vm_config,
     )
+
+
+def _json_events(events: Sequence[Any]) -> tuple[tuple[TdxEvent, ...], tuple[str, ...]]:
+    """:func:`~dstack_core.eventlog.events_from_json`, except that an event whose digest
+    is not the 48 bytes a replay needs (GetQuote sends runtime events with ``"digest": ""``,
+    so one retyped by hand arrives so) is kept with a zero digest and described, so that the
+    verdict names it (``event_log``) instead of the whole evidence being refused."""
+    kept: list[Any] = []
+    problems: list[str] = []
+    for index, item in enumerate(events):
+        if isinstance(item, Mapping) and _unreplayable_digest(item):
+            where = f"imr {item['imr']}, type {item['event_type']:#010x}"
+            size = len(item["digest"]) // 2
+            problems.append(
+                f"event {index} ({where}) has a {size}-byte digest: it cannot be replayed"
+            )
+            item = {**item, "digest": ZERO_REGISTER.hex()}
+        kept.append(item)
+    return events_from_json(kept), tuple(problems)
+
+
+def _unreplayable_digest(item: Mapping[str, Any]) -> bool:
+    """A well-typed JSON event whose hex digest is not 48 bytes, unless it is a runtime
+    event's empty digest (recomputed from its content)."""
+    imr, event_type, digest = item.get("imr"), item.get("event_type"), item.get("digest")
+    if type(imr) is not int or type(event_type) is not int or not isinstance(digest, str):
+        return False
+    text = digest[2:] if digest[:2] in ("0x", "0X") else digest
+    if text and not _is_hex_text(text.encode("ascii", "replace")):
+        return False  # not hex at all: malformed, as events_from_json says
+    if len(text) == 2 * len(ZERO_REGISTER):
+        return False
+    return not (text == "" and imr == RUNTIME_IMR and event_type == RUNTIME_EVENT_TYPE)
 
 
 def _json_preimage(event: Any, index: int) -> bytes | None:
@@ -1466,6 +1504,8 @@ def _event_log_check(
                 f"{_short(replay.rtmrs[index])}, quote has {_short(quoted[index])})"
             )
     summary = "; ".join(parts)
+    if evidence.unreplayable:
+        return "fail", f"{'; '.join(evidence.unreplayable)}; {summary}"
     if replay.foreign:
         return "fail", (
             f"{'; '.join(replay.foreign)}: only dstack runtime events (type "
@@ -1560,7 +1600,7 @@ class _Binding:
 
 
 def _bind(evidence: Evidence, replay: _Replay, runtime_check: CheckStatus) -> _Binding:
-    if not evidence.event_log_given:
+    if not evidence.event_log_given or evidence.unreplayable:
         return _Binding(runtime=None, boot_events=())
     quoted = _tdx(evidence).report.rtmrs
     rtmr3_bound = (

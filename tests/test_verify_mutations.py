@@ -405,11 +405,24 @@ def as_form(data: st.DataObject, raw: bytes) -> bytes | str:
 def mutate_get_quote(data: st.DataObject, doc: dict[str, Any], partner: dict[str, Any]) -> str:
     out = dict(doc)
     kind = data.draw(
-        st.sampled_from(["events", "events", "events", "quote", "report_data", "vm_config", "swap", "text"])
+        st.sampled_from(
+            ["events", "events", "events", "json-event", "quote", "report_data", "vm_config",
+             "swap", "text"]
+        )
     )
     note(f"GetQuote mutation: {kind}")
     if kind == "events":
         out["event_log"] = events_to_json(mutate_events(data, events_from_json(doc["event_log"])))
+    elif kind == "json-event":
+        # Edited as JSON, where a digest may be anything (upstream sends runtime ones empty).
+        log = json.loads(doc["event_log"])
+        index = data.draw(st.integers(0, len(log) - 1))
+        log[index] = {
+            **log[index],
+            "event_type": data.draw(st.sampled_from(TYPES)),
+            "digest": data.draw(st.sampled_from(["", "00", log[index]["digest"], "ab" * 48])),
+        }
+        out["event_log"] = json.dumps(log)
     elif kind == "quote":
         out["quote"] = flip_quote(data, bytes.fromhex(doc["quote"])).hex()
     elif kind == "report_data":

@@ -264,6 +264,47 @@ class TestSkippedEvents:
             assert doc["details"]["event_log_verified"] is False
             assert_no_forged_claim(doc["details"])
 
+    @pytest.mark.parametrize("event_type", [EV_NO_ACTION, EV_POST_CODE])
+    def test_hand_edited_get_quote_event(self, genuine, collateral, tmp_path, capsys, event_type):
+        """Upstream's GetQuote sends runtime events with "digest": "". Retyping one by hand
+        (or adding an EV_NO_ACTION record shaped like them) leaves a digest nothing can
+        replay: the verdict names event_log (exit 1), not a malformed input, and claims
+        nothing."""
+        doc = dict(genuine.get_quote)
+        events = json.loads(doc["event_log"])
+        app_id = next(i for i, e in enumerate(events) if e["event"] == "app-id")
+        forged = {
+            **events[app_id],
+            "event_type": event_type,
+            "digest": "",
+            "event_payload": FORGED["app-id"].hex(),
+        }
+        for log in (
+            [*events[:app_id], forged, *events[app_id + 1 :]],
+            [*events[:app_id], forged, *events[app_id:]],
+        ):
+            doc["event_log"] = json.dumps(log)
+            result = verify(json.dumps(doc), options(genuine), collateral)
+            assert_failed_with(result, "event_log")
+            assert "cannot be replayed" in result.check("event_log").detail
+            code, out = cli(
+                tmp_path, capsys, json.dumps(doc).encode(),
+                "--trust-bundle", str(write_bundle(genuine.bundle, tmp_path / "b")),
+                "--allow-simulator",
+            )
+            assert code == 1 and out["reason"].startswith("event_log:")
+            assert_no_forged_claim({k: v for k, v in out.items() if k != "checks"})
+
+    def test_boot_event_without_digest(self, genuine, collateral):
+        """A boot event whose digest was removed cannot be replayed: event_log fails."""
+        doc = dict(genuine.get_quote)
+        events = json.loads(doc["event_log"])
+        events[0] = {**events[0], "digest": ""}
+        doc["event_log"] = json.dumps(events)
+        result = verify(json.dumps(doc), options(genuine), collateral)
+        assert result.verdict == "fail" and result.reason.startswith("event_log:")
+        assert "event 0 (imr 0" in result.reason and result.boot_events == ()
+
     def test_runtime_event_version_is_bound(self, genuine, collateral):
         """Claiming digest version 2 for a version-1 event changes its digest: RTMR3 fails."""
         envelope = Envelope.from_cbor(genuine.attestation)
