@@ -919,6 +919,26 @@ class TestBoundedResources:
         assert getattr(info.value, "http_status", None) == 400
         assert peak < 4 * len(body), peak / len(body)
 
+    def test_24_mib_event_payload_is_decoded_in_linear_memory(self):
+        """The same for hex inside GetQuote's event log (its own hex decoder had the same
+        backtracking regex)."""
+        import tracemalloc
+
+        from dstack_core.server.verifier import _decode_request
+
+        quote = (DATA / "tdx_quote_v4.bin").read_bytes().hex()
+        payload = "ab" * ((24 << 20) // 2 - 8000)
+        log = json.dumps([{"imr": 3, "event_type": 0x08000001, "digest": "", "event": "x",
+                           "event_payload": payload}])
+        body = json.dumps({"quote": quote, "event_log": log}).encode()
+        tracemalloc.start()
+        try:
+            _decode_request(body)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * len(body), peak / len(body)
+
     def test_evidence_over_the_limit_is_refused_before_decoding(self, tmp_path, capsys):
         """The CLI reads at most the limit plus one byte and refuses more (exit 2)."""
         from dstack_core.verify import MAX_EVIDENCE_SIZE
