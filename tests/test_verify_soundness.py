@@ -939,6 +939,29 @@ class TestBoundedResources:
             tracemalloc.stop()
         assert peak < 4 * len(body), peak / len(body)
 
+    def test_pck_chain_of_begin_lines_is_linear(self):
+        """A quote (at most 1 MiB) whose PCK chain is nothing but BEGIN CERTIFICATE lines: a
+        lazy PEM regex rescanned the rest of the input from each one (quadratic: half a MiB
+        took two minutes, the whole MiB about eight); the linear scan refuses it at once."""
+        import struct
+
+        from dstack_core.errors import EvidenceError
+
+        quote = PKI.sign_quote(
+            mock_td_report(mr_td=bytes(48), rtmrs=[bytes(48)] * 4, report_data=REPORT_DATA),
+            user_data=bytes(20),
+        )
+        start = quote.index(b"-----BEGIN CERTIFICATE-----")
+        chain = b"-----BEGIN CERTIFICATE-----" * (((1 << 20) - 4096) // 27)
+        grown = len(chain) - (len(quote) - start)
+        forged = bytearray(quote[:start] + chain)
+        for offset, delta in ((632, grown), (766, grown)):  # signature and QE data sizes
+            (size,) = struct.unpack_from("<I", forged, offset)
+            struct.pack_into("<I", forged, offset, size + delta)
+        struct.pack_into("<I", forged, start - 4, len(chain))  # PCK chain size
+        with pytest.raises(EvidenceError, match="no PEM certificate"):
+            load_evidence(bytes(forged))
+
     def test_evidence_over_the_limit_is_refused_before_decoding(self, tmp_path, capsys):
         """The CLI reads at most the limit plus one byte and refuses more (exit 2)."""
         from dstack_core.verify import MAX_EVIDENCE_SIZE
