@@ -134,7 +134,8 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
         "--allow-stripped-event-log",
         action="store_true",
         help="let event_log pass on RTMR3 alone when the log has no boot events "
-        "(upstream's lite-stripped RA-TLS certificates)",
+        "(upstream's lite-stripped RA-TLS certificates, stripped GetQuote logs; never our "
+        "envelopes, which carry the full log)",
     )
 
 
@@ -155,7 +156,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     expect.add_argument(
         "--expect-report-data",
         metavar="HEX",
-        help="the raw report data the quote must carry (zero-padded to 64 bytes)",
+        help="the raw report data the quote must carry: hex, optional 0x, 1-64 bytes "
+        "(zero-padded to 64); empty or odd-length hex is an error",
     )
     expect.add_argument(
         "--expect-content",
