@@ -27,6 +27,8 @@ __all__ = [
     "KeyProvider",
     "RootKey",
     "TrustBundle",
+    "HARDWARE_TAGS",
+    "is_hardware_tag",
 ]
 
 REPORT_DATA_LENGTH: Final = 64
@@ -47,6 +49,19 @@ def _length(*allowed: int) -> Any:
             )
 
     return check
+
+
+HARDWARE_TAGS: Final = frozenset(
+    {"tdx", "sev-snp", "sev", "snp", "gcp-tdx", "nitro-enclave", "aws-nitro-tpm"}
+)
+"""Platform tags that name real TEE hardware (ours and upstream's platform kinds)."""
+
+
+def is_hardware_tag(tag: str) -> bool:
+    """Whether a platform tag names real TEE hardware: one of :data:`HARDWARE_TAGS`, or one
+    of them followed by ``-`` (``gcp-tdx-confidential-space``). A simulated platform never
+    uses one; a verifier refuses one on evidence that is not what it names."""
+    return any(tag == name or tag.startswith(f"{name}-") for name in HARDWARE_TAGS)
 
 
 @attrs.frozen(kw_only=True)

@@ -92,13 +92,12 @@ from .mockpki import SIMULATOR_USER_DATA
 from .osimage import OsImagePolicy, check_os_image, stated_os_image_hash
 from .quote import TdReport, TdxQuote, is_tdx_quote
 from .snp import POLICY_RESERVED_ONE, SIGNATURE_ALGO_ECDSA_P384_SHA384, SnpReport
-from .types import REPORT_DATA_LENGTH
+from .types import REPORT_DATA_LENGTH, is_hardware_tag
 from .upstream import UpstreamAttestation, decode_attestation, is_upstream_attestation
 
 __all__ = [
     "CHECK_NAMES",
     "DEFAULT_ALLOWED_TCB_STATUSES",
-    "HARDWARE_TAGS",
     "MAX_EVIDENCE_SIZE",
     "SIMULATOR_MARKER",
     "SNP_CHECK_NAMES",
@@ -111,7 +110,6 @@ __all__ = [
     "VerificationResult",
     "VerifyOptions",
     "bytes_tuple",
-    "claims_hardware",
     "evidence_from_json",
     "load_evidence",
     "parse_expected_report_data",
@@ -170,10 +168,6 @@ SIMULATOR_MARKER: Final = SIMULATOR_USER_DATA[:16]
 """``DSTACK-SIMULATOR``: the start of a simulator quote's header user_data."""
 
 SIMULATOR_PLATFORM: Final = "simulator"
-HARDWARE_TAGS: Final = frozenset(
-    {"tdx", "sev-snp", "sev", "snp", "gcp-tdx", "nitro-enclave", "aws-nitro-tpm"}
-)
-"""Platform tags that name real TEE hardware (ours and upstream's platform kinds)."""
 TDX_FORMAT: Final = "tdx"
 SNP_FORMAT: Final = "sev-snp"
 TEE_VARIANT_TDX: Final = "dstack-tdx"
@@ -1641,12 +1635,6 @@ _APP_INFO_COMPARED: Final = (
 )
 
 
-def claims_hardware(tag: str) -> bool:
-    """Whether a platform tag names real TEE hardware: one of :data:`HARDWARE_TAGS`, or one
-    of them followed by ``-`` (``gcp-tdx-confidential-space``)."""
-    return any(tag == name or tag.startswith(f"{name}-") for name in HARDWARE_TAGS)
-
-
 def _platform_tag_problem(evidence: Evidence, simulated: bool) -> str | None:
     """Why the envelope's free-text platform tag disagrees with what the evidence is.
 
@@ -1657,7 +1645,7 @@ def _platform_tag_problem(evidence: Evidence, simulated: bool) -> str | None:
     tag = evidence.platform_tag
     if tag is None or tag == evidence.platform:
         return None
-    if simulated and not claims_hardware(tag):
+    if simulated and not is_hardware_tag(tag):
         return None
     if evidence.quote is None:
         return f"the envelope says platform {tag!r}, but the evidence is an SEV-SNP report"
