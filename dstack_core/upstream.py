@@ -179,9 +179,10 @@ def _as_bytes(data: object) -> bytes:
 class _ScaleReader:
     """A bounded SCALE cursor; every short read or bad length is an :class:`EvidenceError`."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, label: str = "V0 attestation") -> None:
         self._data = data
         self._pos = 0
+        self._label = label  # what errors call the input (a CSR reuses this reader)
 
     @property
     def remaining(self) -> int:
@@ -190,7 +191,7 @@ class _ScaleReader:
     def take(self, size: int, what: str) -> bytes:
         if size > self.remaining:
             raise EvidenceError(
-                f"V0 attestation truncated: {what} needs {size} bytes at offset {self._pos},"
+                f"{self._label} truncated: {what} needs {size} bytes at offset {self._pos},"
                 f" only {self.remaining} left"
             )
         chunk = self._data[self._pos : self._pos + size]
@@ -232,7 +233,7 @@ class _ScaleReader:
         value = self.compact(what)
         if value * min_item_size > self.remaining:
             raise EvidenceError(
-                f"V0 attestation truncated: {what} claims {value} items, only"
+                f"{self._label} truncated: {what} claims {value} items, only"
                 f" {self.remaining} bytes left"
             )
         if value > MAX_EVENTS:
@@ -252,7 +253,7 @@ class _ScaleReader:
     def expect_end(self) -> None:
         if self.remaining:
             raise EvidenceError(
-                f"V0 attestation has {self.remaining} trailing bytes after offset {self._pos}"
+                f"{self._label} has {self.remaining} trailing bytes after offset {self._pos}"
             )
 
 
