@@ -6,6 +6,9 @@ Handlers are thin: decode the arguments with the method's schema, call the
 * ``/<Method>`` and ``/prpc/<Method>``: the DstackGuest service (GET query or POST JSON);
 * ``/prpc/Tappd.<Method>`` (and ``/prpc/<Method>`` for Tappd-only names): legacy Tappd.
 
+:func:`create_tappd_app` serves only the Tappd service, at ``/prpc/Tappd.<Method>`` and
+``/prpc/<Method>``, for its own socket (upstream's ``tappd.sock``).
+
 Every response is JSON with a Content-Length; errors are ``{"error", "code"}``.
 """
 
@@ -13,17 +16,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..errors import NotFound
 from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, parse_json_body, parse_query
 from .errors import error_middleware, json_response
 
-__all__ = ["create_app", "SERVICE_KEY", "DEFAULT_MAX_BODY", "DSTACK_METHODS", "TAPPD_METHODS"]
+if TYPE_CHECKING:
+    from .metrics import AgentMetrics
+
+__all__ = [
+    "create_app",
+    "create_tappd_app",
+    "SERVICE_KEY",
+    "DEFAULT_MAX_BODY",
+    "DSTACK_METHODS",
+    "TAPPD_METHODS",
+    "trim_prefix",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +71,15 @@ def _tls_response(result: TlsKeyResult) -> dict[str, Any]:
 
 
 def _quote_response(result: QuoteResult) -> dict[str, Any]:
-    return {
+    response = {
         "quote": result.quote.hex(),
         "event_log": result.event_log,
         "report_data": result.report_data.hex(),
         "vm_config": result.vm_config,
     }
+    if result.attestation:  # upstream omits the field when empty
+        response["attestation"] = result.attestation.hex()
+    return response
 
 
 async def _get_tls_key(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
@@ -196,32 +214,89 @@ async def _call(request: web.Request, method: Method) -> web.Response:
 
 
 async def _dstack(request: web.Request) -> web.Response:
-    name = request.match_info["method"]
-    method = DSTACK_METHODS.get(name)
+    name, method = _resolve(request, tappd_only=False)
     if method is None:
         raise NotFound(f"Service not found: {name}")
     return await _call(request, method)
 
 
+def trim_prefix(name: str, prefix: str) -> str:
+    """Rust's ``trim_start_matches``: remove every leading repetition of ``prefix``."""
+    while name.startswith(prefix):
+        name = name[len(prefix):]
+    return name
+
+
+def _resolve(request: web.Request, tappd_only: bool) -> tuple[str, Method | None]:
+    """The method a request names, after upstream's prefix trimming."""
+    name = request.match_info.get("method", "")
+    if request.path.startswith("/prpc/") and name.startswith(TAPPD_PREFIX):
+        name = trim_prefix(name, TAPPD_PREFIX)
+        return name, TAPPD_METHODS.get(name)
+    if tappd_only:
+        return name, TAPPD_METHODS.get(name)
+    if request.path.startswith("/prpc/"):
+        return name, DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
+    return name, DSTACK_METHODS.get(name)
+
+
 async def _prpc(request: web.Request) -> web.Response:
-    name = request.match_info["method"]
-    if name.startswith(TAPPD_PREFIX):
-        while name.startswith(TAPPD_PREFIX):
-            name = name[len(TAPPD_PREFIX):]
-        method = TAPPD_METHODS.get(name)
-    else:
-        method = DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
+    name, method = _resolve(request, tappd_only=False)
     if method is None:
         raise NotFound(f"Service not found: {request.match_info['method']}")
     return await _call(request, method)
 
 
-def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
+async def _tappd(request: web.Request) -> web.Response:
+    name, method = _resolve(request, tappd_only=True)
+    if method is None:
+        raise NotFound(f"Service not found: {name}")
+    return await _call(request, method)
+
+
+def _method_label(tappd_only: bool) -> Callable[[web.Request], str]:
+    def label(request: web.Request) -> str:
+        name, method = _resolve(request, tappd_only)
+        return name if method is not None else "unknown"
+
+    return label
+
+
+def _middlewares(metrics: AgentMetrics | None, listener: str, tappd_only: bool) -> list[Middleware]:
+    outer = [] if metrics is None else [metrics.middleware(listener, _method_label(tappd_only))]
+    return [*outer, error_middleware]
+
+
+def create_app(
+    service: AgentService,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    metrics: AgentMetrics | None = None,
+) -> web.Application:
     """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
+    app = web.Application(
+        middlewares=_middlewares(metrics, "dstack", tappd_only=False), client_max_size=max_body
+    )
     app[SERVICE_KEY] = service
     # add_get also answers HEAD, as upstream's Rocket routes do.
     for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
         app.router.add_get(path, handler)
         app.router.add_post(path, handler)
+    return app
+
+
+def create_tappd_app(
+    service: AgentService,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    metrics: AgentMetrics | None = None,
+) -> web.Application:
+    """The legacy Tappd service alone (``/prpc/Tappd.<Method>``, ``/prpc/<Method>``), as
+    upstream serves it on ``tappd.sock``; every other path is 404."""
+    app = web.Application(
+        middlewares=_middlewares(metrics, "tappd", tappd_only=True), client_max_size=max_body
+    )
+    app[SERVICE_KEY] = service
+    app.router.add_get("/prpc/{method}", _tappd)
+    app.router.add_post("/prpc/{method}", _tappd)
     return app
