@@ -355,7 +355,7 @@ class KmsClient:
         self._vm_config = vm_config
         self._attest = attest
         self._timeout = timeout
-        self._observe = observe
+        self.observe = observe
         self._root = _pem_chain(settings.root_pem, "ca_cert")[0]
         self._session: aiohttp.ClientSession | None = None
         self._session_lock = asyncio.Lock()
@@ -386,8 +386,8 @@ class KmsClient:
             outcome = exc.code
             raise
         finally:
-            if self._observe is not None:
-                self._observe(outcome, time.monotonic() - started)
+            if self.observe is not None:
+                self.observe(outcome, time.monotonic() - started)
 
     async def close(self) -> None:
         if self._session is not None:
