@@ -28,6 +28,7 @@ from dstack_core.inputs import app_compose_document, document_text
 from dstack_core.kms import CertConfig, CertSigningRequest, sanitize_remote_message
 from dstack_core.testing import AgentProcess, short_tempdir
 from dstack_core.testing.fake_kms import FakeKms
+from dstack_core.testing.fake_tee import FakeTdxMachine
 from dstack_core.types import RootKey, TrustBundle
 from dstack_core.verify import ExpectedReportData, VerifyOptions, load_evidence, verify_evidence
 
@@ -187,6 +188,15 @@ class TestKmsFailures:
         assert status == 503 and body["code"] == "kms_unavailable"
         assert "overloaded" in body["error"]
 
+    def test_chain_for_another_key_is_refused(self, agent, setup):
+        """A KMS that answers with a valid chain for some other key: 502 kms_bad_response,
+        and the caller gets no certificate."""
+        setup.kms.behaviour = "misissue"
+        status, body = agent.call("GetTlsKey", {"subject": "z"})
+        assert status == 502 and body["code"] == "kms_bad_response", body
+        assert "does not certify the requested key" in body["error"]
+        assert "certificate_chain" not in body
+
     def test_info_survives_a_refusing_kms(self, agent, setup):
         """Info never fails because of the KMS."""
         setup.kms.behaviour = "deny"
@@ -283,3 +293,29 @@ def test_js_sdk_in_kms_mode(agent, setup):
     assert root == setup.kms.root.cert
     assert certs.RaTlsCertificate.from_certificate(leaf).app_id == setup.app_id
     assert result["info_app_id"] == setup.app_id.hex()
+
+
+def test_tdx_platform_in_kms_mode():
+    """The production TDX plugin (on the fake kernel) with KMS app keys: the CSR carries a
+    TDX-on-fake quote that the KMS verifies against the machine's trust bundle."""
+    workdir = short_tempdir("kms")
+    try:
+        machine_root = workdir / "tree"
+        compose = document_text(app_compose_document("kms-tdx"))
+        app_id = hashlib.sha256(compose.encode()).digest()[:20]
+        kms = FakeKms()
+        with kms.running():
+            machine = FakeTdxMachine.create(machine_root, app_compose=compose,
+                                           appkeys=kms.app_keys(app_id))
+            kms.trust = machine.trust_bundle()
+            agent = machine.agent(workdir=workdir).start()
+            try:
+                result = DstackClient(str(agent.socket)).get_tls_key(subject="t", usage_ra_tls=True)
+            finally:
+                agent.stop()
+        leaf, app_ca, root = leaf_and_chain(result.certificate_chain)
+        certs.verify_chain([leaf, app_ca, root])
+        assert root == kms.root.cert
+        assert certs.RaTlsCertificate.from_certificate(leaf).app_id == app_id
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

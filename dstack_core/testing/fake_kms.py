@@ -23,7 +23,8 @@ app keys run end to end without upstream's KMS (``dstack/kms/src/main_service.rs
 * errors are HTTP 400 ``{"error": "..."}``, as upstream's pRPC answers them.
 
 Tests switch its :attr:`FakeKms.behaviour` to simulate a KMS that refuses (``deny``), hangs
-(``hang``) or is overloaded (``unavailable``); :meth:`FakeKms.stop` makes it unreachable.
+(``hang``), is overloaded (``unavailable``) or answers with a chain for another key
+(``misissue``, a compromised or buggy KMS); :meth:`FakeKms.stop` makes it unreachable.
 Run it in a background thread with :meth:`FakeKms.running`, or from the command line:
 ``python -m dstack_core.testing.fake_kms --trust-bundle DIR --app-id HEX --appkeys OUT``.
 """
@@ -62,7 +63,7 @@ from ..verify import ExpectedReportData, VerificationResult, VerifyOptions, load
 
 __all__ = ["FakeKms", "KmsBehaviour"]
 
-KmsBehaviour = Literal["sign", "deny", "hang", "unavailable"]
+KmsBehaviour = Literal["sign", "deny", "hang", "unavailable", "misissue"]
 APP_CA_USAGE: Final = "app:ca"
 APP_CERT_USAGE: Final = "app:custom"
 RPC_CERT_USAGE: Final = "kms:rpc"
@@ -388,6 +389,8 @@ class FakeKms:
             )
         key = serialization.load_der_public_key(csr.pubkey)
         assert isinstance(key, ec.EllipticCurvePublicKey)  # CertSigningRequest.verify checked
+        if self.behaviour == "misissue":
+            key = certs.new_tls_key().public_key()
         request = certs.TlsCertificateRequest(
             org_name=config.org_name,
             subject=config.subject,
