@@ -509,16 +509,7 @@ class AgentService:
             not_after=request.not_after,
         )  # validates the request before any quote is made
         if self._kms is not None:
-            chain = await self._kms.sign(key, config_for(
-                subject=request.subject,
-                alt_names=request.alt_names,
-                usage_server_auth=request.usage_server_auth,
-                usage_client_auth=request.usage_client_auth,
-                usage_ra_tls=request.usage_ra_tls,
-                with_app_info=request.with_app_info,
-                not_before=request.not_before,
-                not_after=request.not_after,
-            ))
+            chain = await self._kms.sign(key, config_for(**attrs.asdict(request)))
             return TlsKeyResult(key=certs.private_key_pem(key), certificate_chain=chain)
         ca = self._require_ca()
         attestation = app_info = None
