@@ -25,7 +25,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__, certs, keys, upstream
-from .appinfo import DEVICE_ID_UNVERIFIED, boot_event_payloads, derive_app_info
+from .appinfo import DEVICE_ID_UNVERIFIED, derive_app_info
 from .envelope import AppInfo, Envelope
 from .errors import (
     ConfigurationError,
@@ -61,7 +61,6 @@ APP_DATA_TAG: Final = "app-data"
 MAX_EVENT_NAME: Final = 256
 INFO_CERT_WAIT: Final = 3.0
 """Seconds Info waits for a KMS-issued ``app_cert`` before answering without it."""
-INIT_SCRIPT_HASH: Final = "init-script-hash"
 
 AttestationFormat = Literal["dstack-core", "upstream"]
 """What Attest, RA-TLS certificates and GetQuote's ``attestation`` carry: our CBOR envelope,
@@ -516,7 +515,9 @@ class AgentService:
         if request.usage_ra_tls or request.with_app_info:
             report_data = certs.ratls_report_data(certs.spki_der(key.public_key()))
             if self.options.attestation_format == "upstream":
-                attestation, app_info = await self._upstream_extensions(report_data)
+                attestation, app_info = upstream.certificate_extensions(
+                    await self._upstream(report_data)
+                )
             else:
                 envelope = await self._envelope(report_data)
                 attestation, app_info = envelope.to_cbor(), envelope.app_info.to_cbor()
@@ -530,20 +531,6 @@ class AgentService:
             key=certs.private_key_pem(key),
             certificate_chain=(certs.cert_pem(cert), ca.cert_pem),
         )
-
-    async def _upstream_extensions(self, report_data: bytes) -> tuple[bytes, bytes]:
-        """Upstream's RA-TLS extensions: the stripped attestation and the msgpack app info."""
-        attestation = await self._upstream(report_data)
-        info = AppInfo()
-        if self.platform.info.evidence_format == "tdx":
-            report = TdxQuote.from_bytes(attestation.quote).report
-            info = derive_app_info(report, attestation.event_log, self._vm_config)
-        app_info = upstream.encode_app_info(
-            **attrs.asdict(info),
-            init_script_hashes=boot_event_payloads(attestation.event_log, INIT_SCRIPT_HASH),
-        )
-        stripped = upstream.strip_for_certificate(attestation)
-        return upstream.encode_attestation(stripped), app_info
 
     def _require_ca(self) -> certs.CertificateAuthority:
         if self._ca is None:

@@ -28,8 +28,11 @@ from typing import Any, Final
 import attrs
 import msgpack  # type: ignore[import-untyped]
 
+from .appinfo import boot_event_payloads, derive_app_info
+from .envelope import AppInfo
 from .errors import EvidenceError
 from .eventlog import MAX_EVENTS, InvalidEvent, RuntimeEvent, TdxEvent
+from .quote import TdxQuote
 
 __all__ = [
     "MAX_ATTESTATION_SIZE",
@@ -46,6 +49,7 @@ __all__ = [
     "is_upstream_attestation",
     "V0_PLATFORM_VARIANTS",
     "build_attestation",
+    "certificate_extensions",
     "encode_app_info",
     "encode_attestation",
     "encode_v0",
@@ -549,6 +553,7 @@ V0_PLATFORM_VARIANTS: Final[Mapping[str, int]] = MappingProxyType(
 
 RUNTIME_EVENT_VERSION_V2: Final = 2
 _RUNTIME_IMR: Final = 3
+INIT_SCRIPT_HASH_EVENT: Final = "init-script-hash"
 
 
 def scale_compact(value: int) -> bytes:
@@ -800,6 +805,21 @@ def strip_for_certificate(attestation: UpstreamAttestation) -> UpstreamAttestati
         event_log=tuple(e for e, _ in kept),
         preimages=tuple(p for _, p in kept) if attestation.preimages else (),
     )
+
+
+def certificate_extensions(attestation: UpstreamAttestation) -> tuple[bytes, bytes]:
+    """Upstream's RA-TLS extension payloads for ``attestation`` (made over the key's report
+    data): the stripped attestation (``.1.8``) and the msgpack app info (``.1.9``), the latter
+    derived from the unverified evidence as upstream's ``decode_app_info(false)`` does."""
+    info = AppInfo()
+    if attestation.platform == "tdx":
+        report = TdxQuote.from_bytes(attestation.quote).report
+        info = derive_app_info(report, attestation.event_log, attestation.config)
+    app_info = encode_app_info(
+        **attrs.asdict(info),
+        init_script_hashes=boot_event_payloads(attestation.event_log, INIT_SCRIPT_HASH_EVENT),
+    )
+    return encode_attestation(strip_for_certificate(attestation)), app_info
 
 
 def encode_app_info(

@@ -122,9 +122,12 @@ ACTIVATE = textwrap.dedent("""
     paths, names, argv = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]
     listeners = []
     for path in paths:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(16)
+        if path.startswith("tcp:"):  # tcp:PORT on 127.0.0.1
+            listener = socket.create_server(("127.0.0.1", int(path[4:])))
+        else:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(16)
         listeners.append(listener)
     # move them to 3, 4, ... (first out of the way, then into place)
     moved = [os.dup(listener.fileno()) for listener in listeners]
@@ -140,7 +143,7 @@ ACTIVATE = textwrap.dedent("""
 """)
 
 
-def activated_agent(workdir: Path, paths: list[Path], names: str) -> subprocess.Popen[bytes]:
+def activated_agent(workdir: Path, paths: list[Path | str], names: str) -> subprocess.Popen[bytes]:
     log = (workdir / "agent.log").open("wb")
     return subprocess.Popen(
         [sys.executable, "-c", ACTIVATE, json.dumps([str(p) for p in paths]), names,
@@ -178,6 +181,23 @@ class TestActivationByName:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         assert first.exists() and second.exists(), "systemd owns the socket files"
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def test_external_port_from_systemd(self):
+        """A TCP socket named external serves the external port (no --external-listen)."""
+        workdir = short_tempdir("act")
+        port = free_port()
+        proc = activated_agent(workdir, [f"tcp:{port}", workdir / "d.sock"], "external:dstack")
+        try:
+            wait_for(lambda: answers(workdir / "d.sock", "/Version") == 200
+                     or proc.poll() is not None, what="the activated agent")
+            assert proc.poll() is None, (workdir / "agent.log").read_text()
+            status, _, body = http(f"http://127.0.0.1:{port}/prpc/Worker.Version")
+            assert status == 200 and json.loads(body)["version"]
+            assert http(f"http://127.0.0.1:{port}/prpc/GetKey", b"{}")[0] == 404
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
         shutil.rmtree(workdir, ignore_errors=True)
 
     def test_unknown_distinct_names_fail_closed(self):

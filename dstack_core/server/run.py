@@ -242,10 +242,16 @@ async def _serve_locked(
                 tappd, activated.tappd, settings.tappd_socket or Path(), settings.socket_mode,
                 "the Tappd API",
             )
-        if settings.external_listen is not None:
+        if activated.external is not None or settings.external_listen is not None:
             external = await listeners.runner(create_external_app(service, metrics))
-            await _listen_tcp(external, settings.external_listen)
-            listeners.described.append("the external port on {}:{}".format(*settings.external_listen))
+            if activated.external is not None:
+                await web.SockSite(external, activated.external).start()
+                address = activated.external.getsockname()
+            else:
+                assert settings.external_listen is not None
+                await _listen_tcp(external, settings.external_listen)
+                address = settings.external_listen
+            listeners.described.append(f"the external port on {address[0]}:{address[1]}")
         log.warning(
             "dstack-agent serving platform %s: %s",
             service.platform.name,

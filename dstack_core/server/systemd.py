@@ -5,8 +5,9 @@
   sockets arrive from fd 3 on with ``LISTEN_FDS``/``LISTEN_PID`` set. Sockets named
   ``dstack`` and ``tappd`` in ``LISTEN_FDNAMES`` (``FileDescriptorName=``) are taken by name;
   without distinct names (one unit, systemd names every fd after it) they are taken by
-  position, as upstream does: the first is ``dstack``, the second ``tappd``. The agent
-  serves on them and leaves the files alone.
+  position, as upstream does: the first is ``dstack``, the second ``tappd``. A TCP socket
+  named ``external`` serves the external port. The agent serves on them and leaves the
+  files alone.
 * Readiness (``sd_notify``): with ``Type=notify`` the agent sends ``READY=1`` once it
   answers and ``STOPPING=1`` when it begins to shut down.
 * The watchdog (``sd_watchdog_enabled``): with ``WatchdogSec=`` systemd sets
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 
 LISTEN_FDS_START: Final = 3
 SOCKET_NAMES: Final = ("dstack", "tappd")
-"""``FileDescriptorName=`` values the agent knows, in upstream's positional order."""
+"""Unix sockets' ``FileDescriptorName=`` values, in upstream's positional order."""
+EXTERNAL_NAME: Final = "external"
+"""The ``FileDescriptorName=`` of a TCP socket for the external port."""
 _ACTIVATION_ENV: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _USEC: Final = 1_000_000
 
@@ -50,6 +53,7 @@ class ActivatedSockets:
 
     dstack: socket.socket | None = None
     tappd: socket.socket | None = None
+    external: socket.socket | None = None
 
 
 def _listener(fd: int, name: str) -> socket.socket:
@@ -57,10 +61,11 @@ def _listener(fd: int, name: str) -> socket.socket:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise ConfigurationError(f"socket activation: fd {fd} ({name}) is unusable: {exc}") from None
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ConfigurationError(
-            f"socket activation: fd {fd} ({name}) is not a Unix stream socket"
-        )
+    tcp = name == EXTERNAL_NAME
+    families = (socket.AF_INET, socket.AF_INET6) if tcp else (socket.AF_UNIX,)
+    if sock.family not in families or sock.type != socket.SOCK_STREAM:
+        kind = "a TCP" if tcp else "a Unix"
+        raise ConfigurationError(f"socket activation: fd {fd} ({name}) is not {kind} stream socket")
     return sock
 
 
@@ -83,15 +88,17 @@ def activated_sockets() -> ActivatedSockets:
     if count < 1:
         return ActivatedSockets()
     names = names_text.split(":") if names_text else []
-    if len(names) == count and set(names) <= set(SOCKET_NAMES) and len(set(names)) == count:
+    known = {*SOCKET_NAMES, EXTERNAL_NAME}
+    if len(names) == count and set(names) <= known and len(set(names)) == count:
         roles = names
     elif len(set(names)) <= 1 and count <= len(SOCKET_NAMES):
         roles = list(SOCKET_NAMES[:count])  # unnamed: upstream's order
     else:
         raise ConfigurationError(
             f"socket activation: cannot tell the sockets apart: LISTEN_FDS={count}, "
-            f"LISTEN_FDNAMES={names_text!r}; name them {' and '.join(SOCKET_NAMES)} "
-            "(FileDescriptorName=) or pass them in that order"
+            f"LISTEN_FDNAMES={names_text!r}; name them {', '.join(SOCKET_NAMES)} (and "
+            f"{EXTERNAL_NAME} for a TCP socket) with FileDescriptorName=, or pass the first "
+            "two in that order"
         )
     sockets = {role: _listener(LISTEN_FDS_START + i, role) for i, role in enumerate(roles)}
     return ActivatedSockets(**sockets)
