@@ -246,6 +246,24 @@ class TestUnreachableAndUntrusted:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def test_incomplete_kms_app_keys_stop_start_up():
+    """KMS app keys without the temporary CA cannot work: start-up fails with a message."""
+    workdir = short_tempdir("kms")
+    try:
+        keys = FakeKms().app_keys(b"\x02" * 20)
+        doc = json.loads(keys.to_appkeys_json())
+        del doc["key_provider"]["Kms"]["tmp_ca_key"]
+        (workdir / "appkeys.json").write_text(json.dumps(doc))
+        agent = AgentProcess("simulator", workdir=workdir,
+                             extra_args=["--appkeys", str(workdir / "appkeys.json")])
+        with pytest.raises(RuntimeError, match="needs tmp_ca_cert and tmp_ca_key"):
+            agent.start()
+        assert agent.proc is not None and agent.proc.wait(10) == 2
+        assert not agent.socket.exists()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 class TestCsrAndSanitising:
     def test_csr_roundtrip_and_forgery(self):
         """The CSR decodes to what was signed; a changed field or signature fails."""

@@ -302,6 +302,9 @@ class FakeKms:
         except _Refused as exc:
             self.refusals.append(str(exc))
             return _error(400, str(exc))
+        except DstackError as exc:
+            self.refusals.append(exc.message)
+            return _error(400, exc.message)
         except (ValueError, TypeError, KeyError) as exc:
             self.refusals.append(f"bad request: {exc}")
             return _error(400, f"Failed to decode request: {exc}")
