@@ -277,7 +277,8 @@ class TestWatchdog:
             uds_request(agent.socket, "POST", "/GetQuote", b'{"report_data":"01"}', timeout=120)[0]
         ))
         caller.start()
-        time.sleep(1.5)  # the stuck hook is older than one interval from here on
+        # once the stuck hook is older than one interval, the probe fails (and says so)
+        wait_for(lambda: "watchdog self-probe failed" in agent.output(), what="a failed probe")
         quiet_from = time.monotonic()
         time.sleep(2.5)
         assert notes.pings_since(quiet_from) == 0, "pinged while a platform call hung"
@@ -296,11 +297,10 @@ class TestWatchdog:
         agent, notes = watched
         wait_for(lambda: notes.pings_since(0) >= 2, what="the first pings")
         agent.socket.unlink()
-        time.sleep(0.8)
+        wait_for(lambda: "the API is not reachable" in agent.output(), what="a failed probe")
         quiet_from = time.monotonic()
         time.sleep(2)
         assert notes.pings_since(quiet_from) == 0
-        assert "the API is not reachable" in agent.output()
 
     def test_no_pings_for_another_pid(self):
         """WATCHDOG_PID naming another process: READY=1 but no watchdog pings."""
