@@ -142,9 +142,11 @@ class Platform:
     def stalled_call(self) -> tuple[str, float] | None:
         """The oldest request-time hook call still running, ``(hook, seconds so far)``, or
         None when none is. A hook that hangs (a wedged kernel interface) shows here."""
-        if not self._in_flight:
+        # Called from the watchdog's thread: take a snapshot first (atomic under the GIL).
+        running = tuple(self._in_flight.values())
+        if not running:
             return None
-        hook, started = min(self._in_flight.values(), key=lambda item: item[1])
+        hook, started = min(running, key=lambda item: item[1])
         return hook, time.monotonic() - started
 
     async def _call(self, hook: str, **kwargs: Any) -> Any:

@@ -213,13 +213,6 @@ async def _call(request: web.Request, method: Method) -> web.Response:
     return json_response(await method.handler(request.app[SERVICE_KEY], args))
 
 
-async def _dstack(request: web.Request) -> web.Response:
-    name, method = _resolve(request, tappd_only=False)
-    if method is None:
-        raise NotFound(f"Service not found: {name}")
-    return await _call(request, method)
-
-
 def trim_prefix(name: str, prefix: str) -> str:
     """Rust's ``trim_start_matches``: remove every leading repetition of ``prefix``."""
     while name.startswith(prefix):
@@ -240,18 +233,19 @@ def _resolve(request: web.Request, tappd_only: bool) -> tuple[str, Method | None
     return name, DSTACK_METHODS.get(name)
 
 
-async def _prpc(request: web.Request) -> web.Response:
-    name, method = _resolve(request, tappd_only=False)
-    if method is None:
-        raise NotFound(f"Service not found: {request.match_info['method']}")
-    return await _call(request, method)
-
-
-async def _tappd(request: web.Request) -> web.Response:
-    name, method = _resolve(request, tappd_only=True)
+async def _dispatch(request: web.Request, *, tappd_only: bool) -> web.Response:
+    name, method = _resolve(request, tappd_only)
     if method is None:
         raise NotFound(f"Service not found: {name}")
     return await _call(request, method)
+
+
+async def _any_method(request: web.Request) -> web.Response:
+    return await _dispatch(request, tappd_only=False)
+
+
+async def _tappd(request: web.Request) -> web.Response:
+    return await _dispatch(request, tappd_only=True)
 
 
 def _method_label(tappd_only: bool) -> Callable[[web.Request], str]:
@@ -279,9 +273,9 @@ def create_app(
     )
     app[SERVICE_KEY] = service
     # add_get also answers HEAD, as upstream's Rocket routes do.
-    for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
-        app.router.add_get(path, handler)
-        app.router.add_post(path, handler)
+    for path in ("/prpc/{method}", "/{method}"):
+        app.router.add_get(path, _any_method)
+        app.router.add_post(path, _any_method)
     return app
 
 
