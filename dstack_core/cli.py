@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, cli_eventlog
+from . import __version__, cli_audit, cli_eventlog
 from .cli_verify import register as register_verify
 from .config import PLATFORM_ENV, load_settings
 from .errors import ConfigurationError, DstackError
@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard the platform's durable state (keys, registers, event log) first",
     )
     serve.add_argument(
+        "--policy", type=Path, metavar="FILE",
+        help="caller policy (TOML): who may call which method (docs/security.md)",
+    )
+    serve.add_argument(
+        "--audit-log", type=Path, metavar="FILE",
+        help="append a hash-chained JSON line per key-bearing or measurement-changing call "
+        "and per denial",
+    )
+    serve.add_argument(
         "--config", type=Path, action="append",
         help="JSON or TOML config file, ours or upstream's dstack.toml (repeatable; later "
         "files override earlier ones)",
@@ -125,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.set_defaults(func=_cmd_trust_bundle)
     register_verify(commands)
     cli_eventlog.register(commands)
+    cli_audit.register(commands)
     return parser
 
 
@@ -148,6 +158,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_body_size": args.max_body_size,
         "platform_options": dict(args.platform_option),
         "reset_state": args.reset_state,
+        "policy": args.policy,
+        "audit_log": args.audit_log,
     }
     settings = load_settings(flags, config_file=args.config)
     asyncio.run(serve(settings))

@@ -47,7 +47,8 @@ DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 MAX_SOCKET_PATH: Final = 107
 
 _PATH_KEYS: Final = (
-    "socket", "state_dir", "appkeys", "app_compose", "sys_config", "runtime_log", "tappd_socket"
+    "socket", "state_dir", "appkeys", "app_compose", "sys_config", "runtime_log", "policy",
+    "audit_log", "tappd_socket",
 )
 ATTESTATION_FORMATS: Final = ("dstack-core", "upstream")
 DEFAULT_KMS_TIMEOUT: Final = 10.0
@@ -100,6 +101,11 @@ class Settings:
     max_body_size: int = DEFAULT_MAX_BODY
     platform_options: Mapping[str, str] = attrs.field(factory=dict)
     reset_state: bool = False
+    policy: Path | None = None
+    """The caller policy file (docs/security.md); None: everyone who can connect may call
+    everything."""
+    audit_log: Path | None = None
+    """The audit log (JSON lines, hash-chained); None: no audit log."""
     tappd_socket: Path | None = None
     external_listen: tuple[str, int] | None = None
     attestation_format: str = "dstack-core"

@@ -100,6 +100,32 @@ class TestTappdSocket:
         ]
         assert keys[0] == keys[1]
 
+    def test_caller_policy_and_audit_cover_the_tappd_socket(self):
+        """The caller policy judges Tappd calls on their own socket like any other, and the
+        audit log records them."""
+        workdir = short_tempdir("tpd")
+        tappd = workdir / "tappd.sock"
+        (workdir / "policy.toml").write_text(
+            'default = "deny"\n[[rule]]\nmatch = { uid = %d }\n'
+            'methods = ["Info", "Version", "TdxQuote"]\n' % os.getuid()
+        )
+        agent = AgentProcess("simulator", workdir=workdir, extra_args=[
+            "--tappd-socket", str(tappd), "--policy", str(workdir / "policy.toml"),
+            "--audit-log", str(workdir / "audit.log"),
+        ]).start()
+        try:
+            status, _, body = uds_request(tappd, "POST", "/prpc/Tappd.DeriveKey",
+                                          b'{"path":"p","subject":"s"}')
+            assert status == 403 and json.loads(body)["code"] == "forbidden", body
+            status, _, _ = uds_request(tappd, "POST", "/prpc/Tappd.TdxQuote",
+                                       b'{"report_data":"00"}')
+            assert status == 200
+        finally:
+            agent.stop()
+        lines = [json.loads(line) for line in (workdir / "audit.log").read_text().splitlines()]
+        assert any(e.get("method") == "DeriveKey" and e.get("outcome") == "denied" for e in lines)
+        shutil.rmtree(workdir, ignore_errors=True)
+
     def test_socket_mode_and_cleanup(self):
         """The Tappd socket gets --socket-mode and is removed on shutdown."""
         workdir = short_tempdir("tpd")

@@ -9,34 +9,39 @@ Handlers are thin: decode the arguments with the method's schema, call the
 :func:`create_tappd_app` serves only the Tappd service, at ``/prpc/Tappd.<Method>`` and
 ``/prpc/<Method>``, for its own socket (upstream's ``tappd.sock``).
 
-Every response is JSON with a Content-Length; errors are ``{"error", "code"}``.
+Every response is JSON with a Content-Length; errors are ``{"error", "code"}``. With a
+:class:`~dstack_core.server.guard.Guard` (caller policy, audit log) every call passes
+through it once its method is resolved, whichever path or socket reached it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from ..errors import NotFound
 from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, parse_json_body, parse_query
 from .errors import error_middleware, json_response
+from .guard import Guard
 
 if TYPE_CHECKING:
     from .metrics import AgentMetrics
 
 __all__ = [
-    "create_app",
-    "create_tappd_app",
-    "SERVICE_KEY",
+    "API_METHODS",
     "DEFAULT_MAX_BODY",
     "DSTACK_METHODS",
+    "GUARD_KEY",
+    "SERVICE_KEY",
     "TAPPD_METHODS",
+    "create_app",
+    "create_tappd_app",
     "trim_prefix",
 ]
 
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 SERVICE_KEY: Final = web.AppKey("service", AgentService)
+GUARD_KEY: Final = web.AppKey("guard", Guard)
 TAPPD_PREFIX: Final = "Tappd."
 
 Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -204,13 +210,22 @@ TAPPD_METHODS: Final[dict[str, Method]] = {
 }
 
 
-async def _call(request: web.Request, method: Method) -> web.Response:
+API_METHODS: Final = frozenset(DSTACK_METHODS) | frozenset(TAPPD_METHODS)
+"""Every method name the API serves (what a caller policy may name)."""
+
+
+async def _call(request: web.Request, name: str, method: Method) -> web.Response:
     if request.method == "POST":
         doc = parse_json_body(await request.read()) if method.schema else {}
     else:
         doc = parse_query(request.query, method.schema)
     args = decode_args(method.schema, doc)
-    return json_response(await method.handler(request.app[SERVICE_KEY], args))
+    service = request.app[SERVICE_KEY]
+    guard = request.app.get(GUARD_KEY)
+    if guard is None:
+        return json_response(await method.handler(service, args))
+    invoke = functools.partial(method.handler, service, args)
+    return json_response(await guard.run(request, name, args, invoke))
 
 
 def trim_prefix(name: str, prefix: str) -> str:
@@ -237,7 +252,7 @@ async def _dispatch(request: web.Request, *, tappd_only: bool) -> web.Response:
     name, method = _resolve(request, tappd_only)
     if method is None:
         raise NotFound(f"Service not found: {name}")
-    return await _call(request, method)
+    return await _call(request, name, method)
 
 
 async def _any_method(request: web.Request) -> web.Response:
@@ -256,22 +271,40 @@ def _method_label(tappd_only: bool) -> Callable[[web.Request], str]:
     return label
 
 
-def _middlewares(metrics: AgentMetrics | None, listener: str, tappd_only: bool) -> list[Middleware]:
+def _application(
+    service: AgentService,
+    *,
+    listener: str,
+    tappd_only: bool,
+    max_body: int,
+    guard: Guard | None,
+    metrics: AgentMetrics | None,
+) -> web.Application:
     outer = [] if metrics is None else [metrics.middleware(listener, _method_label(tappd_only))]
-    return [*outer, error_middleware]
+    app = web.Application(middlewares=[*outer, error_middleware], client_max_size=max_body)
+    app[SERVICE_KEY] = service
+    if guard is not None:
+        app[GUARD_KEY] = guard
+    return app
 
 
 def create_app(
     service: AgentService,
     *,
     max_body: int = DEFAULT_MAX_BODY,
+    guard: Guard | None = None,
     metrics: AgentMetrics | None = None,
 ) -> web.Application:
-    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
-    app = web.Application(
-        middlewares=_middlewares(metrics, "dstack", tappd_only=False), client_max_size=max_body
-    )
-    app[SERVICE_KEY] = service
+    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400.
+
+    :param guard: caller policy and audit log for every call; it opens its audit log
+        when the app starts (before any socket is bound) and closes it at cleanup.
+    :param metrics: counts and times every request (listener ``dstack``).
+    """
+    app = _application(service, listener="dstack", tappd_only=False, max_body=max_body,
+                       guard=guard, metrics=metrics)
+    if guard is not None:
+        app.cleanup_ctx.append(guard.lifetime)
     # add_get also answers HEAD, as upstream's Rocket routes do.
     for path in ("/prpc/{method}", "/{method}"):
         app.router.add_get(path, _any_method)
@@ -283,14 +316,17 @@ def create_tappd_app(
     service: AgentService,
     *,
     max_body: int = DEFAULT_MAX_BODY,
+    guard: Guard | None = None,
     metrics: AgentMetrics | None = None,
 ) -> web.Application:
     """The legacy Tappd service alone (``/prpc/Tappd.<Method>``, ``/prpc/<Method>``), as
-    upstream serves it on ``tappd.sock``; every other path is 404."""
-    app = web.Application(
-        middlewares=_middlewares(metrics, "tappd", tappd_only=True), client_max_size=max_body
-    )
-    app[SERVICE_KEY] = service
+    upstream serves it on ``tappd.sock``; every other path is 404.
+
+    :param guard: the same guard as :func:`create_app`'s (whose app owns its audit log's
+        lifetime): Tappd's calls are decided and recorded like every other.
+    """
+    app = _application(service, listener="tappd", tappd_only=True, max_body=max_body,
+                       guard=guard, metrics=metrics)
     app.router.add_get("/prpc/{method}", _tappd)
     app.router.add_post("/prpc/{method}", _tappd)
     return app

@@ -108,7 +108,7 @@ async def _worker(request: web.Request) -> web.Response:
     method = WORKER_METHODS.get(name)
     if method is None:
         raise NotFound(f"Service not found: {name}")
-    return await _call(request, method)
+    return await _call(request, name, method)
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -31,10 +31,12 @@ from ..config import Settings
 from ..errors import ConfigurationError
 from ..platform import Platform
 from ..plugins import load_platform
+from ..policy import Policy, load_policy
 from ..service import AgentService, ServiceFiles, ServiceOptions
 from . import systemd
-from .app import create_app, create_tappd_app
+from .app import API_METHODS, create_app, create_tappd_app
 from .external import AppComposeFlags, create_external_app
+from .guard import Guard, tcp_notice
 from .metrics import AgentMetrics
 from .watchdog import Watchdog
 
@@ -130,6 +132,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
 
     :raises ConfigurationError / PluginError / StateError: start-up failed (nothing bound).
     """
+    # A bad policy stops start-up before anything is touched.
+    policy = load_policy(settings.policy, methods=API_METHODS) if settings.policy else None
     activated = systemd.activated_sockets()
     if activated.dstack is None:
         prepare_socket_path(settings.socket)
@@ -138,7 +142,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     # Loading the plugin touches no disk; a platform that fails to load leaves nothing.
     platform = Platform.from_plugin_manager(load_platform(settings.platform))
     with state_dir_lock(settings.state_dir):
-        await _serve_locked(platform, settings, ready, activated)
+        await _serve_locked(platform, settings, ready, activated, policy)
 
 
 async def _bind_unix(runner: web.AppRunner, path: Path, mode: int) -> None:
@@ -210,8 +214,15 @@ async def _serve_locked(
     settings: Settings,
     ready: asyncio.Event | None,
     activated: systemd.ActivatedSockets,
+    policy: Policy | None,
 ) -> None:
     service = await asyncio.to_thread(_start_service, platform, settings)
+    tcp_guarded = settings.listen is not None and not service.platform.info.simulated
+    guard = None
+    if policy is not None or settings.audit_log is not None or tcp_guarded:
+        policy = policy or Policy()
+        guard = Guard(policy=policy, tcp_guarded=tcp_guarded, audit_path=settings.audit_log,
+                      platform=service.platform.name)
     logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     # From here on a signal must not kill us between binding and unlinking the socket.
     stop = asyncio.Event()
@@ -226,18 +237,21 @@ async def _serve_locked(
     watchdog: Watchdog | None = None
     try:
         runner = await listeners.runner(
-            create_app(service, max_body=settings.max_body_size, metrics=metrics)
+            create_app(service, max_body=settings.max_body_size, guard=guard, metrics=metrics)
         )
         probe = await listeners.unix(
             runner, activated.dstack, settings.socket, settings.socket_mode, "the dstack API"
         )
         if settings.listen is not None:
             await _listen_tcp(runner, settings.listen)
-            listeners.described.append("the dstack API on {}:{}".format(*settings.listen))
+            address = "{}:{}".format(*settings.listen)
+            listeners.described.append(f"the dstack API on {address}")
+            log.warning(tcp_notice(policy or Policy(), simulated=service.platform.info.simulated,
+                                   platform=service.platform.name, address=address))
         if activated.tappd is not None or settings.tappd_socket is not None:
-            tappd = await listeners.runner(
-                create_tappd_app(service, max_body=settings.max_body_size, metrics=metrics)
-            )
+            tappd = await listeners.runner(create_tappd_app(
+                service, max_body=settings.max_body_size, guard=guard, metrics=metrics
+            ))
             await listeners.unix(
                 tappd, activated.tappd, settings.tappd_socket or Path(), settings.socket_mode,
                 "the Tappd API",
@@ -246,12 +260,12 @@ async def _serve_locked(
             external = await listeners.runner(create_external_app(service, metrics))
             if activated.external is not None:
                 await web.SockSite(external, activated.external).start()
-                address = activated.external.getsockname()
+                host, port = activated.external.getsockname()[:2]
             else:
                 assert settings.external_listen is not None
                 await _listen_tcp(external, settings.external_listen)
-                address = settings.external_listen
-            listeners.described.append(f"the external port on {address[0]}:{address[1]}")
+                host, port = settings.external_listen
+            listeners.described.append(f"the external port on {host}:{port}")
         log.warning(
             "dstack-agent serving platform %s: %s",
             service.platform.name,

@@ -4,8 +4,8 @@ A thread of its own (so a blocked event loop cannot keep it alive) wakes every h
 ``WATCHDOG_USEC`` and runs a self-probe; only when the probe passes does it send
 ``WATCHDOG=1``. The probe fails, and the pings stop, when
 
-* the API does not answer: ``GET /Version`` over the agent's own Unix socket gets no 200
-  within half an interval (event loop blocked, listener gone, HTTP stack wedged); or
+* the API does not answer: ``GET /Version`` over the agent's own Unix socket gets no HTTP
+  answer (or a 5xx) within half an interval (event loop blocked, listener gone, HTTP stack wedged); or
 * a platform hook hangs: a call into the platform (a quote, a register read, an extend)
   has been running for longer than one interval, e.g. because the host's quote service
   stopped answering and every GetQuote, Attest and GetTlsKey now hangs with it.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -34,15 +35,17 @@ __all__ = ["Watchdog", "probe_unix_socket"]
 log = logging.getLogger(__name__)
 
 PROBE_REQUEST: Final = b"GET /Version HTTP/1.1\r\nHost: dstack\r\nConnection: close\r\n\r\n"
-HTTP_OK_PREFIXES: Final = (b"HTTP/1.1 200", b"HTTP/1.0 200")
+STATUS_LINE: Final = re.compile(rb"HTTP/1\.[01] ([0-9]{3}) ")
+SERVER_ERROR: Final = 500
 MIN_INTERVAL: Final = 0.05
 PROBE_SHARE: Final = 0.5
 """The probe may use half an interval, so pings keep their cadence even when it is slow."""
 
 
 def probe_unix_socket(path: Path, timeout: float) -> str | None:
-    """``GET /Version`` over the Unix socket at ``path``; None if it answered 200 within
-    ``timeout`` seconds, else why not."""
+    """``GET /Version`` over the Unix socket at ``path``; None if an HTTP answer below 500
+    came within ``timeout`` seconds, else why not. (A caller policy may refuse the agent's
+    own uid with 403: the API still answers, which is what the probe asks.)"""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -53,8 +56,9 @@ def probe_unix_socket(path: Path, timeout: float) -> str | None:
         return f"the API did not answer within {timeout:g}s"
     except OSError as exc:
         return f"the API is not reachable: {exc.strerror or exc}"
-    if not head.startswith(HTTP_OK_PREFIXES):
-        return f"the API answered {head[:16]!r} instead of 200"
+    match = STATUS_LINE.match(head)
+    if match is None or int(match[1]) >= SERVER_ERROR:
+        return f"the API answered {head[:16]!r}"
     return None
 
 
