@@ -124,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim_commands = simulator.add_subparsers(dest="sim_command", metavar="COMMAND", required=True)
     bundle = sim_commands.add_parser(
         "trust-bundle",
-        help="write the simulator's mock Intel root CA and collateral",
+        help="write the simulator's mock Intel root CA, collateral and OS image policy",
         description="Write root_ca.pem and collateral.json (dcap-qvl QuoteCollateralV3 JSON) "
-        "for the mock Intel PKI that signs the simulator's quotes. Safe while an agent is "
-        "serving from the same state dir.",
+        "for the mock Intel PKI that signs the simulator's quotes, and os_image_policy.json "
+        "(the simulated OS image's MRTD and RTMR0-2, see docs/verify.md). Safe while an "
+        "agent is serving from the same state dir.",
     )
     bundle.add_argument("--state-dir", type=Path, required=True, help="the agent's state dir")
     bundle.add_argument("--out", type=Path, required=True, help="output directory")
@@ -184,13 +185,16 @@ def _cmd_trust_bundle(args: argparse.Namespace) -> int:
     bundle = platform.trust_bundle_sync(args.state_dir)
     if bundle is None:
         raise ConfigurationError("the simulator plugin does not publish a trust bundle")
+    files = {"root_ca.pem": bundle.root_ca_pem, "collateral.json": bundle.collateral_json.encode()}
+    if bundle.os_image_policy_json is not None:
+        files["os_image_policy.json"] = bundle.os_image_policy_json.encode()
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "root_ca.pem").write_bytes(bundle.root_ca_pem)
-        (args.out / "collateral.json").write_text(bundle.collateral_json)
+        for name, content in files.items():
+            (args.out / name).write_bytes(content)
     except OSError as exc:
         raise ConfigurationError(f"cannot write the trust bundle: {exc}") from None
-    print(f"wrote {args.out / 'root_ca.pem'} and {args.out / 'collateral.json'}")
+    print("wrote " + ", ".join(str(args.out / name) for name in files))
     return 0
 
 

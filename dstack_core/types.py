@@ -27,6 +27,8 @@ __all__ = [
     "KeyProvider",
     "RootKey",
     "TrustBundle",
+    "HARDWARE_TAGS",
+    "is_hardware_tag",
 ]
 
 REPORT_DATA_LENGTH: Final = 64
@@ -47,6 +49,19 @@ def _length(*allowed: int) -> Any:
             )
 
     return check
+
+
+HARDWARE_TAGS: Final = frozenset(
+    {"tdx", "sev-snp", "sev", "snp", "gcp-tdx", "nitro-enclave", "aws-nitro-tpm"}
+)
+"""Platform tags that name real TEE hardware (ours and upstream's platform kinds)."""
+
+
+def is_hardware_tag(tag: str) -> bool:
+    """Whether a platform tag names real TEE hardware: one of :data:`HARDWARE_TAGS`, or one
+    of them followed by ``-`` (``gcp-tdx-confidential-space``). A simulated platform never
+    uses one; a verifier refuses one on evidence that is not what it names."""
+    return any(tag == name or tag.startswith(f"{name}-") for name in HARDWARE_TAGS)
 
 
 @attrs.frozen(kw_only=True)
@@ -280,7 +295,13 @@ class TrustBundle:
 
     :ivar root_ca_pem: the mock Intel root CA certificate (PEM).
     :ivar collateral_json: dcap-qvl ``QuoteCollateralV3`` in its JSON form.
+    :ivar os_image_policy_json: the OS image the platform simulates, as an OS image policy
+        (``docs/verify.md``: its ``os_image_hash`` and the MRTD and RTMR0-2 it boots to),
+        or None; with it a verifier can tie simulated apps to a known (simulated) OS.
+
+    .. versionchanged:: 0.1 ``os_image_policy_json`` added (optional).
     """
 
     root_ca_pem: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None
