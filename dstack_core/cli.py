@@ -63,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--runtime-log", type=Path, help="runtime event log (default in state dir)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="also serve on this TCP address")
     serve.add_argument(
+        "--tappd-socket", type=Path, metavar="PATH",
+        help="serve the legacy Tappd API on its own Unix socket (upstream's tappd.sock)",
+    )
+    serve.add_argument(
+        "--external-listen", metavar="HOST:PORT",
+        help="serve upstream's external port (Worker.Info/Version/GetAttestationForAppKey, "
+        "/metrics, status page) on this TCP address; never key-bearing methods",
+    )
+    serve.add_argument(
+        "--attestation-format", choices=("dstack-core", "upstream"),
+        help="what Attest and RA-TLS certificates carry: our CBOR envelope (default) or "
+        "upstream's V0/V1 format",
+    )
+    serve.add_argument(
+        "--kms-timeout", type=float, metavar="SECONDS",
+        help="bound on one KMS SignCert exchange (default 10)",
+    )
+    serve.add_argument(
         "--max-body-size", type=int, help="request body limit in bytes (default 10 MiB)"
     )
     limits = ConnectionLimits()
@@ -104,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="append a hash-chained JSON line per key-bearing or measurement-changing call "
         "and per denial",
     )
-    serve.add_argument("--config", type=Path, help="JSON or TOML config file")
+    serve.add_argument(
+        "--config", type=Path, action="append",
+        help="JSON or TOML config file, ours or upstream's dstack.toml (repeatable; later "
+        "files override earlier ones)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     platforms = commands.add_parser(
@@ -120,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim_commands = simulator.add_subparsers(dest="sim_command", metavar="COMMAND", required=True)
     bundle = sim_commands.add_parser(
         "trust-bundle",
-        help="write the simulator's mock Intel root CA and collateral",
+        help="write the simulator's mock Intel root CA, collateral and OS image policy",
         description="Write root_ca.pem and collateral.json (dcap-qvl QuoteCollateralV3 JSON) "
-        "for the mock Intel PKI that signs the simulator's quotes. Safe while an agent is "
-        "serving from the same state dir.",
+        "for the mock Intel PKI that signs the simulator's quotes, and os_image_policy.json "
+        "(the simulated OS image's MRTD and RTMR0-2, see docs/verify.md). Safe while an "
+        "agent is serving from the same state dir.",
     )
     bundle.add_argument("--state-dir", type=Path, required=True, help="the agent's state dir")
     bundle.add_argument("--out", type=Path, required=True, help="output directory")
@@ -147,6 +170,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "sys_config": args.sys_config,
         "runtime_log": args.runtime_log,
         "listen": args.listen,
+        "tappd_socket": args.tappd_socket,
+        "external_listen": args.external_listen,
+        "attestation_format": args.attestation_format,
+        "kms_timeout": args.kms_timeout,
         "max_body_size": args.max_body_size,
         "max_connections": args.max_connections,
         "idle_timeout": args.idle_timeout,
@@ -181,13 +208,16 @@ def _cmd_trust_bundle(args: argparse.Namespace) -> int:
     bundle = platform.trust_bundle_sync(args.state_dir)
     if bundle is None:
         raise ConfigurationError("the simulator plugin does not publish a trust bundle")
+    files = {"root_ca.pem": bundle.root_ca_pem, "collateral.json": bundle.collateral_json.encode()}
+    if bundle.os_image_policy_json is not None:
+        files["os_image_policy.json"] = bundle.os_image_policy_json.encode()
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "root_ca.pem").write_bytes(bundle.root_ca_pem)
-        (args.out / "collateral.json").write_text(bundle.collateral_json)
+        for name, content in files.items():
+            (args.out / name).write_bytes(content)
     except OSError as exc:
         raise ConfigurationError(f"cannot write the trust bundle: {exc}") from None
-    print(f"wrote {args.out / 'root_ca.pem'} and {args.out / 'collateral.json'}")
+    print("wrote " + ", ".join(str(args.out / name) for name in files))
     return 0
 
 

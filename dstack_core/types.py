@@ -27,6 +27,8 @@ __all__ = [
     "KeyProvider",
     "RootKey",
     "TrustBundle",
+    "HARDWARE_TAGS",
+    "is_hardware_tag",
 ]
 
 REPORT_DATA_LENGTH: Final = 64
@@ -47,6 +49,19 @@ def _length(*allowed: int) -> Any:
             )
 
     return check
+
+
+HARDWARE_TAGS: Final = frozenset(
+    {"tdx", "sev-snp", "sev", "snp", "gcp-tdx", "nitro-enclave", "aws-nitro-tpm"}
+)
+"""Platform tags that name real TEE hardware (ours and upstream's platform kinds)."""
+
+
+def is_hardware_tag(tag: str) -> bool:
+    """Whether a platform tag names real TEE hardware: one of :data:`HARDWARE_TAGS`, or one
+    of them followed by ``-`` (``gcp-tdx-confidential-space``). A simulated platform never
+    uses one; a verifier refuses one on evidence that is not what it names."""
+    return any(tag == name or tag.startswith(f"{name}-") for name in HARDWARE_TAGS)
 
 
 @attrs.frozen(kw_only=True)
@@ -151,16 +166,30 @@ class KeyProvider:
     :ivar name: the event's ``name``: ``none``, ``local-sgx``, ``tpm`` or ``kms``.
     :ivar id: the event's ``id`` string (hex; empty for ``none``).
     :ivar key_pem: the CA private key for locally issued certificates, if any.
+    :ivar url: ``Kms`` only: the KMS RPC base URL (``https://<kms>/prpc``).
+    :ivar tmp_ca_cert_pem: ``Kms`` only: the KMS's temporary CA, which issues the agent's
+        client certificate for mutual TLS.
+    :ivar tmp_ca_key_pem: ``Kms`` only: that temporary CA's private key.
     """
 
     kind: str
     name: str
     id: str = ""
     key_pem: str | None = attrs.field(default=None, repr=False)
+    url: str = ""
+    tmp_ca_cert_pem: str = attrs.field(default="", repr=False)
+    tmp_ca_key_pem: str = attrs.field(default="", repr=False)
 
     def event_payload(self) -> bytes:
         """The ``key-provider`` boot event payload: compact JSON, keys ``name``, ``id``."""
         return json.dumps({"name": self.name, "id": self.id}, separators=(",", ":")).encode()
+
+
+def _text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"key_provider field {key} must be a string")
+    return value
 
 
 _PROVIDER_NAMES: Final = {"None": "none", "Local": "local-sgx", "Tpm": "tpm", "Kms": "kms"}
@@ -205,8 +234,21 @@ class RootKey:
                 provider_id = str(body.get("mr", ""))
             else:
                 provider_id = ""
+            kms = (
+                {
+                    "url": _text(body, "url"),
+                    "tmp_ca_cert_pem": _text(body, "tmp_ca_cert"),
+                    "tmp_ca_key_pem": _text(body, "tmp_ca_key"),
+                }
+                if kind == "Kms"
+                else {}
+            )
             provider = KeyProvider(
-                kind=kind, name=_PROVIDER_NAMES[kind], id=provider_id, key_pem=body.get("key")
+                kind=kind,
+                name=_PROVIDER_NAMES[kind],
+                id=provider_id,
+                key_pem=body.get("key"),
+                **kms,
             )
             return cls(
                 k256_key=bytes.fromhex(doc["k256_key"]),
@@ -228,7 +270,11 @@ class RootKey:
         if self.key_provider.key_pem is not None:
             body["key"] = self.key_provider.key_pem
         if self.key_provider.kind == "Kms":
+            # upstream's field order: url, pubkey, tmp_ca_key, tmp_ca_cert
+            body["url"] = self.key_provider.url
             body["pubkey"] = self.key_provider.id
+            body["tmp_ca_key"] = self.key_provider.tmp_ca_key_pem
+            body["tmp_ca_cert"] = self.key_provider.tmp_ca_cert_pem
         elif self.key_provider.kind == "Local":
             body["mr"] = self.key_provider.id
         doc = {
@@ -249,7 +295,13 @@ class TrustBundle:
 
     :ivar root_ca_pem: the mock Intel root CA certificate (PEM).
     :ivar collateral_json: dcap-qvl ``QuoteCollateralV3`` in its JSON form.
+    :ivar os_image_policy_json: the OS image the platform simulates, as an OS image policy
+        (``docs/verify.md``: its ``os_image_hash`` and the MRTD and RTMR0-2 it boots to),
+        or None; with it a verifier can tie simulated apps to a known (simulated) OS.
+
+    .. versionchanged:: 0.1 ``os_image_policy_json`` added (optional).
     """
 
     root_ca_pem: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None

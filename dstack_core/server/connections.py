@@ -412,45 +412,35 @@ class ManagedRequestHandler(RequestHandler):
 
 
 class ConnectionManager:
-    """Every listening socket and client connection of one aiohttp server.
+    """Every listening socket and client connection of the agent, whichever app serves it:
+    the cap and the open-file ceiling are for the whole process.
 
-    :param server: the runner's :class:`aiohttp.web.Server` (``runner.server``).
     :param limits: timeouts and the connection cap.
     :param fd_limit: the open-file limit to fit (default: the process's soft RLIMIT_NOFILE).
 
-    Use :meth:`site` to serve on a bound, listening socket.
+    Use :meth:`site` to serve an app's runner on a bound, listening socket.
     """
 
-    def __init__(self, server: web.Server, limits: ConnectionLimits, *,
-                 fd_limit: int | None = None) -> None:
+    def __init__(self, limits: ConnectionLimits, *, fd_limit: int | None = None) -> None:
         self.limits = limits
         self.ceiling = connection_ceiling(fd_limit)
         self.max_connections = int(min(limits.max_connections, self.ceiling))
         self.stats: collections.Counter[str] = collections.Counter()
         """How many of each event (``evicted``, ``header_timeout``, ...) so far."""
-        self._server = server
         self._loop = asyncio.get_running_loop()
         self._log = _LogLimiter(self._loop)
         self._open = 0  # accepted, not yet lost
         self._aborting = 0  # evicted, not yet lost
         # Connections with no request being handled, longest-waiting first (dicts keep order).
         self._waiting: dict[ManagedRequestHandler, None] = {}
-        self._listeners: list[socket.socket] = []
+        self._listeners: dict[socket.socket, web.Server] = {}
         self._at_cap = False
         self._cap_timer: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = 0.0
         self._incident: _AcceptIncident | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        factory = server.request_factory
-
-        def request_factory(message: Any, payload: StreamReader, protocol: RequestHandler,
-                            writer: Any, task: asyncio.Task[None]) -> BaseRequest:
-            if isinstance(protocol, ManagedRequestHandler):
-                protocol.request_started(payload)
-            return factory(message, payload, protocol, writer, task)
-
-        server.request_factory = request_factory
+        self._servers: set[web.Server] = set()
         log.info(
             "connection limits: %d open at most (newest briefly beyond, up to %g), timeouts "
             "idle %gs, head %gs, body %gs, send %gs", self.max_connections, self.ceiling,
@@ -458,7 +448,20 @@ class ConnectionManager:
         )
 
     def site(self, runner: web.BaseRunner, sock: socket.socket) -> ManagedSite:
-        """A site serving on ``sock`` (bound and listening) through this manager."""
+        """A site serving ``runner`` (set up) on ``sock`` (bound and listening)."""
+        server = runner.server
+        assert server is not None, "set the runner up first"
+        if server not in self._servers:
+            self._servers.add(server)
+            factory = server.request_factory
+
+            def request_factory(message: Any, payload: StreamReader, protocol: RequestHandler,
+                                writer: Any, task: asyncio.Task[None]) -> BaseRequest:
+                if isinstance(protocol, ManagedRequestHandler):
+                    protocol.request_started(payload)
+                return factory(message, payload, protocol, writer, task)
+
+            server.request_factory = request_factory
         return ManagedSite(runner, sock, self)
 
     @property
@@ -495,15 +498,14 @@ class ConnectionManager:
 
     # --- accepting ----------------------------------------------------------------------
 
-    def listen(self, sock: socket.socket) -> None:
+    def listen(self, sock: socket.socket, server: web.Server) -> None:
         sock.setblocking(False)
-        self._listeners.append(sock)
+        self._listeners[sock] = server
         if self._retry is None and not self._at_cap:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            self._loop.add_reader(sock.fileno(), self._accept, sock, server)
 
     def unlisten(self, sock: socket.socket) -> None:
-        if sock in self._listeners:
-            self._listeners.remove(sock)
+        if self._listeners.pop(sock, None) is not None:
             self._loop.remove_reader(sock.fileno())
         if not self._listeners:
             for timer in (self._retry, self._cap_timer):
@@ -525,8 +527,8 @@ class ConnectionManager:
             self._cap_timer = None
         if self._retry is not None:
             return
-        for sock in self._listeners:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
+        for sock, server in self._listeners.items():
+            self._loop.add_reader(sock.fileno(), self._accept, sock, server)
 
     def _evict(self) -> float | None:
         """Abort the connection that has waited longest for a request.
@@ -557,7 +559,7 @@ class ConnectionManager:
         else:
             self._cap_timer = self._loop.call_later(wait, self._resume_accepting)
 
-    def _accept(self, sock: socket.socket) -> None:
+    def _accept(self, sock: socket.socket, server: web.Server) -> None:
         for _ in range(ACCEPT_BATCH):
             if self.open_connections >= self.max_connections:
                 # Close the longest-waiting connection; when all are too young for that,
@@ -576,12 +578,13 @@ class ConnectionManager:
                     continue
                 self._accept_failed(exc)
                 return
-            self._accepted(conn)
+            self._accepted(conn, server)
 
-    def _accepted(self, conn: socket.socket) -> None:
+    def _accepted(self, conn: socket.socket, server: web.Server) -> None:
         self._backoff = 0.0
         self._open += 1
-        task = self._loop.create_task(self._loop.connect_accepted_socket(self._protocol, conn))
+        protocol = functools.partial(self._protocol, server)
+        task = self._loop.create_task(self._loop.connect_accepted_socket(protocol, conn))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._connected, conn))
 
@@ -593,10 +596,10 @@ class ConnectionManager:
             conn.close()
             log.debug("could not set up an accepted connection: %s", exc)
 
-    def _protocol(self) -> ManagedRequestHandler:
+    def _protocol(self, server: web.Server) -> ManagedRequestHandler:
         limits = self.limits
         return ManagedRequestHandler(
-            self._server,
+            server,
             self,
             loop=self._loop,
             # Our idle timer closes idle connections; aiohttp's is only a backstop.
@@ -683,6 +686,7 @@ class ManagedSite(web.BaseSite):
         super().__init__(runner)
         self._sock = sock
         self._connections = connections
+        self._app_runner = runner
 
     @property
     def name(self) -> str:
@@ -690,7 +694,8 @@ class ManagedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        self._connections.listen(self._sock)
+        assert self._app_runner.server is not None
+        self._connections.listen(self._sock, self._app_runner.server)
 
     async def stop(self) -> None:
         self._connections.unlisten(self._sock)
