@@ -41,8 +41,11 @@ The SEV-SNP side (spec sections 1, 4 and 6.3) follows the same pattern:
   dereference its pointers with ctypes, answer MSG_REPORT_RSP / MSG_KEY_RSP, refuse
   ``msg_version`` 0 with EINVAL, copy ``exitinfo2`` back on failure (subject to CPython's
   small-buffer rule), and disable the VMPCK after a transport failure, as the kernel does.
-* Reports are signed by a test P-384 key derived from the machine's seed (never AMD's) and
-  carry ``family_id`` ``DSTACK-FAKE-SNP``.
+* Reports are signed by the VCEK of a :class:`~dstack_core.mockpki_amd.MockAmdPki` seeded
+  per machine (mock ARK -> ASK -> VCEK with AMD's certificate layout, for the machine's
+  product: Milan by default, Genoa or Turin) and carry ``family_id`` ``DSTACK-FAKE-SNP``. A
+  verifier accepts them only when given :meth:`FakeSnpMachine.trust_bundle`, never with
+  AMD's ARKs.
 
 The kernel semantics both share (the configfs-tsm report subsystem, the state store and its
 fault switchboard, the host-shared inputs, the agent launcher) are written once, in
