@@ -55,6 +55,8 @@ the provider's report, the guest device, TDX's registers and CCEL, SNP's firmwar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ...platform_options import ALLOW_FAKE_KERNEL_ENV
 from ._guest import FAKE_OS_IMAGE_HASH as FAKE_OS_IMAGE_HASH
 from ._guest import INBLOB_MAX as INBLOB_MAX
@@ -149,4 +151,18 @@ __all__ = [
     "KernelProfile",
     "SnpKernelProfile",
     "default_boot_log",
+    "open_machine",
 ]
+
+
+def open_machine(root: Path | str) -> FakeTdxMachine | FakeSnpMachine:
+    """The fake machine (TDX or SEV-SNP) whose tree is at ``root``.
+
+    :raises FileNotFoundError: ``root`` holds no fake tree.
+    """
+    for machine in (FakeTdxMachine, FakeSnpMachine):
+        try:
+            return machine(Path(root))
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"{root} holds no fake TDX or SEV-SNP tree")
