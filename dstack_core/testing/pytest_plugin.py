@@ -19,7 +19,10 @@ Fixtures (all function-scoped except the name, so any of them can be overridden 
 
 * :func:`dstack_platform_name`: the platform's name.
 * :func:`dstack_platform_env`: a :class:`PlatformEnv`, the prepared environment (fake
-  hardware, input files, environment variables, trust anchors). Empty by default.
+  hardware, input files, environment variables, trust anchors), per test: what a platform
+  package's :func:`~dstack_core.testing.pytest_hooks.pytest_dstack_platform_env` hook
+  answers (the kit answers for a fake tree named by ``root=DIR`` and ``sysio=fake``), else
+  empty.
 * :func:`dstack_platform_options`: the ``options`` mapping of the platform's config.
 * :func:`dstack_platform_config`: a :class:`~dstack_core.types.PlatformConfig` on a fresh
   temporary state directory.
