@@ -120,6 +120,19 @@ class TestTrustBundleHook:
         assert result.returncode == 0, result.stdout + result.stderr
         assert "no trust anchors for this platform's quotes" in result.stdout
 
+    def test_simulator_trust_bundle_is_the_generic_commands(self, tmp_path):
+        """``simulator trust-bundle`` and ``trust-bundle --platform simulator`` write the same."""
+        state = tmp_path / "state"
+        for command, out in ((["simulator", "trust-bundle"], "old"),
+                             (["trust-bundle", "--platform", "simulator"], "new")):
+            result = subprocess.run(
+                [sys.executable, "-m", "dstack_core.cli", *command, "--state-dir", str(state),
+                 "--out", str(tmp_path / out)],
+                capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 0, result.stderr
+        for name in ("root_ca.pem", "collateral.json"):
+            assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "new" / name).read_bytes()
+
     @pytest.mark.parametrize("platform", ["tdx", "sev-snp-stub"])
     def test_cli_writes_nothing_for_hardware(self, tmp_path, platform):
         """dstack-agent trust-bundle for hardware: exit 0, says so, writes nothing."""
