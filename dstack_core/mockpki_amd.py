@@ -57,7 +57,8 @@ SEED_SIZE: Final = 32
 _HKDF_SALT: Final = b"dstack-core mock amd pki v1"
 _CURVE: Final = ec.SECP384R1()
 _P384_ORDER: Final = int(
-    "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973",
+    "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf"
+    "581a0db248b0a77aecec196accc52973",
     16,
 )
 _NOT_BEFORE: Final = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
@@ -160,7 +161,9 @@ def _ca_usage() -> x509.KeyUsage:
 
 
 def _tcb_parts(product: MockProduct, tcb: int) -> dict[str, int]:
-    return {name: 0 if byte is None else (tcb >> (8 * byte)) & 0xFF for name, byte, _ in product.tcb}
+    return {
+        name: 0 if byte is None else (tcb >> (8 * byte)) & 0xFF for name, byte, _ in product.tcb
+    }
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -257,7 +260,9 @@ class MockAmdPki:
     def trust_bundle(self, chip_id: bytes, tcb: int) -> TrustBundle:
         """What a verifier needs for this chip's reports: the ARK as the root, the VCEK and
         ASK as collateral."""
-        return TrustBundle(root_ca_pem=self.ark_pem, collateral_json=self.collateral_json(chip_id, tcb))
+        return TrustBundle(
+            root_ca_pem=self.ark_pem, collateral_json=self.collateral_json(chip_id, tcb)
+        )
 
 
 @functools.lru_cache(maxsize=32)
@@ -311,7 +316,9 @@ def _vcek(pki: MockAmdPki, chip_id: bytes, tcb: int) -> bytes:
         (f"{_OID_ARC}.2", _der_ia5(product.product_name)),
     ]
     parts = _tcb_parts(product, tcb)
-    extensions += [(f"{_OID_ARC}.3.{spl}", _der_integer(parts[name])) for name, _, spl in product.tcb]
+    extensions += [
+        (f"{_OID_ARC}.3.{spl}", _der_integer(parts[name])) for name, _, spl in product.tcb
+    ]
     extensions.append((f"{_OID_ARC}.4", chip_id[: product.hwid_size]))
     label = pki._label("vcek:") + chip_id + tcb.to_bytes(8, "little")
     builder = (

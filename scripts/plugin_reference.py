@@ -173,7 +173,9 @@ def _signature(obj: Callable[..., Any]) -> str:
 
 
 def _type_name(annotation: Any) -> str:
-    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _default(field: attrs.Attribute[Any]) -> str:

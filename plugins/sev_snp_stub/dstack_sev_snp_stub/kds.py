@@ -84,7 +84,9 @@ KDS_RETRY_AFTER_MAX: Final = 10.0
 _PEM_CERTIFICATE: Final = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
-_PEM_CRL: Final = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.+?\r?\n-----END X509 CRL-----", re.DOTALL)
+_PEM_CRL: Final = re.compile(
+    rb"-----BEGIN X509 CRL-----\r?\n.+?\r?\n-----END X509 CRL-----", re.DOTALL
+)
 _CERT_TABLE_ENTRY: Final = struct.Struct("<16sII")
 """The host's certificate table: (GUID, offset, length) entries, an all-zero terminator."""
 GUID_VCEK: Final = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd").bytes

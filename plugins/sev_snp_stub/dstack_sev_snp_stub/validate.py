@@ -94,7 +94,9 @@ def _minimum_tcb(
         return
     unknown = set(value) - TCB_COMPONENTS
     if unknown:
-        raise ValueError(f"unknown TCB components {sorted(unknown)}; known: {sorted(TCB_COMPONENTS)}")
+        raise ValueError(
+            f"unknown TCB components {sorted(unknown)}; known: {sorted(TCB_COMPONENTS)}"
+        )
     if any(not 0 <= v <= 0xFF for v in value.values()):
         raise ValueError("minimum TCB components must be 0..255")
 

@@ -344,7 +344,8 @@ def _revocation(
     crl = collateral.crl
     if crl is None:
         if required:
-            return [Mismatch("CRL", "none in the collateral", "the product's CRL (require_crl)")], ""
+            missing = Mismatch("CRL", "none in the collateral", "the product's CRL (require_crl)")
+            return [missing], ""
         return [], "revocation not checked (no CRL in the collateral)"
     problems = []
     try:
@@ -372,7 +373,8 @@ def _check_chain(
     name = "vcek_chain"
     vcek = collateral.vcek_for(report) if collateral is not None else None
     if collateral is None or vcek is None:
-        where = "no collateral" if collateral is None else "no VCEK for this CHIP_ID in the collateral"
+        where = ("no collateral" if collateral is None
+                 else "no VCEK for this CHIP_ID in the collateral")
         return _failed(name, [Mismatch("VCEK", where, "the chip's VCEK certificate and its ASK "
                                        "(a collateral file, or fetched from AMD's KDS)")]), _Chain()
     try:
@@ -440,7 +442,8 @@ def _check_chain(
     problems += revoked
     if problems:
         return _failed(name, problems), learnt
-    anchor = "a test root, accepted by allow_simulator" if simulated else f"AMD's pinned {product} ARK"
+    anchor = ("a test root, accepted by allow_simulator" if simulated
+              else f"AMD's pinned {product} ARK")
     return SnpCheck(
         name=name, status="pass",
         detail=(f"VCEK ({extensions.product_name}, {chip}) <- {_cn(ask)} <- {_cn(root)} "
@@ -459,7 +462,8 @@ def _check_signature(report: SnpReport, vcek: x509.Certificate | None) -> SnpChe
         problems.append(Mismatch("signer_info", f"{report.signer_info:#x}", "bits 5-31 zero"))
     if report.signing_key != SIGNING_KEY_VCEK:
         signer = _SIGNING_KEYS.get(report.signing_key, "reserved")
-        hint = " (VLEK-signed reports are not supported)" if report.signing_key == SIGNING_KEY_VLEK else ""
+        vlek = report.signing_key == SIGNING_KEY_VLEK
+        hint = " (VLEK-signed reports are not supported)" if vlek else ""
         problems.append(Mismatch("signer_info.SIGNING_KEY", f"{report.signing_key} ({signer})",
                                  f"{SIGNING_KEY_VCEK} (VCEK){hint}"))
     if report.signer_info & SIGNER_INFO_MASK_CHIP_KEY:
@@ -511,7 +515,8 @@ def _check_tcb(report: SnpReport, chain: _Chain, policy: SnpPolicy) -> SnpCheck:
     status = _tcb_status(report)
     if problems:
         return _failed(name, problems, f"{product} layout; the TCB is {status}")
-    minimum = "" if policy.minimum_tcb is None else f", at least the policy minimum {dict(policy.minimum_tcb)}"
+    minimum = ("" if policy.minimum_tcb is None
+               else f", at least the policy minimum {dict(policy.minimum_tcb)}")
     return SnpCheck(name=name, status="pass",
                     detail=f"reported TCB {reported} is the VCEK's{minimum}; {status}")
 
@@ -551,7 +556,8 @@ def verify_report(
         report=report,
         checks=checks,
         product=product,
-        reported_tcb=None if product is None else TcbVersion(raw=report.reported_tcb, product=product),
+        reported_tcb=(None if product is None
+                      else TcbVersion(raw=report.reported_tcb, product=product)),
         tcb_status=None if product is None else _tcb_status(report),
         root_sha256=chain.root_sha256,
         simulated=chain.simulated,
