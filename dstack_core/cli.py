@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, cli_eventlog
+from . import __version__, cli_audit, cli_eventlog
 from .cli_verify import BUNDLE_COLLATERAL, BUNDLE_ROOT
 from .cli_verify import register as register_verify
 from .config import PLATFORM_ENV, load_settings
@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="discard the platform's durable state (keys, registers, event log) first",
     )
+    serve.add_argument(
+        "--policy", type=Path, metavar="FILE",
+        help="caller policy (TOML): who may call which method (docs/security.md)",
+    )
+    serve.add_argument(
+        "--audit-log", type=Path, metavar="FILE",
+        help="append a hash-chained JSON line per key-bearing or measurement-changing call "
+        "and per denial",
+    )
     serve.add_argument("--config", type=Path, help="JSON or TOML config file")
     serve.set_defaults(func=_cmd_serve)
 
@@ -132,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_bundle.set_defaults(func=_cmd_trust_bundle, platform="simulator", platform_option=[])
     register_verify(commands)
     cli_eventlog.register(commands)
+    cli_audit.register(commands)
     _debug_everywhere(parser)
     return parser
 
@@ -169,6 +179,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_body_size": args.max_body_size,
         "platform_options": dict(args.platform_option),
         "reset_state": args.reset_state,
+        "policy": args.policy,
+        "audit_log": args.audit_log,
     }
     settings = load_settings(flags, config_file=args.config)
     asyncio.run(serve(settings))

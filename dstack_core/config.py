@@ -28,7 +28,10 @@ DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 
-_PATH_KEYS: Final = ("socket", "state_dir", "appkeys", "app_compose", "sys_config", "runtime_log")
+_PATH_KEYS: Final = (
+    "socket", "state_dir", "appkeys", "app_compose", "sys_config", "runtime_log", "policy",
+    "audit_log",
+)
 # A string "false" must not turn into a truthy reset_state, so file values are type-checked.
 _KEY_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
     **dict.fromkeys(_PATH_KEYS, str),
@@ -57,6 +60,11 @@ class Settings:
     max_body_size: int = DEFAULT_MAX_BODY
     platform_options: Mapping[str, str] = attrs.field(factory=dict)
     reset_state: bool = False
+    policy: Path | None = None
+    """The caller policy file (docs/security.md); None: everyone who can connect may call
+    everything."""
+    audit_log: Path | None = None
+    """The audit log (JSON lines, hash-chained); None: no audit log."""
 
     def platform_config(self) -> PlatformConfig:
         """Paths for the platform; unset inputs default to files in the state dir."""

@@ -23,6 +23,8 @@ __all__ = [
     "ReportDataTooLong",
     "NotFound",
     "PayloadTooLarge",
+    "Forbidden",
+    "AuditUnavailable",
     "PlatformError",
     "PlatformUnsupported",
     "PlatformBusy",
@@ -84,6 +86,28 @@ class PayloadTooLarge(InvalidRequest):
     """A request body over the configured limit (HTTP 400, as upstream answers)."""
 
     code = "payload_too_large"
+
+
+class Forbidden(InvalidRequest):
+    """The caller policy does not let this caller make this call (HTTP 403).
+
+    The message names the method (and the key path or certificate name asked for), never
+    the policy's contents.
+    """
+
+    http_status = 403
+    code = "forbidden"
+
+
+class AuditUnavailable(DstackError):
+    """The audit log cannot be written, so an audited call is refused (HTTP 503).
+
+    The agent fails closed: no key leaves and no measurement moves unrecorded. It serves
+    audited calls again as soon as a write succeeds.
+    """
+
+    http_status = 503
+    code = "audit_unavailable"
 
 
 class PlatformError(DstackError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,26 @@ def fresh_agent() -> Iterator[AgentProcess]:
     if proc.proc is not None:
         proc.stop()
     shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+TINY_TMPFS_BYTES = 64 * 1024
+
+
+@pytest.fixture
+def tiny_tmpfs() -> Iterator[Path]:
+    """A freshly mounted 64 KiB tmpfs, to fill a file system for real (needs root)."""
+    mountpoint = short_tempdir("fs")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TINY_TMPFS_BYTES},mode=0755", "tmpfs",
+         str(mountpoint)],
+        capture_output=True, text=True, check=False,
+    ) if os.geteuid() == 0 else None
+    if result is None or result.returncode != 0:
+        mountpoint.rmdir()
+        reason = "not root" if result is None else result.stderr.strip()
+        pytest.skip(f"cannot mount a tmpfs to fill ({reason})")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        mountpoint.rmdir()

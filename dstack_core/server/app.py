@@ -6,11 +6,14 @@ Handlers are thin: decode the arguments with the method's schema, call the
 * ``/<Method>`` and ``/prpc/<Method>``: the DstackGuest service (GET query or POST JSON);
 * ``/prpc/Tappd.<Method>`` (and ``/prpc/<Method>`` for Tappd-only names): legacy Tappd.
 
-Every response is JSON with a Content-Length; errors are ``{"error", "code"}``.
+Every response is JSON with a Content-Length; errors are ``{"error", "code"}``. With a
+:class:`~dstack_core.server.guard.Guard` (caller policy, audit log) every call passes
+through it once its method is resolved, whichever path or socket reached it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -22,13 +25,23 @@ from ..errors import NotFound
 from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, parse_json_body, parse_query
 from .errors import error_middleware, json_response
+from .guard import Guard
 
-__all__ = ["create_app", "SERVICE_KEY", "DEFAULT_MAX_BODY", "DSTACK_METHODS", "TAPPD_METHODS"]
+__all__ = [
+    "API_METHODS",
+    "DEFAULT_MAX_BODY",
+    "DSTACK_METHODS",
+    "GUARD_KEY",
+    "SERVICE_KEY",
+    "TAPPD_METHODS",
+    "create_app",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 SERVICE_KEY: Final = web.AppKey("service", AgentService)
+GUARD_KEY: Final = web.AppKey("guard", Guard)
 TAPPD_PREFIX: Final = "Tappd."
 
 Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -186,13 +199,22 @@ TAPPD_METHODS: Final[dict[str, Method]] = {
 }
 
 
-async def _call(request: web.Request, method: Method) -> web.Response:
+API_METHODS: Final = frozenset(DSTACK_METHODS) | frozenset(TAPPD_METHODS)
+"""Every method name the API serves (what a caller policy may name)."""
+
+
+async def _call(request: web.Request, name: str, method: Method) -> web.Response:
     if request.method == "POST":
         doc = parse_json_body(await request.read()) if method.schema else {}
     else:
         doc = parse_query(request.query, method.schema)
     args = decode_args(method.schema, doc)
-    return json_response(await method.handler(request.app[SERVICE_KEY], args))
+    service = request.app[SERVICE_KEY]
+    guard = request.app.get(GUARD_KEY)
+    if guard is None:
+        return json_response(await method.handler(service, args))
+    invoke = functools.partial(method.handler, service, args)
+    return json_response(await guard.run(request, name, args, invoke))
 
 
 async def _dstack(request: web.Request) -> web.Response:
@@ -200,7 +222,7 @@ async def _dstack(request: web.Request) -> web.Response:
     method = DSTACK_METHODS.get(name)
     if method is None:
         raise NotFound(f"Service not found: {name}")
-    return await _call(request, method)
+    return await _call(request, name, method)
 
 
 async def _prpc(request: web.Request) -> web.Response:
@@ -213,13 +235,22 @@ async def _prpc(request: web.Request) -> web.Response:
         method = DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
     if method is None:
         raise NotFound(f"Service not found: {request.match_info['method']}")
-    return await _call(request, method)
+    return await _call(request, name, method)
 
 
-def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
-    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
+def create_app(
+    service: AgentService, *, max_body: int = DEFAULT_MAX_BODY, guard: Guard | None = None
+) -> web.Application:
+    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400.
+
+    :param guard: caller policy and audit log for every call; it opens its audit log
+        when the app starts (before any socket is bound) and closes it at cleanup.
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
     app[SERVICE_KEY] = service
+    if guard is not None:
+        app[GUARD_KEY] = guard
+        app.cleanup_ctx.append(guard.lifetime)
     # add_get also answers HEAD, as upstream's Rocket routes do.
     for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
         app.router.add_get(path, handler)

@@ -26,9 +26,11 @@ from ..config import Settings
 from ..errors import ConfigurationError
 from ..platform import Platform
 from ..plugins import load_platform
+from ..policy import Policy, load_policy
 from ..service import AgentService, ServiceFiles
 from . import systemd
-from .app import create_app
+from .app import API_METHODS, create_app
+from .guard import Guard, tcp_notice
 
 __all__ = ["serve", "prepare_socket_path"]
 
@@ -118,13 +120,15 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
 
     :raises ConfigurationError / PluginError / StateError: start-up failed (nothing bound).
     """
+    # A bad policy stops start-up before anything is touched.
+    policy = load_policy(settings.policy, methods=API_METHODS) if settings.policy else None
     activated = systemd.activated_socket()
     if activated is None:
         prepare_socket_path(settings.socket)
     # Loading the plugin touches no disk; a platform that fails to load leaves nothing.
     platform = Platform.from_plugin_manager(load_platform(settings.platform))
     with state_dir_lock(settings.state_dir):
-        await _serve_locked(platform, settings, ready, activated)
+        await _serve_locked(platform, settings, ready, activated, policy)
 
 
 async def _bind_unix(runner: web.AppRunner, settings: Settings) -> None:
@@ -150,15 +154,23 @@ async def _serve_locked(
     settings: Settings,
     ready: asyncio.Event | None,
     activated: socket.socket | None,
+    policy: Policy | None,
 ) -> None:
     service = await asyncio.to_thread(_start_service, platform, settings)
+    tcp_guarded = settings.listen is not None and not service.platform.info.simulated
+    guard = None
+    if policy is not None or settings.audit_log is not None or tcp_guarded:
+        policy = policy or Policy()
+        guard = Guard(policy=policy, tcp_guarded=tcp_guarded, audit_path=settings.audit_log,
+                      platform=service.platform.name)
     logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     # From here on a signal must not kill us between binding and unlinking the socket.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(service, max_body=settings.max_body_size), access_log=None)
+    app = create_app(service, max_body=settings.max_body_size, guard=guard)
+    runner = web.AppRunner(app, access_log=None)
     bound = False
     try:
         await runner.setup()
@@ -176,6 +188,8 @@ async def _serve_locked(
                 await web.TCPSite(runner, host, port).start()
             except OSError as exc:
                 raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
+            log.warning(tcp_notice(policy or Policy(), simulated=service.platform.info.simulated,
+                                   platform=service.platform.name, address=f"{host}:{port}"))
         log.warning(
             "dstack-agent serving platform %s on %s%s",
             service.platform.name,

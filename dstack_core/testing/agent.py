@@ -130,7 +130,10 @@ class AgentProcess:
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Block until the socket answers; raise with the agent's log if it died."""
+        """Block until the socket answers; raise with the agent's log if it died.
+
+        A 403 counts as an answer: a caller policy may deny this process ``Version``.
+        """
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -138,7 +141,7 @@ class AgentProcess:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 status, _, _ = uds_request(self.socket, "GET", "/Version", timeout=2)
-                if status == 200:
+                if status in (200, 403):
                     return
             except OSError:
                 pass
