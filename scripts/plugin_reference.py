@@ -70,11 +70,11 @@ SURFACE: Final[Mapping[str, tuple[str, ...]]] = {
 KIT_SURFACE: Final[Mapping[str, tuple[str, ...]]] = {
     "dstack_core.testing": ("AgentProcess", "short_tempdir", "uds_request"),
     "dstack_core.testing.pytest_plugin": (
-        "PlatformEnv", "PlatformAgent", "configured_platform", "DEFAULT_APP_COMPOSE",
-        "DEFAULT_SYS_CONFIG",
+        "PlatformEnv", "PlatformAgent", "configured_platform", "conformance_policy",
+        "DEFAULT_APP_COMPOSE", "DEFAULT_SYS_CONFIG",
     ),
     "dstack_core.testing.pytest_hooks": ("pytest_dstack_platform_env",),
-    "dstack_core.testing.conformance": ("bound_report_data",),
+    "dstack_core.testing.conformance": ("bound_report_data", "TestAgent"),
     "dstack_core.testing.fake_tee": ("FakeTdxMachine", "FakeSnpMachine", "open_machine"),
 }
 """The test kit's documented surface (docs/plugins/testing.md)."""
@@ -339,7 +339,8 @@ def _params(obj: Callable[..., Any]) -> list[str]:
 
 def snapshot() -> dict[str, Any]:
     """Every documented name: its kind and, for callables, its parameters (name, kind,
-    whether it has a default); for classes also their public methods'."""
+    whether it has a default); for classes also their public methods' (not a conformance
+    class's tests: which tests the suite has is not API)."""
     doc: dict[str, Any] = {}
     for surface in (SURFACE, KIT_SURFACE):
         for module, names in surface.items():
@@ -351,8 +352,8 @@ def snapshot() -> dict[str, Any]:
                 if entry["kind"] == "class":
                     entry["methods"] = {
                         m: _params(member) for m, member in inspect.getmembers(obj)
-                        if not m.startswith("_") and (inspect.isfunction(member)
-                                                      or inspect.ismethod(member))
+                        if not m.startswith(("_", "test_")) and (inspect.isfunction(member)
+                                                                 or inspect.ismethod(member))
                     }
                 doc[f"{module}:{name}"] = entry
     return doc
