@@ -116,7 +116,9 @@ class TestTrustBundleHook:
                 def trust_bundle(self, state_dir):
                     return None
             """, "probe = dstack_probe:ProbePlatform")
-        result = _pytest(tmp_path, "--dstack-platform", "probe", pythonpath=site)
+        # The suite's classes where trust anchors matter; the rest is the simulator's run.
+        result = _pytest(tmp_path, "--dstack-platform", "probe", "-k",
+                         "TestPlatformInfo or TestQuote or TestHookResults", pythonpath=site)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "no trust anchors for this platform's quotes" in result.stdout
 
