@@ -67,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sys-config", type=Path, help="sys-config.json (default in state dir)")
     serve.add_argument("--runtime-log", type=Path, help="runtime event log (default in state dir)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="also serve on this TCP address")
+    serve.add_argument(
+        "--tappd-socket", type=Path, metavar="PATH",
+        help="serve the legacy Tappd API on its own Unix socket (upstream's tappd.sock)",
+    )
+    serve.add_argument(
+        "--external-listen", metavar="HOST:PORT",
+        help="serve upstream's external port (Worker.Info/Version/GetAttestationForAppKey, "
+        "/metrics, status page) on this TCP address; never key-bearing methods",
+    )
+    serve.add_argument(
+        "--attestation-format", choices=("dstack-core", "upstream"),
+        help="what Attest and RA-TLS certificates carry: our CBOR envelope (default) or "
+        "upstream's V0/V1 format",
+    )
+    serve.add_argument(
+        "--kms-timeout", type=float, metavar="SECONDS",
+        help="bound on one KMS SignCert exchange (default 10)",
+    )
     serve.add_argument("--max-body-size", type=int, help="request body limit in bytes")
     serve.add_argument(
         "--platform-option",
@@ -91,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="append a hash-chained JSON line per key-bearing or measurement-changing call "
         "and per denial",
     )
-    serve.add_argument("--config", type=Path, help="JSON or TOML config file")
+    serve.add_argument(
+        "--config", type=Path, action="append",
+        help="JSON or TOML config file, ours or upstream's dstack.toml (repeatable; later "
+        "files override earlier ones)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     platforms = commands.add_parser(
@@ -176,6 +198,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "sys_config": args.sys_config,
         "runtime_log": args.runtime_log,
         "listen": args.listen,
+        "tappd_socket": args.tappd_socket,
+        "external_listen": args.external_listen,
+        "attestation_format": args.attestation_format,
+        "kms_timeout": args.kms_timeout,
         "max_body_size": args.max_body_size,
         "platform_options": dict(args.platform_option),
         "reset_state": args.reset_state,

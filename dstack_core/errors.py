@@ -10,6 +10,7 @@ The split follows who is at fault:
 * :class:`PlatformError` (5xx): the TEE, the kernel or the plugin failed.
 * :class:`ConfigurationError`: the agent cannot start as configured (never seen on the wire).
 * :class:`EvidenceError` (400): evidence handed to a parser or the verifier is malformed.
+* :class:`KmsError` (502/503): the KMS that issues the app's certificates failed or refused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ __all__ = [
     "PluginError",
     "EvidenceError",
     "StateError",
+    "KmsError",
+    "KmsUnavailable",
 ]
 
 
@@ -156,3 +159,26 @@ class StateError(DstackError):
 
     http_status = 500
     code = "state_error"
+
+
+class KmsError(DstackError):
+    """The KMS answered, but not with a usable certificate (HTTP 502).
+
+    Codes: ``kms_rejected`` (the KMS refused; its message follows), ``kms_untrusted`` (its
+    TLS certificate is not issued by the KMS root in ``appkeys.json``), ``kms_tls_error``
+    (the TLS handshake failed), ``kms_bad_response`` (malformed answer, or a chain that does
+    not certify our key under the pinned root).
+    """
+
+    http_status = 502
+    code = "kms_error"
+
+
+class KmsUnavailable(KmsError):
+    """The KMS cannot be reached, did not answer in time, or is overloaded; retry (HTTP 503).
+
+    Codes: ``kms_unavailable`` (connection failed, or the KMS answered 5xx), ``kms_timeout``.
+    """
+
+    http_status = 503
+    code = "kms_unavailable"

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +40,9 @@ RUNTIME_RTMR = 3
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CallObserver = Callable[[str, float, bool], None]
+"""Told ``(hook, seconds, succeeded)`` after every request-time hook call."""
+
 
 class Platform:
     """Typed access to the one loaded platform plugin.
@@ -49,6 +54,10 @@ class Platform:
     def __init__(self, pm: pluggy.PluginManager, info: PlatformInfo) -> None:
         self._pm = pm
         self.info = info
+        self._observers: list[CallObserver] = []
+        # Request-time hook calls now running: id -> (hook, monotonic start).
+        self._in_flight: dict[int, tuple[str, float]] = {}
+        self._call_ids = itertools.count()
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Platform:
@@ -129,8 +138,35 @@ class Platform:
 
     # --- plumbing ---
 
+    def add_call_observer(self, observer: CallObserver) -> None:
+        """Have ``observer`` told the duration and outcome of every request-time hook call
+        (metrics). Observers must be cheap and must not raise."""
+        self._observers.append(observer)
+
+    def stalled_call(self) -> tuple[str, float] | None:
+        """The oldest request-time hook call still running, ``(hook, seconds so far)``, or
+        None when none is. A hook that hangs (a wedged kernel interface) shows here."""
+        # Called from the watchdog's thread: take a snapshot first (atomic under the GIL).
+        running = tuple(self._in_flight.values())
+        if not running:
+            return None
+        hook, started = min(running, key=lambda item: item[1])
+        return hook, time.monotonic() - started
+
     async def _call(self, hook: str, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+        call_id = next(self._call_ids)
+        started = time.monotonic()
+        self._in_flight[call_id] = (hook, started)
+        succeeded = False
+        try:
+            result = await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+            succeeded = True
+            return result
+        finally:
+            del self._in_flight[call_id]
+            elapsed = time.monotonic() - started
+            for observer in self._observers:
+                observer(hook, elapsed, succeeded)
 
     @classmethod
     def _check(cls, hook: str, value: Any, expected: type[T]) -> T:

@@ -12,29 +12,39 @@ EmitEvent is extended and durably appended before anyone else sees the register 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import __version__, certs, keys
+from . import __version__, certs, keys, upstream
 from .appinfo import DEVICE_ID_UNVERIFIED, derive_app_info
 from .envelope import AppInfo, Envelope
-from .errors import ConfigurationError, InvalidRequest, PlatformUnsupported, ReportDataTooLong
+from .errors import (
+    ConfigurationError,
+    DstackError,
+    InvalidRequest,
+    PlatformUnsupported,
+    ReportDataTooLong,
+)
 from .eventlog import RuntimeEvent, RuntimeEventLog, TdxEvent, events_to_json
+from .kms import DEFAULT_KMS_TIMEOUT, KmsClient, KmsSettings, config_for
 from .platform import Platform
 from .quote import TdxQuote
 from .types import REPORT_DATA_LENGTH, PlatformConfig, RootKey
 
 __all__ = [
     "AgentService",
+    "AttestationFormat",
     "ServiceFiles",
+    "ServiceOptions",
     "QuoteResult",
     "InfoResult",
     "TlsKeyResult",
@@ -49,6 +59,12 @@ DMI_DIR: Final = Path("/sys/class/dmi/id")
 DEMO_CERT_SUBJECT: Final = "demo-cert"
 APP_DATA_TAG: Final = "app-data"
 MAX_EVENT_NAME: Final = 256
+INFO_CERT_WAIT: Final = 3.0
+"""Seconds Info waits for a KMS-issued ``app_cert`` before answering without it."""
+
+AttestationFormat = Literal["dstack-core", "upstream"]
+"""What Attest, RA-TLS certificates and GetQuote's ``attestation`` carry: our CBOR envelope,
+or upstream's V0/V1 ``VersionedAttestation``."""
 
 
 def pad_report_data(data: bytes) -> bytes:
@@ -72,11 +88,27 @@ class ServiceFiles:
 
 
 @attrs.frozen(kw_only=True)
+class ServiceOptions:
+    """Agent-wide choices (``serve`` flags).
+
+    :ivar attestation_format: see :data:`AttestationFormat`.
+    :ivar kms_timeout: seconds one KMS SignCert exchange may take.
+    """
+
+    attestation_format: AttestationFormat = "dstack-core"
+    kms_timeout: float = DEFAULT_KMS_TIMEOUT
+
+
+@attrs.frozen(kw_only=True)
 class QuoteResult:
+    """GetQuote's answer; ``attestation`` is set (and ``quote`` empty) on platforms whose
+    evidence is not a TDX quote, as upstream answers there."""
+
     quote: bytes
     event_log: str
     report_data: bytes
     vm_config: str
+    attestation: bytes = b""
 
 
 @attrs.frozen(kw_only=True)
@@ -143,8 +175,10 @@ class AgentService:
         app_compose: str,
         vm_config: str,
         files: ServiceFiles,
+        options: ServiceOptions | None = None,
     ) -> None:
         self.platform = platform
+        self.options = options or ServiceOptions()
         self._log = runtime_log
         # A tuple, replaced on append: snapshots (every quote) far outnumber appends.
         self._runtime_events = tuple(e.to_tdx_event() for e in runtime_events)
@@ -155,10 +189,25 @@ class AgentService:
         self._files = files
         self._lock = asyncio.Lock()
         self._demo_cert = ""
+        self._demo_task: asyncio.Task[None] | None = None
         self._boot_events: tuple[TdxEvent, ...] | None = None
+        self._kms: KmsClient | None = None
+        if root_key.key_provider.kind == "Kms":
+            self._kms = KmsClient(
+                KmsSettings.from_root_key(root_key),
+                vm_config=vm_config,
+                attest=self.upstream_attestation,
+                timeout=self.options.kms_timeout,
+            )
 
     @classmethod
-    def start(cls, platform: Platform, config: PlatformConfig, files: ServiceFiles) -> AgentService:
+    def start(
+        cls,
+        platform: Platform,
+        config: PlatformConfig,
+        files: ServiceFiles,
+        options: ServiceOptions | None = None,
+    ) -> AgentService:
         """Configure the platform, repair the runtime log and load the app's inputs.
 
         Blocking; called once before serving.
@@ -182,7 +231,23 @@ class AgentService:
             app_compose=_read_text(config.app_compose, "app-compose"),
             vm_config=_vm_config(_read_text(config.sys_config, "sys-config")),
             files=files,
+            options=options,
         )
+
+    @property
+    def runtime_event_count(self) -> int:
+        """Events in the runtime (RTMR3) log, boot events included."""
+        return len(self._runtime_events)
+
+    @property
+    def app_compose(self) -> str:
+        """The app-compose file's text, as read at start-up."""
+        return self._app_compose
+
+    @property
+    def kms_client(self) -> KmsClient | None:
+        """The KMS that issues certificates, with KMS-provisioned app keys."""
+        return self._kms
 
     # --- keys ---
 
@@ -233,18 +298,48 @@ class AgentService:
         API's rule, so that clients can replay RTMR3 without recomputing digests).
         """
         padded = pad_report_data(report_data)
+        if self.platform.info.evidence_format != "tdx":
+            # upstream's shape where there is no TDX quote: the attestation instead
+            return QuoteResult(
+                quote=b"",
+                event_log="",
+                report_data=padded,
+                vm_config=self._vm_config,
+                attestation=await self._attestation(padded),
+            )
         snap = await self._snapshot(padded)
         shown = [e.stripped() for e in snap.boot_events] + list(snap.runtime_events)
         return QuoteResult(
             quote=snap.quote,
-            event_log=events_to_json(shown),
+            event_log=events_to_json(shown, include_preimage=True),
             report_data=padded,
             vm_config=self._vm_config,
         )
 
     async def attest(self, report_data: bytes) -> bytes:
-        """Attest: our CBOR envelope over the padded report data."""
-        return (await self._envelope(pad_report_data(report_data))).to_cbor()
+        """Attest: the attestation over the padded report data, in the configured format."""
+        return await self._attestation(pad_report_data(report_data))
+
+    async def _attestation(self, report_data: bytes) -> bytes:
+        if self.options.attestation_format == "upstream":
+            return await self.upstream_attestation(report_data)
+        return (await self._envelope(report_data)).to_cbor()
+
+    async def upstream_attestation(self, report_data: bytes) -> bytes:
+        """Upstream's ``VersionedAttestation`` (V0, or V1 with version-2 events) over 64 bytes
+        of report data: what Attest answers upstream and what a KMS CSR carries."""
+        return upstream.encode_attestation(await self._upstream(report_data))
+
+    async def _upstream(self, report_data: bytes) -> upstream.UpstreamAttestation:
+        snap = await self._snapshot(report_data, attest=True)
+        return upstream.build_attestation(
+            platform=self.platform.info.evidence_format,
+            quote=snap.quote,
+            event_log=snap.events,
+            report_data=report_data,
+            config=self._vm_config,
+            extra=snap.extra,
+        )
 
     async def _envelope(self, report_data: bytes) -> Envelope:
         snap = await self._snapshot(report_data, attest=True)
@@ -350,13 +445,48 @@ class AgentService:
         )
 
     async def _demo_certificate(self) -> str:
-        """Info's ``app_cert``: a demo RA-TLS chain, or ``""`` without a local CA."""
-        if not self._demo_cert and self._ca is not None:
-            result = await self.get_tls_key(
-                TlsKeyRequest(subject=DEMO_CERT_SUBJECT, usage_ra_tls=True, usage_client_auth=True)
-            )
-            self._demo_cert = "\n".join(result.certificate_chain)
+        """Info's ``app_cert``: a demo RA-TLS chain, or ``""`` while none could be issued.
+
+        From a KMS it is requested in the background (at start-up, see :meth:`warm_up`, and
+        again while missing); Info waits at most :data:`INFO_CERT_WAIT` seconds for it, so a
+        KMS outage leaves ``app_cert`` empty instead of failing Info.
+        """
+        if self._demo_cert or (self._ca is None and self._kms is None):
+            return self._demo_cert
+        if self._kms is None:
+            await self._request_demo_cert()
+            return self._demo_cert
+        if self._demo_task is None or self._demo_task.done():
+            self._demo_task = asyncio.create_task(self._request_demo_cert())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._demo_task), INFO_CERT_WAIT)
         return self._demo_cert
+
+    async def _request_demo_cert(self) -> None:
+        request = TlsKeyRequest(subject=DEMO_CERT_SUBJECT, usage_ra_tls=True, usage_client_auth=True)
+        try:
+            result = await self.get_tls_key(request)
+        except DstackError as exc:
+            if self._kms is None:
+                raise
+            log.warning("no app_cert for Info yet: %s", exc.message)
+            return
+        self._demo_cert = "\n".join(result.certificate_chain)
+
+    def warm_up(self) -> None:
+        """Start background work the first requests should not wait for (the KMS client
+        certificate and Info's ``app_cert``). Call once the event loop serves."""
+        if self._kms is not None and self._demo_task is None:
+            self._demo_task = asyncio.create_task(self._request_demo_cert())
+
+    async def aclose(self) -> None:
+        """Release network resources (the KMS connection pool)."""
+        if self._demo_task is not None:
+            self._demo_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._demo_task
+        if self._kms is not None:
+            await self._kms.close()
 
     # --- TLS ---
 
@@ -369,7 +499,6 @@ class AgentService:
         return await self._issue(certs.new_tls_key(), request)
 
     async def _issue(self, key: ec.EllipticCurvePrivateKey, request: TlsKeyRequest) -> TlsKeyResult:
-        ca = self._require_ca()
         cert_request = certs.TlsCertificateRequest(
             subject=request.subject,
             alt_names=request.alt_names,
@@ -378,13 +507,22 @@ class AgentService:
             not_before=request.not_before,
             not_after=request.not_after,
         )  # validates the request before any quote is made
+        if self._kms is not None:
+            chain = await self._kms.sign(key, config_for(**attrs.asdict(request)))
+            return TlsKeyResult(key=certs.private_key_pem(key), certificate_chain=chain)
+        ca = self._require_ca()
         attestation = app_info = None
         if request.usage_ra_tls or request.with_app_info:
-            envelope = await self._envelope(certs.ratls_report_data(certs.spki_der(key.public_key())))
-            if request.usage_ra_tls:
-                attestation = envelope.to_cbor()
-            if request.with_app_info:
-                app_info = envelope.app_info.to_cbor()
+            report_data = certs.ratls_report_data(certs.spki_der(key.public_key()))
+            if self.options.attestation_format == "upstream":
+                attestation, app_info = upstream.certificate_extensions(
+                    await self._upstream(report_data)
+                )
+            else:
+                envelope = await self._envelope(report_data)
+                attestation, app_info = envelope.to_cbor(), envelope.app_info.to_cbor()
+            attestation = attestation if request.usage_ra_tls else None
+            app_info = app_info if request.with_app_info else None
         cert_request = attrs.evolve(cert_request, attestation=attestation, app_info=app_info)
         cert = certs.issue_certificate(
             ca, key.public_key(), cert_request, now=datetime.now(UTC)
@@ -397,9 +535,9 @@ class AgentService:
     def _require_ca(self) -> certs.CertificateAuthority:
         if self._ca is None:
             raise PlatformUnsupported(
-                f"key provider {self._root_key.key_provider.name!r} issues certificates "
-                "through a KMS, which this agent does not contact",
-                code="kms_unsupported",
+                f"the app keys (key provider {self._root_key.key_provider.name!r}) carry no "
+                "CA key to issue certificates with",
+                code="no_app_ca",
             )
         return self._ca
 

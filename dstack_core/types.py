@@ -160,16 +160,30 @@ class KeyProvider:
         ``none``, ``local-sgx``, ``tpm`` or ``kms``.
     :ivar id: the event's ``id`` string (hex; empty for ``none``).
     :ivar key_pem: the CA private key for locally issued certificates, if any.
+    :ivar url: ``Kms`` only: the KMS RPC base URL (``https://<kms>/prpc``).
+    :ivar tmp_ca_cert_pem: ``Kms`` only: the KMS's temporary CA, which issues the agent's
+        client certificate for mutual TLS.
+    :ivar tmp_ca_key_pem: ``Kms`` only: that temporary CA's private key.
     """
 
     kind: str
     name: str
     id: str = ""
     key_pem: str | None = attrs.field(default=None, repr=False)
+    url: str = ""
+    tmp_ca_cert_pem: str = attrs.field(default="", repr=False)
+    tmp_ca_key_pem: str = attrs.field(default="", repr=False)
 
     def event_payload(self) -> bytes:
         """The ``key-provider`` boot event payload: compact JSON, keys ``name``, ``id``."""
         return json.dumps({"name": self.name, "id": self.id}, separators=(",", ":")).encode()
+
+
+def _text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"key_provider field {key} must be a string")
+    return value
 
 
 KEY_PROVIDER_KINDS: Final[Mapping[str, str]] = {
@@ -228,8 +242,21 @@ class RootKey:
                 provider_id = str(body.get("mr", ""))
             else:
                 provider_id = ""
+            kms = (
+                {
+                    "url": _text(body, "url"),
+                    "tmp_ca_cert_pem": _text(body, "tmp_ca_cert"),
+                    "tmp_ca_key_pem": _text(body, "tmp_ca_key"),
+                }
+                if kind == "Kms"
+                else {}
+            )
             provider = KeyProvider(
-                kind=kind, name=KEY_PROVIDER_KINDS[kind], id=provider_id, key_pem=body.get("key")
+                kind=kind,
+                name=KEY_PROVIDER_KINDS[kind],
+                id=provider_id,
+                key_pem=body.get("key"),
+                **kms,
             )
             return cls(
                 k256_key=bytes.fromhex(doc["k256_key"]),
@@ -251,7 +278,11 @@ class RootKey:
         if self.key_provider.key_pem is not None:
             body["key"] = self.key_provider.key_pem
         if self.key_provider.kind == "Kms":
+            # upstream's field order: url, pubkey, tmp_ca_key, tmp_ca_cert
+            body["url"] = self.key_provider.url
             body["pubkey"] = self.key_provider.id
+            body["tmp_ca_key"] = self.key_provider.tmp_ca_key_pem
+            body["tmp_ca_cert"] = self.key_provider.tmp_ca_cert_pem
         elif self.key_provider.kind == "Local":
             body["mr"] = self.key_provider.id
         doc = {

@@ -6,6 +6,9 @@ Handlers are thin: decode the arguments with the method's schema, call the
 * ``/<Method>`` and ``/prpc/<Method>``: the DstackGuest service (GET query or POST JSON);
 * ``/prpc/Tappd.<Method>`` (and ``/prpc/<Method>`` for Tappd-only names): legacy Tappd.
 
+:func:`create_tappd_app` serves only the Tappd service, at ``/prpc/Tappd.<Method>`` and
+``/prpc/<Method>``, for its own socket (upstream's ``tappd.sock``).
+
 Every response is JSON with a Content-Length; errors are ``{"error", "code"}``. With a
 :class:`~dstack_core.server.guard.Guard` (caller policy, audit log) every call passes
 through it once its method is resolved, whichever path or socket reached it.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from aiohttp import web
@@ -27,6 +30,9 @@ from .codec import Field, Schema, decode_args, parse_json_body, parse_query
 from .errors import error_middleware, json_response
 from .guard import Guard
 
+if TYPE_CHECKING:
+    from .metrics import AgentMetrics
+
 __all__ = [
     "API_METHODS",
     "DEFAULT_MAX_BODY",
@@ -35,6 +41,8 @@ __all__ = [
     "SERVICE_KEY",
     "TAPPD_METHODS",
     "create_app",
+    "create_tappd_app",
+    "trim_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,12 +77,15 @@ def _tls_response(result: TlsKeyResult) -> dict[str, Any]:
 
 
 def _quote_response(result: QuoteResult) -> dict[str, Any]:
-    return {
+    response = {
         "quote": result.quote.hex(),
         "event_log": result.event_log,
         "report_data": result.report_data.hex(),
         "vm_config": result.vm_config,
     }
+    if result.attestation:  # upstream omits the field when empty
+        response["attestation"] = result.attestation.hex()
+    return response
 
 
 async def _get_tls_key(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
@@ -217,42 +228,105 @@ async def _call(request: web.Request, name: str, method: Method) -> web.Response
     return json_response(await guard.run(request, name, args, invoke))
 
 
-async def _dstack(request: web.Request) -> web.Response:
-    name = request.match_info["method"]
-    method = DSTACK_METHODS.get(name)
+def trim_prefix(name: str, prefix: str) -> str:
+    """Rust's ``trim_start_matches``: remove every leading repetition of ``prefix``."""
+    while name.startswith(prefix):
+        name = name[len(prefix):]
+    return name
+
+
+def _resolve(request: web.Request, tappd_only: bool) -> tuple[str, Method | None]:
+    """The method a request names, after upstream's prefix trimming."""
+    name = request.match_info.get("method", "")
+    if request.path.startswith("/prpc/") and name.startswith(TAPPD_PREFIX):
+        name = trim_prefix(name, TAPPD_PREFIX)
+        return name, TAPPD_METHODS.get(name)
+    if tappd_only:
+        return name, TAPPD_METHODS.get(name)
+    if request.path.startswith("/prpc/"):
+        return name, DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
+    return name, DSTACK_METHODS.get(name)
+
+
+async def _dispatch(request: web.Request, *, tappd_only: bool) -> web.Response:
+    name, method = _resolve(request, tappd_only)
     if method is None:
         raise NotFound(f"Service not found: {name}")
     return await _call(request, name, method)
 
 
-async def _prpc(request: web.Request) -> web.Response:
-    name = request.match_info["method"]
-    if name.startswith(TAPPD_PREFIX):
-        while name.startswith(TAPPD_PREFIX):
-            name = name[len(TAPPD_PREFIX):]
-        method = TAPPD_METHODS.get(name)
-    else:
-        method = DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
-    if method is None:
-        raise NotFound(f"Service not found: {request.match_info['method']}")
-    return await _call(request, name, method)
+async def _any_method(request: web.Request) -> web.Response:
+    return await _dispatch(request, tappd_only=False)
+
+
+async def _tappd(request: web.Request) -> web.Response:
+    return await _dispatch(request, tappd_only=True)
+
+
+def _method_label(tappd_only: bool) -> Callable[[web.Request], str]:
+    def label(request: web.Request) -> str:
+        name, method = _resolve(request, tappd_only)
+        return name if method is not None else "unknown"
+
+    return label
+
+
+def _application(
+    service: AgentService,
+    *,
+    listener: str,
+    tappd_only: bool,
+    max_body: int,
+    guard: Guard | None,
+    metrics: AgentMetrics | None,
+) -> web.Application:
+    outer = [] if metrics is None else [metrics.middleware(listener, _method_label(tappd_only))]
+    app = web.Application(middlewares=[*outer, error_middleware], client_max_size=max_body)
+    app[SERVICE_KEY] = service
+    if guard is not None:
+        app[GUARD_KEY] = guard
+    return app
 
 
 def create_app(
-    service: AgentService, *, max_body: int = DEFAULT_MAX_BODY, guard: Guard | None = None
+    service: AgentService,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    guard: Guard | None = None,
+    metrics: AgentMetrics | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400.
 
     :param guard: caller policy and audit log for every call; it opens its audit log
         when the app starts (before any socket is bound) and closes it at cleanup.
+    :param metrics: counts and times every request (listener ``dstack``).
     """
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
-    app[SERVICE_KEY] = service
+    app = _application(service, listener="dstack", tappd_only=False, max_body=max_body,
+                       guard=guard, metrics=metrics)
     if guard is not None:
-        app[GUARD_KEY] = guard
         app.cleanup_ctx.append(guard.lifetime)
     # add_get also answers HEAD, as upstream's Rocket routes do.
-    for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
-        app.router.add_get(path, handler)
-        app.router.add_post(path, handler)
+    for path in ("/prpc/{method}", "/{method}"):
+        app.router.add_get(path, _any_method)
+        app.router.add_post(path, _any_method)
+    return app
+
+
+def create_tappd_app(
+    service: AgentService,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    guard: Guard | None = None,
+    metrics: AgentMetrics | None = None,
+) -> web.Application:
+    """The legacy Tappd service alone (``/prpc/Tappd.<Method>``, ``/prpc/<Method>``), as
+    upstream serves it on ``tappd.sock``; every other path is 404.
+
+    :param guard: the same guard as :func:`create_app`'s (whose app owns its audit log's
+        lifetime): Tappd's calls are decided and recorded like every other.
+    """
+    app = _application(service, listener="tappd", tappd_only=True, max_body=max_body,
+                       guard=guard, metrics=metrics)
+    app.router.add_get("/prpc/{method}", _tappd)
+    app.router.add_post("/prpc/{method}", _tappd)
     return app

@@ -662,16 +662,23 @@ class TestAgent:
         status, body = _emit(dstack_agent, "app-event", b"x")
         assert (status, body["code"]) == (501, "platform_unsupported")
         assert body["error"]
-        assert _sdk(dstack_agent).get_quote(b"still serving").decode_quote()
+        assert _post(dstack_agent, "GetQuote", {"report_data": "00"})[0] == 200
 
     def test_sdk_get_quote(
         self, dstack_agent: PlatformAgent, dstack_platform_info: PlatformInfo,
     ) -> None:
-        """The SDK's GetQuote gives a quote binding the padded report data, and a replayable log."""
+        """The SDK's GetQuote gives a quote binding the padded report data, and a replayable log;
+        without TDX quotes, upstream's shape: no quote, the evidence in ``attestation``."""
         result = _sdk(dstack_agent).get_quote(b"dstack-conformance")
         padded = b"dstack-conformance".ljust(REPORT_DATA_LENGTH, b"\0")
         assert result.report_data == padded.hex()
-        quote = Quote(format=dstack_platform_info.evidence_format, data=result.decode_quote())
+        evidence = result.decode_quote()
+        if dstack_platform_info.evidence_format != "tdx":
+            assert evidence == b"" and result.event_log == ""
+            status, body = _post(dstack_agent, "GetQuote", {"report_data": padded.hex()})
+            assert status == 200, body
+            evidence = Envelope.from_cbor(bytes.fromhex(body["attestation"])).quote
+        quote = Quote(format=dstack_platform_info.evidence_format, data=evidence)
         assert bound_report_data(quote) == padded
         if dstack_platform_info.evidence_format == "tdx":
             replayed = result.replay_rtmrs()

@@ -22,6 +22,7 @@ import os
 import signal
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +55,8 @@ _TEXT_OPTIONS: Final = frozenset(
 )
 _PRIVLEVEL_MAX: Final = 3
 _RACE_STAGES: Final = ("inblob", "outblob")
+HANG_COUNTER: Final = "hang_reports_until"
+HANG_POLL: Final = 0.05
 
 
 class _Profile(Protocol):
@@ -394,11 +397,23 @@ class _GuestKernelIO(OsSysIO):
     def read(self, path: Path) -> bytes:
         located = self._entry(path)
         if located is not None:
+            if located[1] == "outblob":
+                self._wait_while_hung()
             data = self._read_attribute(Path(path), *located)
         else:
             data = self._read_file(path)
         self._record("read", path, len(data))
         return data
+
+    def _wait_while_hung(self) -> None:
+        """A hung quote service: the read blocks (outside the state lock, so a test can
+        end it) until the deadline :meth:`_GuestMachine.hang_reports` set, or its clearing."""
+        while True:
+            with self._store.transaction() as state:
+                until = float(state["counters"].get(HANG_COUNTER, 0))
+            if time.time() >= until:
+                return
+            time.sleep(HANG_POLL)
 
     def _read_file(self, path: Path) -> bytes:
         """Any file outside a report entry: inside the tree, the kernel's modes hold."""
@@ -693,6 +708,13 @@ class _GuestMachine(Generic[_IoT, _AgentT]):
         """The next ``times`` configfs reports are empty (e.g. a failed GetQuote with
         ``out_len`` 0)."""
         self._add("counters", "empty_outblob", times)
+
+    def hang_reports(self, seconds: float) -> None:
+        """Every report generation (the ``outblob`` read) blocks for the next ``seconds``,
+        as when the host's quote service stops answering; :meth:`clear_faults` (or
+        ``hang_reports(0)``) ends the hang at once."""
+        with self._store.transaction() as state:
+            state["counters"][HANG_COUNTER] = time.time() + seconds if seconds > 0 else 0
 
     def defer_commit(self, polls: int) -> None:
         """Delay every inblob commit until ``generation`` has been read ``polls`` times

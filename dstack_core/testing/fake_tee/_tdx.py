@@ -451,6 +451,7 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
         sys_config: str | None = None,
         dstack_boot: bool = True,
         quote_version: int = 4,
+        event_log_version: int = 1,
     ) -> FakeTdxMachine:
         """Lay out a freshly booted TD under ``root`` (which may exist but must hold no tree).
 
@@ -464,6 +465,8 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
         :param sys_config: the sys-config text (default with a fake ``os_image_hash``).
         :param dstack_boot: extend dstack's boot events into RTMR3 and write the runtime log.
         :param quote_version: 4 or 5.
+        :param event_log_version: the boot's runtime-event digest version, 1 or 2 (upstream's
+            app-compose ``event_log_version``).
         """
         cls._check_kernel(kernel)
         profile = KERNEL_PROFILES[kernel]
@@ -519,13 +522,14 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
 
         machine = cls(root)
         if dstack_boot:
-            machine.boot_dstack()
+            machine.boot_dstack(version=event_log_version)
         return machine
 
     # --- what dstack-util does at boot ---
 
-    def boot_events(self) -> list[RuntimeEvent]:
-        """dstack's boot events for this tree's inputs, in the order dstack-util emits them."""
+    def boot_events(self, version: int = 1) -> list[RuntimeEvent]:
+        """dstack's boot events for this tree's inputs, in the order dstack-util emits them,
+        with digest ``version`` 1 or 2."""
         compose_hash = hashlib.sha256(self.paths.app_compose.read_bytes()).digest()
         root_key = RootKey.from_appkeys_json(self.paths.appkeys.read_bytes())
         sys_config = json.loads(self.paths.sys_config.read_text())
@@ -543,13 +547,15 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
             ("storage-fs", b"ext4"),
             ("system-ready", b""),
         ]
-        return [RuntimeEvent(event=name, payload=payload) for name, payload in events]
+        return [
+            RuntimeEvent(event=name, payload=payload, version=version) for name, payload in events
+        ]
 
-    def boot_dstack(self) -> None:
+    def boot_dstack(self, version: int = 1) -> None:
         """Extend dstack's boot events into RTMR3 and log them, as dstack-util does."""
         io = self.io()
         log = RuntimeEventLog(self.paths.runtime_log)
-        for event in self.boot_events():
+        for event in self.boot_events(version):
             log.begin(event)
             if self.profile.measurements:
                 io.write(self.paths.register_file(3), event.digest)
