@@ -76,6 +76,7 @@ KIT_SURFACE: Final[Mapping[str, tuple[str, ...]]] = {
     "dstack_core.testing.pytest_hooks": ("pytest_dstack_platform_env",),
     "dstack_core.testing.conformance": ("bound_report_data", "TestAgent"),
     "dstack_core.testing.fake_tee": ("FakeTdxMachine", "FakeSnpMachine", "open_machine"),
+    "dstack_core.testing.fake_kms": ("FakeKms",),
 }
 """The test kit's documented surface (docs/plugins/testing.md)."""
 
