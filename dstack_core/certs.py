@@ -303,7 +303,7 @@ class CertificateAuthority:
         key_bytes = key_pem.encode() if isinstance(key_pem, str) else key_pem
         try:
             cert = x509.load_pem_x509_certificate(cert_bytes)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise ConfigurationError(f"CA certificate is not valid PEM: {exc}") from exc
         try:
             key = serialization.load_pem_private_key(key_bytes, password=None)
@@ -685,7 +685,7 @@ def load_certificate_chain(data: bytes | str) -> list[x509.Certificate]:
         if raw.startswith(DER_SEQUENCE_TAG):
             return [x509.load_der_x509_certificate(raw)]
         return x509.load_pem_x509_certificates(raw)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise EvidenceError(f"not a PEM or DER certificate: {exc}") from exc
 
 

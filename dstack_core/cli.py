@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, cli_audit, cli_eventlog
-from .cli_verify import BUNDLE_COLLATERAL, BUNDLE_ROOT
+from .cli_verify import BUNDLE_COLLATERAL, BUNDLE_OS_IMAGE_POLICY, BUNDLE_ROOT
 from .cli_verify import register as register_verify
 from .config import PLATFORM_ENV, load_settings
 from .errors import ConfigurationError, DstackError
@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "trust-bundle",
         help="write a platform's trust anchors for verifiers",
         description="Write the trust anchors a verifier needs for a platform's evidence: "
-        f"{BUNDLE_ROOT} (the root certificate) and {BUNDLE_COLLATERAL} (the collateral in the "
-        "evidence format's JSON form), as the platform's trust_bundle hook publishes them. A "
+        f"{BUNDLE_ROOT} (the root certificate), {BUNDLE_COLLATERAL} (the collateral in the "
+        f"evidence format's JSON form) and, when the platform has one, {BUNDLE_OS_IMAGE_POLICY}"
+        ", as the platform's trust_bundle hook publishes them. A "
         "platform that publishes none (hardware, whose evidence verifies against the vendor's "
         "roots) writes nothing and says so. Safe while an agent is serving from the same "
         "state dir.",
@@ -153,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim_commands = simulator.add_subparsers(dest="sim_command", metavar="COMMAND", required=True)
     sim_bundle = sim_commands.add_parser(
         "trust-bundle",
-        help="write the simulator's mock Intel root CA and collateral",
+        help="write the simulator's mock Intel root CA, collateral and OS image policy",
         description=f"Write {BUNDLE_ROOT} and {BUNDLE_COLLATERAL} (dcap-qvl QuoteCollateralV3 "
-        "JSON) for the mock Intel PKI that signs the simulator's quotes; the same as "
-        "'dstack-agent trust-bundle --platform simulator'. Safe while an agent is serving from "
-        "the same state dir.",
+        "JSON) for the mock Intel PKI that signs the simulator's quotes, and "
+        f"{BUNDLE_OS_IMAGE_POLICY} (the simulated OS image's MRTD and RTMR0-2, see "
+        "docs/verify.md); the same as 'dstack-agent trust-bundle --platform simulator'. Safe "
+        "while an agent is serving from the same state dir.",
     )
     _bundle_arguments(sim_bundle)
     sim_bundle.set_defaults(func=_cmd_trust_bundle, platform="simulator", platform_option=[])
@@ -236,13 +238,16 @@ def _cmd_trust_bundle(args: argparse.Namespace) -> int:
             f"against the hardware vendor's roots; nothing written to {args.out}"
         )
         return 0
+    files = {BUNDLE_ROOT: bundle.root_ca_pem, BUNDLE_COLLATERAL: bundle.collateral_json.encode()}
+    if bundle.os_image_policy_json is not None:
+        files[BUNDLE_OS_IMAGE_POLICY] = bundle.os_image_policy_json.encode()
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / BUNDLE_ROOT, bundle.root_ca_pem, mode=0o644)
-        atomic_write(args.out / BUNDLE_COLLATERAL, bundle.collateral_json.encode(), mode=0o644)
+        for name, content in files.items():
+            atomic_write(args.out / name, content, mode=0o644)
     except OSError as exc:
         raise ConfigurationError(f"cannot write the trust bundle: {exc}") from None
-    print(f"wrote {args.out / BUNDLE_ROOT} and {args.out / BUNDLE_COLLATERAL}")
+    print("wrote " + ", ".join(str(args.out / name) for name in files))
     return 0
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "ReportDataTooLong",
     "NotFound",
     "PayloadTooLarge",
+    "RequestTimeout",
     "Forbidden",
     "AuditUnavailable",
     "PlatformError",
@@ -89,6 +90,13 @@ class PayloadTooLarge(InvalidRequest):
     """A request body over the configured limit (HTTP 400, as upstream answers)."""
 
     code = "payload_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    """The request body did not arrive in time (HTTP 408)."""
+
+    http_status = 408
+    code = "request_timeout"
 
 
 class Forbidden(InvalidRequest):

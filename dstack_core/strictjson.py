@@ -30,7 +30,7 @@ def _reject_constant(name: str) -> Any:
     raise _Rejected(f"{name} is not valid JSON")
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes | bytearray) -> Any:
     """Decode one JSON document strictly.
 
     :raises ValueError: invalid JSON or UTF-8, duplicate keys, NaN/Infinity, nesting too
@@ -38,7 +38,7 @@ def loads(text: str | bytes) -> Any:
     """
     try:
         # Decode bytes ourselves: json.loads would sniff UTF-16/32 and skip a BOM.
-        doc = text.decode("utf-8") if isinstance(text, bytes) else text
+        doc = text if isinstance(text, str) else str(text, "utf-8")
         return json.loads(doc, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None

@@ -28,6 +28,8 @@ __all__ = [
     "KeyProvider",
     "RootKey",
     "TrustBundle",
+    "HARDWARE_TAGS",
+    "is_hardware_tag",
 ]
 
 REPORT_DATA_LENGTH: Final = 64
@@ -48,6 +50,19 @@ def _length(*allowed: int) -> Any:
             )
 
     return check
+
+
+HARDWARE_TAGS: Final = frozenset(
+    {"tdx", "sev-snp", "sev", "snp", "gcp-tdx", "nitro-enclave", "aws-nitro-tpm"}
+)
+"""Platform tags that name real TEE hardware (ours and upstream's platform kinds)."""
+
+
+def is_hardware_tag(tag: str) -> bool:
+    """Whether a platform tag names real TEE hardware: one of :data:`HARDWARE_TAGS`, or one
+    of them followed by ``-`` (``gcp-tdx-confidential-space``). A simulated platform never
+    uses one; a verifier refuses one on evidence that is not what it names."""
+    return any(tag == name or tag.startswith(f"{name}-") for name in HARDWARE_TAGS)
 
 
 @attrs.frozen(kw_only=True)
@@ -300,15 +315,21 @@ class RootKey:
 @attrs.frozen(kw_only=True)
 class TrustBundle:
     """What a verifier needs to accept evidence signed by a test PKI (a simulated platform's,
-    or fake hardware's); ``dstack-agent trust-bundle`` writes it as ``root_ca.pem`` and
-    ``collateral.json``.
+    or fake hardware's); ``dstack-agent trust-bundle`` writes it as ``root_ca.pem``,
+    ``collateral.json`` and, when set, ``os_image_policy.json``.
 
     :ivar root_ca_pem: the root certificate (PEM): the mock Intel root CA for ``tdx``
         evidence, the mock AMD ARK for ``sev-snp`` evidence.
     :ivar collateral_json: the collateral in the evidence format's JSON form: dcap-qvl's
         ``QuoteCollateralV3`` for ``tdx``; for ``sev-snp`` the VCEK and ASK in the document
         ``dstack-core/sev-snp-collateral`` (``docs/platforms/sev-snp.md``).
+    :ivar os_image_policy_json: the OS image the platform simulates, as an OS image policy
+        (``docs/verify.md``: its ``os_image_hash`` and the MRTD and RTMR0-2 it boots to),
+        or None; with it a verifier can tie simulated apps to a known (simulated) OS.
+
+    .. versionchanged:: 0.1 ``os_image_policy_json`` added (optional).
     """
 
     root_ca_pem: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None

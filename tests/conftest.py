@@ -8,11 +8,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.testing import AgentProcess, short_tempdir
+from dstack_core.verify import VerifyOptions
 
 DATA = Path(__file__).parent / "data"
 UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
@@ -22,6 +25,25 @@ UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
 class Bundle:
     root_ca_der: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None
+
+    @property
+    def os_image_policy(self) -> OsImagePolicy | None:
+        """The bundle's OS image policy (the simulated image's MRTD and RTMR0-2)."""
+        if self.os_image_policy_json is None:
+            return None
+        return OsImagePolicy.from_json(self.os_image_policy_json)
+
+    def verify_options(self, now: int, **changes: Any) -> VerifyOptions:
+        """Options that trust this bundle: its root CA (with the simulator opt-in) and its
+        OS image policy; ``changes`` override any field."""
+        fields: dict[str, Any] = {
+            "now": now,
+            "root_ca_der": self.root_ca_der,
+            "allow_simulator": True,
+            "os_image_policy": self.os_image_policy,
+        }
+        return VerifyOptions(**{**fields, **changes})
 
 
 @attrs.frozen(kw_only=True)
@@ -62,7 +84,12 @@ def trust_bundle_for(state_dir: Path) -> Bundle:
     out = short_tempdir("bundle")
     run_cli("simulator", "trust-bundle", "--state-dir", str(state_dir), "--out", str(out))
     root = x509.load_pem_x509_certificate((out / "root_ca.pem").read_bytes())
-    bundle = Bundle(root.public_bytes(Encoding.DER), (out / "collateral.json").read_text())
+    policy = out / "os_image_policy.json"
+    bundle = Bundle(
+        root.public_bytes(Encoding.DER),
+        (out / "collateral.json").read_text(),
+        policy.read_text() if policy.exists() else None,
+    )
     shutil.rmtree(out)
     return bundle
 

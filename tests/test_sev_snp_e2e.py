@@ -241,11 +241,17 @@ class TestTlsKey:
         assert envelope.evidence_format == "sev-snp"
         assert SnpReport.from_bytes(envelope.quote).report_data == hashlib.sha512(
             b"ratls-cert:" + spki).digest()
-        outcome = verify_evidence(load_evidence("".join(result.certificate_chain)),
-                                  VerifyOptions(now=NOW))
+        ca = x509.load_pem_x509_certificate(result.certificate_chain[1].encode())
+        anchored = VerifyOptions(
+            now=NOW, ratls_trust_anchors=[ca.public_bytes(serialization.Encoding.DER)])
+        outcome = verify_evidence(load_evidence("".join(result.certificate_chain)), anchored)
         statuses = {c.name: c.status for c in outcome.checks}
         assert statuses["ratls_binding"] == statuses["ratls_chain"] == "pass"
         assert statuses["snp_signature"] == "skipped" and outcome.verdict == "fail"
+        # Without the CA as a trust anchor the chain is reported untrusted, never passed.
+        unanchored = verify_evidence(load_evidence("".join(result.certificate_chain)),
+                                     VerifyOptions(now=NOW))
+        assert unanchored.check("ratls_chain").status == "skipped"
 
 
 class TestRestart:

@@ -132,7 +132,10 @@ class TestTrustBundleHook:
                  "--out", str(tmp_path / out)],
                 capture_output=True, text=True, timeout=60, check=False)
             assert result.returncode == 0, result.stderr
-        for name in ("root_ca.pem", "collateral.json"):
+        written = sorted(p.name for p in (tmp_path / "old").iterdir())
+        assert written == sorted(p.name for p in (tmp_path / "new").iterdir())
+        assert {"root_ca.pem", "collateral.json"} <= set(written)
+        for name in written:
             assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "new" / name).read_bytes()
 
     @pytest.mark.parametrize("platform", ["tdx", "sev-snp-stub"])

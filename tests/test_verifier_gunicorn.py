@@ -50,6 +50,8 @@ def gunicorn_verifier(agent):
         "DSTACK_VERIFIER_COLLATERAL": str(bundle_dir / "collateral.json"),
         "DSTACK_VERIFIER_ROOT_CA": str(bundle_dir / "root_ca.pem"),
         "DSTACK_VERIFIER_ALLOW_SIMULATOR": "1",
+        # The simulator's OS image: without a policy, is_valid stays false (upstream's rule).
+        "DSTACK_VERIFIER_OS_IMAGE_POLICY": str(bundle_dir / "os_image_policy.json"),
     }
     log = (bundle_dir / "gunicorn.log").open("wb")
     proc = subprocess.Popen(

@@ -57,6 +57,7 @@ def settings(bundle: Bundle) -> VerifierSettings:
         collateral=CollateralSource(fixed=Collateral.from_json(bundle.collateral_json)),
         root_ca_der=bundle.root_ca_der,
         allow_simulator=True,
+        os_image_policy=bundle.os_image_policy,
     )
 
 
@@ -286,6 +287,7 @@ def test_cli_serves_verify(bundle, sample):
     (out / "collateral.json").write_text(bundle.collateral_json)
     root = x509.load_der_x509_certificate(bundle.root_ca_der).public_bytes(Encoding.PEM)
     (out / "root_ca.pem").write_bytes(root)
+    (out / "os_image_policy.json").write_text(bundle.os_image_policy_json or "")
     port = _free_port()
     proc = subprocess.Popen(
         [

@@ -37,6 +37,7 @@ import pluggy
 import pytest
 from cryptography import x509
 
+from .. import types
 from ..envelope import Envelope
 from ..errors import DstackError, EvidenceError, InvalidRequest, PlatformError, PlatformUnsupported
 from ..eventlog import (
@@ -79,8 +80,9 @@ __all__ = [
     "TestRootKey",
 ]
 
-HARDWARE_TAGS: Final = frozenset({"tdx", "sev-snp", "sev", "snp"})
-"""Envelope platform tags that claim real TEE hardware; a simulated platform uses none."""
+HARDWARE_TAGS: Final = types.HARDWARE_TAGS
+"""Envelope platform tags that claim real TEE hardware; a simulated platform uses none
+(nor one of them followed by ``-``: :func:`dstack_core.types.is_hardware_tag`)."""
 
 EVIDENCE_FORMATS: Final = frozenset({"tdx", "sev-snp"})
 
@@ -242,7 +244,7 @@ class TestPlatformInfo:
         """A simulated platform's envelope tag is never one that real hardware uses."""
         if not dstack_platform_info.simulated:
             pytest.skip("platform is not simulated (simulated=False)")
-        assert dstack_platform_info.tag not in HARDWARE_TAGS
+        assert not types.is_hardware_tag(dstack_platform_info.tag)
 
     def test_trust_bundle_is_typed_or_none(
         self,

@@ -29,6 +29,7 @@ from dstack_core.ccel import (
 )
 from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog
 from dstack_core.mockpki import MOCK_XFAM, SEED_SIZE, MockIntelPki, mock_td_report
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.types import KeyProvider, Measurements, RootKey, TrustBundle
 
 from ._guest import (
@@ -581,9 +582,27 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
             return _pki(state["pki_seed"])
 
     def trust_bundle(self) -> TrustBundle:
-        """What a verifier must be given to accept this machine's quotes."""
+        """What a verifier must be given to accept this machine's quotes, with the OS image
+        policy of what it booted: its sys-config's ``os_image_hash`` for its MRTD and
+        RTMR0-2 (None when the sys-config names no image)."""
         pki = self.pki()
-        return TrustBundle(root_ca_pem=pki.root_ca_pem, collateral_json=pki.collateral_json())
+        sys_config = json.loads(self.paths.sys_config.read_text())
+        vm_config = json.loads(sys_config.get("vm_config") or "{}")
+        policy = None
+        if vm_config.get("os_image_hash"):
+            measured = self.registers()
+            image = OsImagePolicy.single(
+                bytes.fromhex(vm_config["os_image_hash"]),
+                measured.mrtd,
+                measured.rtmrs,
+                label="fake TDX image",
+            )
+            policy = json.dumps(image.to_json(), indent=2)
+        return TrustBundle(
+            root_ca_pem=pki.root_ca_pem,
+            collateral_json=pki.collateral_json(),
+            os_image_policy_json=policy,
+        )
 
     # --- failure switches ---
 

@@ -46,6 +46,7 @@ from dstack_core import (
 from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog, TdxEvent, extend, replay
 from dstack_core.inputs import app_compose_document, document_text, sys_config_document
 from dstack_core.mockpki import SIMULATOR_USER_DATA, MockIntelPki, mock_td_report
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.statefile import atomic_write, read_or_create_secret
 from dstack_core.types import TrustBundle
 
@@ -271,4 +272,15 @@ class SimulatorPlatform:
         except OSError as exc:
             raise ConfigurationError(f"cannot use state dir {state_dir}: {exc}") from None
         pki = MockIntelPki.from_seed(seed)
-        return TrustBundle(root_ca_pem=pki.root_ca_pem, collateral_json=pki.collateral_json())
+        boot = synthetic_boot_log()
+        policy = OsImagePolicy.single(
+            bytes.fromhex(SIMULATED_OS_IMAGE_HASH),
+            SIMULATED_MRTD,
+            [replay(boot, i) for i in range(3)],
+            label="dstack-core simulator",
+        )
+        return TrustBundle(
+            root_ca_pem=pki.root_ca_pem,
+            collateral_json=pki.collateral_json(),
+            os_image_policy_json=json.dumps(policy.to_json(), indent=2),
+        )
