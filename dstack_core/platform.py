@@ -18,7 +18,7 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,13 +95,17 @@ class Platform:
             "read_measurements", _call_sync(self._pm, "read_measurements"), Measurements
         )
 
-    def trust_bundle_sync(self, state_dir: Path) -> TrustBundle | None:
-        """The simulated platform's trust anchors, or None when it publishes none."""
+    def trust_bundle_sync(
+        self, state_dir: Path, options: Mapping[str, str] | None = None
+    ) -> TrustBundle | None:
+        """The platform's trust anchors, or None when it publishes none (no hook, or the
+        hook answers None)."""
         if not self._pm.hook.trust_bundle.get_hookimpls():
             return None
-        return self._check(
-            "trust_bundle", _call_sync(self._pm, "trust_bundle", state_dir=state_dir), TrustBundle
+        bundle = _call_sync(
+            self._pm, "trust_bundle", state_dir=state_dir, options=dict(options or {})
         )
+        return None if bundle is None else self._check("trust_bundle", bundle, TrustBundle)
 
     # --- request-time hooks (async, off the event loop) ---
 

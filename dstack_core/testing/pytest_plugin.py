@@ -21,7 +21,10 @@ Fixtures (all function-scoped except the name, so any of them can be overridden 
 
 * :func:`dstack_platform_name`: the platform's name.
 * :func:`dstack_platform_env`: a :class:`PlatformEnv`, the prepared environment (fake
-  hardware, input files, environment variables, trust anchors). Empty by default.
+  hardware, input files, environment variables, trust anchors), per test: what a platform
+  package's :func:`~dstack_core.testing.pytest_hooks.pytest_dstack_platform_env` hook
+  answers (the kit answers for a fake tree named by ``root=DIR`` and ``sysio=fake``), else
+  empty.
 * :func:`dstack_platform_options`: the ``options`` mapping of the platform's config.
 * :func:`dstack_platform_config`: a :class:`~dstack_core.types.PlatformConfig` on a fresh
   temporary state directory.
@@ -310,11 +313,46 @@ def dstack_platform_name(pytestconfig: pytest.Config) -> str:
     return str(name)
 
 
-@pytest.fixture
-def dstack_platform_env() -> PlatformEnv:
-    """The environment the platform runs in: empty by default.
+def _command_line_options(config: pytest.Config) -> dict[str, str]:
+    return dict(_parse_option(v) for v in config.getoption("dstack_platform_options"))
 
-    Override it to prepare one, for example fake hardware built per test::
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Add :func:`~dstack_core.testing.pytest_hooks.pytest_dstack_platform_env`."""
+    from . import pytest_hooks
+
+    pluginmanager.add_hookspecs(pytest_hooks)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_dstack_platform_env(
+    request: pytest.FixtureRequest, platform: str, options: Mapping[str, str]
+) -> PlatformEnv | None:
+    """A fake TEE tree of :mod:`dstack_core.testing.fake_tee` named on the command line
+    (``--dstack-platform-option root=DIR --dstack-platform-option sysio=fake``): its
+    environment, inputs, runtime log and trust anchors, shared by every test."""
+    root = options.get("root")
+    if options.get("sysio") != "fake" or not root:
+        return None
+    from .fake_tee import open_machine
+
+    try:
+        machine = open_machine(root)
+    except FileNotFoundError:
+        return None
+    return machine.platform_env()
+
+
+@pytest.fixture
+def dstack_platform_env(
+    request: pytest.FixtureRequest, dstack_platform_name: str
+) -> PlatformEnv:
+    """The environment the platform runs in, per test.
+
+    It is what :func:`~dstack_core.testing.pytest_hooks.pytest_dstack_platform_env`
+    answers (a platform package's pytest plugin prepares its device there, from the
+    command line's ``--dstack-platform-option`` values), else empty. Or override the
+    fixture to prepare one, for example fake hardware built per test::
 
         @pytest.fixture
         def dstack_platform_env(tmp_path):
@@ -323,7 +361,11 @@ def dstack_platform_env() -> PlatformEnv:
 
     A yield fixture may tear the environment down after the test.
     """
-    return PlatformEnv()
+    env = request.config.hook.pytest_dstack_platform_env(
+        request=request, platform=dstack_platform_name,
+        options=_command_line_options(request.config),
+    )
+    return PlatformEnv() if env is None else env
 
 
 @pytest.fixture
@@ -334,9 +376,7 @@ def dstack_platform_options(
 
     Override it to set options directly.
     """
-    options = dict(dstack_platform_env.options)
-    options.update(_parse_option(v) for v in pytestconfig.getoption("dstack_platform_options"))
-    return options
+    return {**dstack_platform_env.options, **_command_line_options(pytestconfig)}
 
 
 @pytest.fixture

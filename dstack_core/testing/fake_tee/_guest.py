@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -34,8 +34,11 @@ from dstack_core.sysio import OsSysIO
 
 from ...inputs import app_compose_document, document_text, sys_config_document
 from ...platform_options import ALLOW_FAKE_KERNEL_ENV
-from ...types import PlatformConfig
+from ...types import PlatformConfig, TrustBundle
 from ..agent import AgentProcess
+
+if TYPE_CHECKING:
+    from ..pytest_plugin import PlatformEnv
 
 FAKE_OS_IMAGE_HASH: Final = hashlib.sha256(b"dstack-core fake TDX os image").hexdigest()
 """The ``os_image_hash`` of the default sys-config's ``vm_config``."""
@@ -773,6 +776,25 @@ class _GuestMachine(Generic[_IoT, _AgentT]):
     def agent_env() -> dict[str, str]:
         """The environment that lets the plugin accept ``sysio=fake``."""
         return {ALLOW_FAKE_KERNEL_ENV: "1"}
+
+    def trust_bundle(self) -> TrustBundle:
+        """The anchors that verify this machine's evidence (its mock PKI's)."""
+        raise NotImplementedError
+
+    def platform_env(self, **options: str) -> PlatformEnv:
+        """The test kit's :class:`~dstack_core.testing.pytest_plugin.PlatformEnv` for the
+        platform on this tree: the fake kernel allowed and selected, the tree's inputs and
+        runtime log, and :meth:`trust_bundle`."""
+        from ..pytest_plugin import PlatformEnv
+
+        return PlatformEnv(
+            env=self.agent_env(),
+            options=self.agent_options(**options),
+            app_compose=self.paths.app_compose,
+            sys_config=self.paths.sys_config,
+            runtime_log=self.paths.runtime_log,
+            trust_bundle=self.trust_bundle(),
+        )
 
     def _agent_inputs(self) -> dict[str, Path]:
         """The agent's inputs in the tree, by their simulator state-dir names."""
