@@ -8,7 +8,7 @@ Rules (agent-api.md section 2.3, our deliberate differences in docs/api.md):
 * Types are checked: strings must be strings, booleans booleans, integers non-negative
   integers. ``bytes`` fields are hex strings; a leading ``0x`` and upper case are accepted.
 * Anything else is :class:`~dstack_core.errors.InvalidRequest` naming the field.
-* A body may come ``Content-Encoding: gzip`` or ``deflate`` (or ``identity``); other
+* A body may be sent with ``Content-Encoding: gzip`` or ``deflate`` (or ``identity``); other
   codings are 415, a body that does not decode is 400, and the size limit holds for the
   decoded body too.
 """

@@ -98,10 +98,10 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
 
 
 def http_layer_error(exc: BaseException | None, request_start: bytes = b"") -> DstackError:
-    """The error the HTTP layer's parser (or aiohttp itself) hit, as one of ours.
+    """The error aiohttp's HTTP layer reports (``handle_error``), as one of ours.
 
-    :param exc: what aiohttp reports: an :class:`HttpProcessingError` for a request it could
-        not parse, an :class:`web.HTTPException` raised outside the middleware.
+    :param exc: an :class:`HttpProcessingError` for a request the parser refused; anything
+        else is a bug of ours (a bare 500).
     :param request_start: the first bytes of the request, to tell an unknown verb (405) from
         bytes that are not HTTP at all (400).
 
