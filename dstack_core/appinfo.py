@@ -21,6 +21,7 @@ __all__ = [
     "BOOT_MR_DONE",
     "DEVICE_ID_UNVERIFIED",
     "boot_event_payload",
+    "boot_event_payloads",
     "os_image_hash_from_vm_config",
     "mr_aggregated",
     "mr_system",
@@ -49,6 +50,20 @@ def boot_event_payload(events: Iterable[TdxEvent], name: str) -> bytes | None:
         if event.event == name:
             return event.event_payload
     return None
+
+
+def boot_event_payloads(events: Iterable[TdxEvent], name: str) -> tuple[bytes, ...]:
+    """Payloads of every runtime event called ``name`` before the first ``system-ready``,
+    in order (e.g. ``init-script-hash``)."""
+    found = []
+    for event in events:
+        if event.imr != RUNTIME_IMR:
+            continue
+        if event.event == SYSTEM_READY:
+            break
+        if event.event == name:
+            found.append(event.event_payload)
+    return tuple(found)
 
 
 def os_image_hash_from_vm_config(vm_config: str) -> bytes:

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 import attrs
 from cryptography import x509
@@ -311,7 +311,7 @@ class CertificateAuthority:
         key_bytes = key_pem.encode() if isinstance(key_pem, str) else key_pem
         try:
             cert = x509.load_pem_x509_certificate(cert_bytes)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise ConfigurationError(f"CA certificate is not valid PEM: {exc}") from exc
         try:
             key = serialization.load_pem_private_key(key_bytes, password=None)
@@ -404,8 +404,10 @@ def _general_name(entry: str) -> x509.GeneralName:
     return x509.DNSName(entry)
 
 
-def _check_utf8(what: str) -> Callable[[object, attrs.Attribute[str], str], None]:
-    def check(_instance: object, _attribute: attrs.Attribute[str], value: str) -> None:
+def _check_utf8(what: str) -> Callable[[object, attrs.Attribute[Any], str | None], None]:
+    def check(_instance: object, _attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is None:
+            return
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -454,8 +456,10 @@ class TlsCertificateRequest:
     :ivar not_after: unix seconds, or None for issuance time + 3650 days.
     :ivar attestation: stripped VersionedAttestation bytes for extension ``.1.8``, or None.
     :ivar app_info: msgpack AppInfo for extension ``.1.9``, or None.
-    :ivar usage: the UTF-8 text of extension ``.1.4`` (always written).
+    :ivar usage: the UTF-8 text of extension ``.1.4``, or None for no usage extension (the
+        temporary client certificates upstream makes for RA-TLS calls carry none).
     :ivar app_id: raw app id for extension ``.1.3`` (KMS-issued certificates), or None.
+    :ivar org_name: an ``O=`` attribute before the CN (upstream's ``org_name``), or None.
     :raises InvalidRequest: a non-ASCII DNS name, a bound outside 0..9999-12-31, or
         ``not_before >= not_after`` when both are given.
     """
@@ -470,8 +474,13 @@ class TlsCertificateRequest:
     not_after: int | None = attrs.field(default=None, validator=_check_timestamp)
     attestation: bytes | None = attrs.field(default=None, validator=_OPTIONAL_BYTES)
     app_info: bytes | None = attrs.field(default=None, validator=_OPTIONAL_BYTES)
-    usage: str = attrs.field(default=DEFAULT_CERT_USAGE, validator=_check_utf8("usage"))
+    usage: str | None = attrs.field(
+        default=DEFAULT_CERT_USAGE, validator=_check_utf8("usage")
+    )
     app_id: bytes | None = attrs.field(default=None, validator=_OPTIONAL_BYTES)
+    org_name: str | None = attrs.field(
+        default=None, validator=_check_utf8("org_name")
+    )
 
     def __attrs_post_init__(self) -> None:
         if (
@@ -493,6 +502,13 @@ def _common_name(subject: str) -> x509.NameAttribute[str]:
         return x509.NameAttribute(NameOID.COMMON_NAME, subject, _validate=False)
 
 
+def _subject(request: TlsCertificateRequest) -> x509.Name:
+    attributes: list[x509.NameAttribute[str]] = []
+    if request.org_name is not None:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, request.org_name))
+    return x509.Name([*attributes, _common_name(request.subject)])
+
+
 def issue_certificate(
     ca: CertificateAuthority,
     public_key: ec.EllipticCurvePublicKey,
@@ -502,11 +518,12 @@ def issue_certificate(
 ) -> x509.Certificate:
     """Sign a leaf for ``public_key`` with exactly the upstream shape (agent-api.md 5.1).
 
-    v3; serial :func:`serial_number_for`; issuer = the CA's subject; subject ``CN=<subject>``;
+    v3; serial :func:`serial_number_for`; issuer = the CA's subject; subject ``CN=<subject>``
+    (``O=<org_name>, CN=<subject>`` with an org name);
     validity from the request or 1975-01-01 .. ``now`` + 3650 days; extensions in order:
     SubjectAltName (if any), KeyUsage (critical, digitalSignature), ExtendedKeyUsage (if any:
     serverAuth then clientAuth), then non-critical app-id, app-info, cert-usage, attestation,
-    each present only when set (cert-usage always). No SKI, AKI or BasicConstraints.
+    each present only when set. No SKI, AKI or BasicConstraints.
 
     :param now: an aware datetime; only used for the default notAfter.
     :raises InvalidRequest: the effective notAfter would precede the effective notBefore
@@ -530,7 +547,7 @@ def issue_certificate(
         x509.CertificateBuilder()
         .serial_number(serial_number_for(public_key))
         .issuer_name(ca.cert.subject)
-        .subject_name(x509.Name([_common_name(request.subject)]))
+        .subject_name(_subject(request))
         .public_key(public_key)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -567,7 +584,7 @@ def issue_certificate(
     for oid, payload in (
         (OID_APP_ID, request.app_id),
         (OID_APP_INFO, request.app_info),
-        (OID_CERT_USAGE, request.usage.encode("utf-8")),
+        (OID_CERT_USAGE, None if request.usage is None else request.usage.encode("utf-8")),
         (OID_ATTESTATION, request.attestation),
     ):
         if payload is not None:
@@ -684,7 +701,7 @@ def load_certificate_chain(data: bytes | str) -> list[x509.Certificate]:
         if raw.startswith(DER_SEQUENCE_TAG):
             return [x509.load_der_x509_certificate(raw)]
         return x509.load_pem_x509_certificates(raw)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise EvidenceError(f"not a PEM or DER certificate: {exc}") from exc
 
 

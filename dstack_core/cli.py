@@ -1,7 +1,9 @@
-"""``dstack-agent``: serve the agent, list platforms, publish the simulator's trust bundle.
+"""``dstack-agent``: serve the agent, list platforms, publish a platform's trust bundle.
 
 Errors the user can fix (configuration, plugins, evidence) are printed as one line on
-stderr with exit status 2; there is no traceback unless ``--debug`` is given.
+stderr with exit status 2; there is no traceback unless ``--debug`` is given (before or
+after the command: ``dstack-agent --debug serve ...`` and ``dstack-agent serve ... --debug``
+are the same).
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, cli_eventlog
+from . import __version__, cli_audit, cli_eventlog
+from .cli_verify import BUNDLE_COLLATERAL, BUNDLE_OS_IMAGE_POLICY, BUNDLE_ROOT
 from .cli_verify import register as register_verify
-from .config import PLATFORM_ENV, load_settings
+from .config import PLATFORM_ENV, ConnectionLimits, load_settings
 from .errors import ConfigurationError, DstackError
 from .platform import Platform
 from .plugins import installed_platforms, load_platform
+from .statefile import atomic_write
 
 __all__ = ["main", "build_parser"]
 
@@ -62,7 +67,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sys-config", type=Path, help="sys-config.json (default in state dir)")
     serve.add_argument("--runtime-log", type=Path, help="runtime event log (default in state dir)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="also serve on this TCP address")
-    serve.add_argument("--max-body-size", type=int, help="request body limit in bytes")
+    serve.add_argument(
+        "--tappd-socket", type=Path, metavar="PATH",
+        help="serve the legacy Tappd API on its own Unix socket (upstream's tappd.sock)",
+    )
+    serve.add_argument(
+        "--external-listen", metavar="HOST:PORT",
+        help="serve upstream's external port (Worker.Info/Version/GetAttestationForAppKey, "
+        "/metrics, status page) on this TCP address; never key-bearing methods",
+    )
+    serve.add_argument(
+        "--attestation-format", choices=("dstack-core", "upstream"),
+        help="what Attest and RA-TLS certificates carry: our CBOR envelope (default) or "
+        "upstream's V0/V1 format",
+    )
+    serve.add_argument(
+        "--kms-timeout", type=float, metavar="SECONDS",
+        help="bound on one KMS SignCert exchange (default 10)",
+    )
+    serve.add_argument(
+        "--max-body-size", type=int, help="request body limit in bytes (default 10 MiB)"
+    )
+    limits = ConnectionLimits()
+    serve.add_argument(
+        "--max-connections", type=int, metavar="N",
+        help=f"client connections open at once (default {limits.max_connections}, "
+        "lowered to fit the open-file limit)",
+    )
+    for key, what in (
+        ("idle_timeout", "a connection may wait for its next request"),
+        ("header_timeout", "a client may take to send a request head"),
+        ("body_timeout", "a client may take to send a request body"),
+        ("send_timeout", "an answer may wait for a client that reads none of it"),
+    ):
+        serve.add_argument(
+            f"--{key.replace('_', '-')}", type=float, metavar="SECONDS",
+            help=f"seconds {what} (default {getattr(limits, key):g})",
+        )
     serve.add_argument(
         "--platform-option",
         action="append",
@@ -77,7 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="discard the platform's durable state (keys, registers, event log) first",
     )
-    serve.add_argument("--config", type=Path, help="JSON or TOML config file")
+    serve.add_argument(
+        "--policy", type=Path, metavar="FILE",
+        help="caller policy (TOML): who may call which method (docs/security.md)",
+    )
+    serve.add_argument(
+        "--audit-log", type=Path, metavar="FILE",
+        help="append a hash-chained JSON line per key-bearing or measurement-changing call "
+        "and per denial",
+    )
+    serve.add_argument(
+        "--config", type=Path, action="append",
+        help="JSON or TOML config file, ours or upstream's dstack.toml (repeatable; later "
+        "files override earlier ones)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     platforms = commands.add_parser(
@@ -87,23 +141,68 @@ def build_parser() -> argparse.ArgumentParser:
     platforms.add_argument("--json", action="store_true", help="print JSON")
     platforms.set_defaults(func=_cmd_platforms)
 
+    bundle = commands.add_parser(
+        "trust-bundle",
+        help="write a platform's trust anchors for verifiers",
+        description="Write the trust anchors a verifier needs for a platform's evidence: "
+        f"{BUNDLE_ROOT} (the root certificate), {BUNDLE_COLLATERAL} (the collateral in the "
+        f"evidence format's JSON form) and, when the platform has one, {BUNDLE_OS_IMAGE_POLICY}"
+        ", as the platform's trust_bundle hook publishes them. A "
+        "platform that publishes none (hardware, whose evidence verifies against the vendor's "
+        "roots) writes nothing and says so. Safe while an agent is serving from the same "
+        "state dir.",
+    )
+    bundle.add_argument(
+        "--platform", help=f"platform plugin name (or {PLATFORM_ENV})"
+    )
+    _bundle_arguments(bundle)
+    bundle.add_argument(
+        "--platform-option",
+        action="append",
+        type=_platform_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="platform-specific setting, as serve takes it (repeatable)",
+    )
+    bundle.set_defaults(func=_cmd_trust_bundle)
+
     simulator = commands.add_parser(
         "simulator", help="simulator tools", description="Tools for the simulator platform."
     )
     sim_commands = simulator.add_subparsers(dest="sim_command", metavar="COMMAND", required=True)
-    bundle = sim_commands.add_parser(
+    sim_bundle = sim_commands.add_parser(
         "trust-bundle",
-        help="write the simulator's mock Intel root CA and collateral",
-        description="Write root_ca.pem and collateral.json (dcap-qvl QuoteCollateralV3 JSON) "
-        "for the mock Intel PKI that signs the simulator's quotes. Safe while an agent is "
-        "serving from the same state dir.",
+        help="write the simulator's mock Intel root CA, collateral and OS image policy",
+        description=f"Write {BUNDLE_ROOT} and {BUNDLE_COLLATERAL} (dcap-qvl QuoteCollateralV3 "
+        "JSON) for the mock Intel PKI that signs the simulator's quotes, and "
+        f"{BUNDLE_OS_IMAGE_POLICY} (the simulated OS image's MRTD and RTMR0-2, see "
+        "docs/verify.md); the same as 'dstack-agent trust-bundle --platform simulator'. Safe "
+        "while an agent is serving from the same state dir.",
     )
-    bundle.add_argument("--state-dir", type=Path, required=True, help="the agent's state dir")
-    bundle.add_argument("--out", type=Path, required=True, help="output directory")
-    bundle.set_defaults(func=_cmd_trust_bundle)
+    _bundle_arguments(sim_bundle)
+    sim_bundle.set_defaults(func=_cmd_trust_bundle, platform="simulator", platform_option=[])
     register_verify(commands)
     cli_eventlog.register(commands)
+    cli_audit.register(commands)
+    _debug_everywhere(parser)
     return parser
+
+
+def _bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, required=True, help="the agent's state dir")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--debug`` after any (sub)command too, not only before the first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument(
+                    "--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="verbose logs and tracebacks (also accepted before the command)",
+                )
+                _debug_everywhere(sub)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -119,9 +218,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "sys_config": args.sys_config,
         "runtime_log": args.runtime_log,
         "listen": args.listen,
+        "tappd_socket": args.tappd_socket,
+        "external_listen": args.external_listen,
+        "attestation_format": args.attestation_format,
+        "kms_timeout": args.kms_timeout,
         "max_body_size": args.max_body_size,
+        "max_connections": args.max_connections,
+        "idle_timeout": args.idle_timeout,
+        "header_timeout": args.header_timeout,
+        "body_timeout": args.body_timeout,
+        "send_timeout": args.send_timeout,
         "platform_options": dict(args.platform_option),
         "reset_state": args.reset_state,
+        "policy": args.policy,
+        "audit_log": args.audit_log,
     }
     settings = load_settings(flags, config_file=args.config)
     asyncio.run(serve(settings))
@@ -142,17 +252,25 @@ def _cmd_platforms(args: argparse.Namespace) -> int:
 
 
 def _cmd_trust_bundle(args: argparse.Namespace) -> int:
-    platform = Platform.from_plugin_manager(load_platform("simulator"))
-    bundle = platform.trust_bundle_sync(args.state_dir)
+    name = args.platform or os.environ.get(PLATFORM_ENV)
+    platform = Platform.from_plugin_manager(load_platform(name))
+    bundle = platform.trust_bundle_sync(args.state_dir, dict(args.platform_option))
     if bundle is None:
-        raise ConfigurationError("the simulator plugin does not publish a trust bundle")
+        print(
+            f"platform {platform.name} publishes no trust bundle: its evidence verifies "
+            f"against the hardware vendor's roots; nothing written to {args.out}"
+        )
+        return 0
+    files = {BUNDLE_ROOT: bundle.root_ca_pem, BUNDLE_COLLATERAL: bundle.collateral_json.encode()}
+    if bundle.os_image_policy_json is not None:
+        files[BUNDLE_OS_IMAGE_POLICY] = bundle.os_image_policy_json.encode()
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "root_ca.pem").write_bytes(bundle.root_ca_pem)
-        (args.out / "collateral.json").write_text(bundle.collateral_json)
+        for name, content in files.items():
+            atomic_write(args.out / name, content, mode=0o644)
     except OSError as exc:
         raise ConfigurationError(f"cannot write the trust bundle: {exc}") from None
-    print(f"wrote {args.out / 'root_ca.pem'} and {args.out / 'collateral.json'}")
+    print("wrote " + ", ".join(str(args.out / name) for name in files))
     return 0
 
 

@@ -19,10 +19,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .errors import ConfigurationError, DstackError, EvidenceError
+import attrs
+
+from .errors import ConfigurationError, DstackError, EvidenceError, InvalidRequest
 
 if TYPE_CHECKING:
     from .collateral import CollateralSource
+    from .osimage import OsImagePolicy
     from .verify import ExpectedReportData
 
 # The verifier's modules (dcap-qvl, msgpack) load only when a verifier command runs, so
@@ -35,6 +38,7 @@ EXIT_FAIL: Final = 1
 EXIT_ERROR: Final = 2
 BUNDLE_ROOT: Final = "root_ca.pem"
 BUNDLE_COLLATERAL: Final = "collateral.json"
+BUNDLE_OS_IMAGE_POLICY: Final = "os_image_policy.json"
 
 
 def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,14 +72,47 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
         "--trust-bundle",
         type=Path,
         metavar="DIR",
-        help=f"a simulator trust bundle directory ({BUNDLE_ROOT} + {BUNDLE_COLLATERAL}, as "
-        "written by 'dstack-agent simulator trust-bundle'): sets --root-ca and --collateral",
+        help=f"a simulator trust bundle directory ({BUNDLE_ROOT}, {BUNDLE_COLLATERAL} and "
+        f"{BUNDLE_OS_IMAGE_POLICY} when present, as written by 'dstack-agent simulator "
+        "trust-bundle'): sets --root-ca, --collateral and --os-image-policy",
     )
     trust.add_argument(
         "--allow-simulator",
         action="store_true",
         help="accept simulator evidence (with the simulator's root CA); the result says "
         "simulated: true",
+    )
+    trust.add_argument(
+        "--trust-anchor",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a CA certificate (PEM, may hold several) an RA-TLS certificate chain may end "
+        "at, e.g. your KMS root or app CA (repeatable); with it ratls_chain is mandatory, "
+        "without it a chain is reported untrusted",
+    )
+    image = parser.add_argument_group(
+        "OS image", "what ties the app to a known OS: the signed MRTD and RTMR0-2"
+    )
+    image.add_argument(
+        "--os-image-policy",
+        type=Path,
+        metavar="FILE",
+        help="known OS images: JSON mapping os_image_hash to MRTD and RTMR0-2 (docs/verify.md); "
+        "makes os_image mandatory",
+    )
+    image.add_argument(
+        "--expect-mrtd",
+        metavar="HEX",
+        help="the MRTD the quote must carry (one image; makes os_image mandatory)",
+    )
+    image.add_argument(
+        "--expect-rtmr",
+        action="append",
+        default=[],
+        metavar="N=HEX",
+        help="RTMR N (0, 1 or 2) the quote must carry (repeatable; makes os_image mandatory)",
     )
     policy = parser.add_argument_group("policy")
     policy.add_argument(
@@ -97,7 +134,8 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
         "--allow-stripped-event-log",
         action="store_true",
         help="let event_log pass on RTMR3 alone when the log has no boot events "
-        "(upstream's lite-stripped RA-TLS certificates)",
+        "(upstream's lite-stripped RA-TLS certificates, stripped GetQuote logs; never our "
+        "envelopes, which carry the full log)",
     )
 
 
@@ -118,7 +156,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     expect.add_argument(
         "--expect-report-data",
         metavar="HEX",
-        help="the raw report data the quote must carry (zero-padded to 64 bytes)",
+        help="the raw report data the quote must carry: hex, optional 0x, 1-64 bytes "
+        "(zero-padded to 64); empty or odd-length hex is an error",
     )
     expect.add_argument(
         "--expect-content",
@@ -155,18 +194,39 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     verifier.add_argument(
         "--max-body-size", type=int, help="request body limit in bytes (default 24 MiB)"
     )
+    verifier.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="answer 408 when a request body takes longer than this to arrive (default 30)",
+    )
     verifier.set_defaults(func=_cmd_verifier)
 
 
-def _trust(args: argparse.Namespace) -> tuple[CollateralSource, bytes | None]:
+@attrs.frozen(kw_only=True)
+class _Trust:
+    """What the trust and policy flags say, shared by ``verify`` and ``verifier``."""
+
+    collateral: CollateralSource
+    root_ca_der: bytes | None
+    os_image_policy: OsImagePolicy | None
+    ratls_trust_anchors: tuple[bytes, ...]
+
+
+def _trust(args: argparse.Namespace) -> _Trust:
     from .collateral import CollateralCache, CollateralSource, load_collateral_file
-    from .server.verifier import load_root_ca
+    from .osimage import OsImagePolicy, with_expectations
+    from .server.verifier import load_certificates, load_root_ca
 
     root_path: Path | None = args.root_ca
     collateral_path: Path | None = args.collateral
+    policy_path: Path | None = args.os_image_policy
     if args.trust_bundle is not None:
         root_path = root_path or args.trust_bundle / BUNDLE_ROOT
         collateral_path = collateral_path or args.trust_bundle / BUNDLE_COLLATERAL
+        bundled = args.trust_bundle / BUNDLE_OS_IMAGE_POLICY
+        if policy_path is None and bundled.exists():
+            policy_path = bundled
     try:
         fixed = load_collateral_file(collateral_path) if collateral_path else None
     except EvidenceError as exc:
@@ -176,7 +236,15 @@ def _trust(args: argparse.Namespace) -> tuple[CollateralSource, bytes | None]:
         cache=CollateralCache(directory=args.collateral_cache) if args.collateral_cache else None,
         pccs_url=args.pccs_url,
     )
-    return source, load_root_ca(root_path) if root_path else None
+    policy = OsImagePolicy.from_file(policy_path) if policy_path else None
+    return _Trust(
+        collateral=source,
+        root_ca_der=load_root_ca(root_path) if root_path else None,
+        os_image_policy=with_expectations(policy, args.expect_mrtd, args.expect_rtmr),
+        ratls_trust_anchors=tuple(
+            der for path in args.trust_anchor for der in load_certificates(path)
+        ),
+    )
 
 
 def _read_evidence(name: str) -> bytes:
@@ -203,16 +271,15 @@ def _hex_arg(value: str, flag: str) -> bytes:
 
 
 def _expected(args: argparse.Namespace) -> ExpectedReportData | None:
-    from .verify import ExpectedReportData
+    from .verify import ExpectedReportData, parse_expected_report_data
 
     if args.expect_report_data is not None and args.expect_content is not None:
         raise ConfigurationError("give --expect-report-data or --expect-content, not both")
     if args.expect_report_data is not None:
-        raw = _hex_arg(args.expect_report_data, "--expect-report-data")
         try:
-            return ExpectedReportData.raw(raw)
-        except EvidenceError as exc:
-            raise ConfigurationError(exc.message) from None
+            return parse_expected_report_data(args.expect_report_data)
+        except InvalidRequest as exc:
+            raise ConfigurationError(f"--expect-report-data: {exc.message}") from None
     if args.expect_content is not None:
         return ExpectedReportData.for_content(
             _hex_arg(args.expect_content, "--expect-content"),
@@ -229,26 +296,35 @@ def _print(doc: dict[str, Any], compact: bool) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import DEFAULT_ALLOWED_TCB_STATUSES, VerifyOptions, load_evidence, verify_evidence
+    from .verify import (
+        DEFAULT_ALLOWED_TCB_STATUSES,
+        OS_IMAGE_WARNING,
+        VerifyOptions,
+        load_evidence,
+        verify_evidence,
+    )
 
     try:
-        source, root = _trust(args)
+        trust = _trust(args)
         expected = _expected(args)
         now = int(time.time()) if args.now is None else args.now
         options = VerifyOptions(
             now=now,
-            root_ca_der=root,
+            root_ca_der=trust.root_ca_der,
             allow_simulator=args.allow_simulator,
             allowed_tcb_statuses=DEFAULT_ALLOWED_TCB_STATUSES.union(args.allow_tcb_status),
             rejected_advisory_ids=args.reject_advisory,
             expected_report_data=expected,
             allow_stripped_event_log=args.allow_stripped_event_log,
+            os_image_policy=trust.os_image_policy,
+            ratls_trust_anchors=trust.ratls_trust_anchors,
         )
         evidence = load_evidence(_read_evidence(args.evidence))
         collateral = None
         problem = None
         try:
             if evidence.quote is not None:  # SEV-SNP evidence has no DCAP collateral
+                source = trust.collateral
                 collateral = asyncio.run(source.collateral_for(evidence.quote.raw, now=now))
         except EvidenceError as exc:
             problem = exc.message
@@ -264,6 +340,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(
             "dstack-agent verify: WARNING: simulated evidence (not TEE hardware)", file=sys.stderr
         )
+    if OS_IMAGE_WARNING in result.warnings:
+        print(f"dstack-agent verify: WARNING: {OS_IMAGE_WARNING}", file=sys.stderr)
     if not result.passed:
         print(f"dstack-agent verify: verdict fail: {result.reason}", file=sys.stderr)
     return EXIT_PASS if result.passed else EXIT_FAIL
@@ -279,21 +357,29 @@ def _parse_listen(value: str) -> tuple[str, int]:
 def _cmd_verifier(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from .server.verifier import DEFAULT_MAX_BODY, VerifierSettings, create_verifier_app
+    from .server.verifier import (
+        DEFAULT_BODY_TIMEOUT,
+        DEFAULT_MAX_BODY,
+        VerifierSettings,
+        create_verifier_app,
+    )
     from .verify import DEFAULT_ALLOWED_TCB_STATUSES
 
     host, port = _parse_listen(args.listen)
-    source, root = _trust(args)
+    trust = _trust(args)
     settings = VerifierSettings(
-        collateral=source,
-        root_ca_der=root,
+        collateral=trust.collateral,
+        root_ca_der=trust.root_ca_der,
         allow_simulator=args.allow_simulator,
         allowed_tcb_statuses=DEFAULT_ALLOWED_TCB_STATUSES.union(args.allow_tcb_status),
         rejected_advisory_ids=args.reject_advisory,
         allow_stripped_event_log=args.allow_stripped_event_log,
+        os_image_policy=trust.os_image_policy,
+        ratls_trust_anchors=trust.ratls_trust_anchors,
         max_body_size=args.max_body_size or DEFAULT_MAX_BODY,
+        body_timeout=args.body_timeout or DEFAULT_BODY_TIMEOUT,
     )
-    if root is not None and not args.allow_simulator:
+    if trust.root_ca_der is not None and not args.allow_simulator:
         print(
             "dstack-agent verifier: warning: --root-ca without --allow-simulator: every "
             "verification will fail simulator_policy",

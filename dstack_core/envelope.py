@@ -7,8 +7,10 @@ is never ``tdx``). The first byte, ``0xd9``, can never start upstream's V0 (``0x
 (a msgpack map) envelopes, so :func:`sniff_envelope` tells all three apart.
 
 Encoding is canonical (RFC 8949 core deterministic encoding), so one attestation has one
-byte string. Decoding is strict: unknown versions, missing or unknown keys, wrong types and
-trailing bytes are :class:`~dstack_core.errors.EvidenceError`.
+byte string. Decoding is strict: input that is not that one encoding of its value
+(non-shortest integers or lengths, indefinite lengths, unsorted or duplicate map keys),
+unknown versions or a version that is not an unsigned integer, missing or unknown keys,
+wrong types and trailing bytes are :class:`~dstack_core.errors.EvidenceError`.
 """
 
 from __future__ import annotations
@@ -135,8 +137,9 @@ class Envelope:
     def from_cbor(cls, data: bytes) -> Envelope:
         """Decode and validate an envelope.
 
-        :raises EvidenceError: not our envelope, an unknown version, wrong types, missing
-            fields, trailing bytes, or more than :data:`MAX_ENVELOPE_SIZE` bytes.
+        :raises EvidenceError: not our envelope, not canonical CBOR, a version that is not
+            the unsigned integer 1, wrong types, missing fields, trailing bytes, or more
+            than :data:`MAX_ENVELOPE_SIZE` bytes.
         """
         if len(data) > MAX_ENVELOPE_SIZE:
             raise EvidenceError(f"envelope is larger than {MAX_ENVELOPE_SIZE} bytes")
@@ -151,9 +154,12 @@ class Envelope:
             raise EvidenceError(f"{len(data) - stream.tell()} trailing bytes after the envelope")
         # cbor2 strips the self-describe tag itself; accept either shape.
         doc = tagged.value if isinstance(tagged, cbor2.CBORTag) else tagged
+        _require_canonical(doc, data)
         if not isinstance(doc, Mapping) or doc.get("format") != ENVELOPE_FORMAT:
             raise EvidenceError(f"envelope format is not {ENVELOPE_FORMAT!r}")
         version = doc.get("version")
+        if type(version) is not int:
+            raise EvidenceError(f"envelope version must be an unsigned integer, not {version!r}")
         if version != ENVELOPE_VERSION:
             raise EvidenceError(f"unsupported envelope version {version!r}")
         doc = _expect_map(
@@ -339,6 +345,41 @@ def sniff_envelope(data: bytes) -> Literal["dstack-core", "upstream-v0", "upstre
     if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
         return "upstream-v1"
     return None
+
+
+def _require_canonical(doc: Any, data: bytes) -> None:
+    """Refuse any encoding but the canonical one of the decoded value.
+
+    cbor2's decoder is lenient: it accepts non-shortest integers and lengths, indefinite
+    lengths and unsorted keys, and keeps the last of duplicate map keys. Re-encoding the
+    value canonically gives the one encoding; any difference (a duplicate key shortens the
+    map) means the input was something else, which two decoders might read differently.
+    """
+    try:
+        canonical = cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True)
+    except (cbor2.CBOREncodeError, ValueError, TypeError, RecursionError):
+        canonical = b""
+    if canonical != data:
+        at = _first_difference(canonical, data)
+        raise EvidenceError(
+            f"envelope is not canonical CBOR (differs from the one encoding of its value at "
+            f"byte {at}): non-shortest integers or lengths, indefinite lengths, or unsorted "
+            "or duplicate map keys"
+        )
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    """The offset of the first byte where ``a`` and ``b`` differ (bisection over views, so
+    a 10 MiB envelope costs a few comparisons, not a Python loop)."""
+    left, right = memoryview(a), memoryview(b)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if left[: mid + 1] == right[: mid + 1]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _thaw(value: Any) -> Any:

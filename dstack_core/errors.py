@@ -12,6 +12,7 @@ The split follows who is at fault:
   read-only, I/O error); the agent repairs itself once the fault is gone.
 * :class:`ConfigurationError`: the agent cannot start as configured (never seen on the wire).
 * :class:`EvidenceError` (400): evidence handed to a parser or the verifier is malformed.
+* :class:`KmsError` (502/503): the KMS that issues the app's certificates failed or refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ __all__ = [
     "ReportDataTooLong",
     "NotFound",
     "PayloadTooLarge",
+    "MalformedHttp",
+    "MethodNotAllowed",
+    "RequestTimeout",
+    "UriTooLong",
+    "HeaderTooLarge",
+    "UnsupportedContentEncoding",
+    "InvalidContentEncoding",
+    "ExpectationFailed",
+    "Forbidden",
+    "AuditUnavailable",
     "PlatformError",
     "PlatformUnsupported",
     "PlatformBusy",
@@ -35,6 +46,8 @@ __all__ = [
     "PluginError",
     "EvidenceError",
     "StateError",
+    "KmsError",
+    "KmsUnavailable",
 ]
 
 
@@ -111,6 +124,86 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class MalformedHttp(InvalidRequest):
+    """The request is not well-formed HTTP/1.1 (framing, request line, headers) (HTTP 400)."""
+
+    code = "malformed_http"
+
+
+class MethodNotAllowed(InvalidRequest):
+    """An HTTP verb other than GET, HEAD or POST (HTTP 405)."""
+
+    http_status = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeout(InvalidRequest, TimeoutError):
+    """The client did not send its request head or body in time (HTTP 408).
+
+    Also a :class:`TimeoutError`, which is what aiohttp's server expects from a request body
+    that will never complete.
+    """
+
+    http_status = 408
+    code = "request_timeout"
+
+
+class UriTooLong(InvalidRequest):
+    """A request line over the server's limit (HTTP 414)."""
+
+    http_status = 414
+    code = "uri_too_long"
+
+
+class HeaderTooLarge(InvalidRequest):
+    """A header field over the server's limit, or too many of them (HTTP 431)."""
+
+    http_status = 431
+    code = "header_too_large"
+
+
+class UnsupportedContentEncoding(InvalidRequest):
+    """A request body in a ``Content-Encoding`` the agent does not decode (HTTP 415)."""
+
+    http_status = 415
+    code = "unsupported_content_encoding"
+
+
+class InvalidContentEncoding(InvalidRequest):
+    """A body that does not decode as its ``Content-Encoding`` says (HTTP 400)."""
+
+    code = "invalid_content_encoding"
+
+
+class ExpectationFailed(InvalidRequest):
+    """An ``Expect`` header other than ``100-continue`` (HTTP 417)."""
+
+    http_status = 417
+    code = "expectation_failed"
+
+
+class Forbidden(InvalidRequest):
+    """The caller policy does not let this caller make this call (HTTP 403).
+
+    The message names the method (and the key path or certificate name asked for), never
+    the policy's contents.
+    """
+
+    http_status = 403
+    code = "forbidden"
+
+
+class AuditUnavailable(DstackError):
+    """The audit log cannot be written, so an audited call is refused (HTTP 503).
+
+    The agent fails closed: no key leaves and no measurement moves unrecorded. It serves
+    audited calls again as soon as a write succeeds.
+    """
+
+    http_status = 503
+    code = "audit_unavailable"
+
+
 class PlatformError(DstackError):
     """The platform (TEE, kernel interface or plugin) failed (HTTP 500)."""
 
@@ -169,3 +262,26 @@ class StateError(DstackError):
 
     http_status = 500
     code = "state_error"
+
+
+class KmsError(DstackError):
+    """The KMS answered, but not with a usable certificate (HTTP 502).
+
+    Codes: ``kms_rejected`` (the KMS refused; its message follows), ``kms_untrusted`` (its
+    TLS certificate is not issued by the KMS root in ``appkeys.json``), ``kms_tls_error``
+    (the TLS handshake failed), ``kms_bad_response`` (malformed answer, or a chain that does
+    not certify our key under the pinned root).
+    """
+
+    http_status = 502
+    code = "kms_error"
+
+
+class KmsUnavailable(KmsError):
+    """The KMS cannot be reached, did not answer in time, or is overloaded; retry (HTTP 503).
+
+    Codes: ``kms_unavailable`` (connection failed, or the KMS answered 5xx), ``kms_timeout``.
+    """
+
+    http_status = 503
+    code = "kms_unavailable"

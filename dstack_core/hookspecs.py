@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from .eventlog import TdxEvent
@@ -232,17 +233,26 @@ def extend_rtmr_many(index: int, digests: tuple[bytes, ...]) -> None:
 
 
 @hookspec(firstresult=True)
-def trust_bundle(state_dir: Path) -> TrustBundle | None:
-    """Publish the trust anchors a verifier needs for a *simulated* platform's quotes.
+def trust_bundle(state_dir: Path, options: Mapping[str, str]) -> TrustBundle | None:
+    """Publish the trust anchors a verifier needs for this platform's evidence, if any.
 
-    Optional; only simulated platforms implement it. Called without :func:`configure` (by
-    ``dstack-agent simulator trust-bundle``), possibly while an agent serves from the same
-    ``state_dir``: read what is there, create missing anchors atomically, change nothing else.
+    Optional. A simulated platform, whose quotes a mock PKI signs, returns that PKI's root
+    and collateral. A hardware platform returns None ("no bundle": its evidence verifies
+    against the hardware vendor's own roots), or the anchors of the test-only fake hardware
+    its ``options`` select. Called without :func:`configure` (by ``dstack-agent
+    trust-bundle``), possibly while an agent serves from the same ``state_dir``: read what
+    is there, create missing anchors atomically, change nothing else.
 
     :param state_dir: the state directory the agent uses (or will use).
-    :returns: a :class:`~dstack_core.types.TrustBundle`.
+    :param options: the platform options (``--platform-option KEY=VALUE``), as
+        :func:`configure` gets them in ``PlatformConfig.options``.
+    :returns: a :class:`~dstack_core.types.TrustBundle`, or None when the platform
+        publishes none.
+    :raises ConfigurationError: options the platform cannot use.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``options``; returning None means "no bundle".
     """
 
 

@@ -36,7 +36,10 @@ _INFO_CLOSE: Final = escaped("\n  ]")
 
 
 def _quote_item(event: TdxEvent) -> bytes:
-    text = json.dumps(event.to_json(), separators=(",", ":"), ensure_ascii=False)
+    # With the preimage of version-2 runtime events, as upstream's GetQuote sends them.
+    text = json.dumps(
+        event.to_json(include_preimage=True), separators=(",", ":"), ensure_ascii=False
+    )
     return _QUOTE_SEP + escaped(text)
 
 
@@ -136,6 +139,7 @@ class MeasuredLog:
         self._add_cbor(self.boot_events)
         # (runtime count from which it holds, identity); changes only before system-ready.
         self._unformed: list[RuntimeEvent] = []  # runtime events whose forms are not made
+        self._runtime: list[TdxEvent] = []  # the runtime events whose forms are made
         self._identities: list[tuple[int, dict[str, bytes]]] = [(0, {})]
         self._ready_at: int | None = None  # runtime count that includes system-ready
         self.extend(runtime)
@@ -167,6 +171,7 @@ class MeasuredLog:
             return
         shown = [e.to_tdx_event() for e in self._unformed]
         self._unformed = []
+        self._runtime += shown
         self._quote.append([_quote_item(e) for e in shown])
         self._info.append([_info_item(e) for e in shown])
         self._add_cbor(shown)
@@ -174,9 +179,10 @@ class MeasuredLog:
     def truncate(self, count: int) -> None:
         """Drop the runtime events after the first ``count`` (their extension failed)."""
         del self._registers[(count + 1) * REGISTER_SIZE :]
-        formed = len(self._quote) - self._boot
+        formed = len(self._runtime)
         if count < formed:
             self._unformed = []
+            del self._runtime[count:]
             for rope in (self._quote, self._info, self._cbor, self._cbor_hex):
                 rope.truncate(self._boot + count)
         else:
@@ -201,6 +207,12 @@ class MeasuredLog:
             if start <= count:
                 return found
         raise AssertionError("the first identity starts at 0")
+
+    def events(self, count: int) -> tuple[TdxEvent, ...]:
+        """The boot events and the first ``count`` runtime events, as values (for
+        upstream's attestation formats, which are encoded from them)."""
+        self._form()
+        return self.boot_events + tuple(self._runtime[:count])
 
     def quote_log(self, count: int) -> EncodedJson:
         """GetQuote's ``event_log`` (a JSON string): boot events stripped, then ``count``

@@ -5,14 +5,22 @@ hook in a worker thread (or inline on the event loop, for implementations marked
 :func:`~dstack_core.hookspecs.nonblocking`), checks what comes back, and turns foreign exceptions into
 :class:`~dstack_core.errors.PlatformError` so a plugin bug becomes a clean 500 with its
 traceback in the log rather than an unexplained crash.
+
+What a client sees of a plugin bug is generic: the hook's name and a stable code, never the
+exception's text (a driver message may carry paths or secrets). A hook that returns the
+wrong type is described in the log by type and size only, never by value: the value may be
+key material (``derive_root_key``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import itertools
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -40,6 +48,9 @@ RUNTIME_RTMR = 3
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CallObserver = Callable[[str, float, bool], None]
+"""Told ``(hook, seconds, succeeded)`` after every request-time hook call."""
+
 _PLAIN_HOOKEXEC: Final = pluggy.PluginManager("probe")._inner_hookexec
 """What a plugin manager runs hooks with until tracing or call monitoring wraps it."""
 
@@ -59,6 +70,10 @@ class Platform:
             for name in pm.hook.__dict__
             if _all_nonblocking(pm.hook.__dict__[name].get_hookimpls())
         )
+        self._observers: list[CallObserver] = []
+        # Request-time hook calls now running: id -> (hook, monotonic start).
+        self._in_flight: dict[int, tuple[str, float]] = {}
+        self._call_ids = itertools.count()
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Platform:
@@ -94,13 +109,17 @@ class Platform:
     def boot_event_log_sync(self) -> tuple[TdxEvent, ...]:
         return self._check_events(_call_sync(self._pm, "boot_event_log"))
 
-    def trust_bundle_sync(self, state_dir: Path) -> TrustBundle | None:
-        """The simulated platform's trust anchors, or None when it publishes none."""
+    def trust_bundle_sync(
+        self, state_dir: Path, options: Mapping[str, str] | None = None
+    ) -> TrustBundle | None:
+        """The platform's trust anchors, or None when it publishes none (no hook, or the
+        hook answers None)."""
         if not self._pm.hook.trust_bundle.get_hookimpls():
             return None
-        return self._check(
-            "trust_bundle", _call_sync(self._pm, "trust_bundle", state_dir=state_dir), TrustBundle
+        bundle = _call_sync(
+            self._pm, "trust_bundle", state_dir=state_dir, options=dict(options or {})
         )
+        return None if bundle is None else self._check("trust_bundle", bundle, TrustBundle)
 
     # --- request-time hooks (async, off the event loop) ---
 
@@ -150,17 +169,53 @@ class Platform:
         if not digests:
             return
         if self._pm.hook.extend_rtmr_many.get_hookimpls():
-            _call_sync(self._pm, "extend_rtmr_many", index=RUNTIME_RTMR, digests=tuple(digests))
+            with self._tracked("extend_rtmr_many"):
+                _call_sync(
+                    self._pm, "extend_rtmr_many", index=RUNTIME_RTMR, digests=tuple(digests)
+                )
             return
         for digest in digests:
-            _call_sync(self._pm, "extend_rtmr", index=RUNTIME_RTMR, digest=digest)
+            with self._tracked("extend_rtmr"):
+                _call_sync(self._pm, "extend_rtmr", index=RUNTIME_RTMR, digest=digest)
 
     # --- plumbing ---
 
+    def add_call_observer(self, observer: CallObserver) -> None:
+        """Have ``observer`` told the duration and outcome of every request-time hook call
+        (metrics). Observers must be cheap and must not raise."""
+        self._observers.append(observer)
+
+    def stalled_call(self) -> tuple[str, float] | None:
+        """The oldest request-time hook call still running, ``(hook, seconds so far)``, or
+        None when none is. A hook that hangs (a wedged kernel interface) shows here."""
+        # Called from the watchdog's thread: take a snapshot first (atomic under the GIL).
+        running = tuple(self._in_flight.values())
+        if not running:
+            return None
+        hook, started = min(running, key=lambda item: item[1])
+        return hook, time.monotonic() - started
+
     async def _call(self, hook: str, **kwargs: Any) -> Any:
-        if hook in self._inline:
-            return _call_sync(self._pm, hook, **kwargs)
-        return await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+        with self._tracked(hook):
+            if hook in self._inline:
+                return _call_sync(self._pm, hook, **kwargs)
+            return await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+
+    @contextlib.contextmanager
+    def _tracked(self, hook: str) -> Iterator[None]:
+        """Shown by :meth:`stalled_call` while it runs, told to the observers after."""
+        call_id = next(self._call_ids)
+        started = time.monotonic()
+        self._in_flight[call_id] = (hook, started)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            del self._in_flight[call_id]
+            elapsed = time.monotonic() - started
+            for observer in self._observers:
+                observer(hook, elapsed, succeeded)
 
     @classmethod
     def _check(cls, hook: str, value: Any, expected: type[T]) -> T:
@@ -170,7 +225,7 @@ class Platform:
 
     @staticmethod
     def _bad_result(hook: str, value: Any, expected: str) -> PlatformError:
-        log.error("platform hook %s returned %r, expected %s", hook, value, expected)
+        log.error("platform hook %s returned %s, expected %s", hook, _describe(value), expected)
         return PlatformError(
             f"platform hook {hook} returned {type(value).__name__}, expected {expected}",
             code="platform_contract_violation",
@@ -179,6 +234,15 @@ class Platform:
 
 def _all_nonblocking(impls: Sequence[pluggy.HookImpl]) -> bool:
     return bool(impls) and all(getattr(i.function, NONBLOCKING_ATTR, False) for i in impls)
+
+
+def _describe(value: Any) -> str:
+    """A value's type and size, never its content."""
+    try:
+        size = f" of length {len(value)}"
+    except TypeError:
+        size = ""
+    return f"a {type(value).__name__}{size}"
 
 
 def _check_report_data(report_data: bytes) -> None:
@@ -206,10 +270,9 @@ def _call_sync(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
     except DstackError:
         raise
     except Exception as exc:
+        # The text stays in the log: a driver's message may hold paths or secrets.
         log.exception("platform hook %s raised an unexpected exception", hook)
-        raise PlatformError(
-            f"platform hook {hook} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise PlatformError(f"platform hook {hook} failed") from exc
     if inspect.isawaitable(result):
         # pluggy has no async hooks; a coroutine would be silently taken as the answer.
         if inspect.iscoroutine(result):

@@ -18,9 +18,8 @@ belong to the verifier.
 
 from __future__ import annotations
 
-import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -179,9 +178,8 @@ QE_AUTH_DATA_SIZE = struct.Struct("<H")
 
 _U16_MAX = 0xFFFF
 _U32_MAX = 0xFFFF_FFFF
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL
-)
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
 
 
 def _exact_len(size: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
@@ -451,8 +449,22 @@ class QeReport:
         )
 
 
+def _pem_blocks(data: bytes) -> Iterator[bytes]:
+    """Each ``-----BEGIN CERTIFICATE-----`` ... ``-----END CERTIFICATE-----`` block, in
+    order, found with linear scans (a lazy regex would rescan the rest of the input from
+    every BEGIN: quadratic in a chain of nothing but BEGIN lines)."""
+    start = data.find(_PEM_BEGIN)
+    while start >= 0:
+        end = data.find(_PEM_END, start + len(_PEM_BEGIN))
+        if end < 0:
+            return
+        end += len(_PEM_END)
+        yield data[start:end]
+        start = data.find(_PEM_BEGIN, end)
+
+
 def _split_pem_chain(data: bytes) -> list[bytes]:
-    return [match.group(0) + b"\n" for match in _PEM_CERTIFICATE.finditer(data)]
+    return [block + b"\n" for block in _pem_blocks(data)]
 
 
 @attrs.frozen(kw_only=True)
@@ -525,7 +537,7 @@ class QuoteSignatureData:
             )
         chain = qe.take(inner_size, "PCK certificate chain")
         qe.expect_end()
-        if not _PEM_CERTIFICATE.search(chain):
+        if next(_pem_blocks(chain), None) is None:
             raise EvidenceError("PCK certificate chain holds no PEM certificate")
         return cls(
             signature=signature,

@@ -14,21 +14,24 @@ cached until something it shows changes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import __version__, certs, keys
+from . import __version__, certs, keys, upstream
 from .appinfo import DEVICE_ID_UNVERIFIED, app_info_of, os_image_hash_from_vm_config
 from .envelope import AppInfo, encode_envelope, encode_envelope_hex
 from .errors import (
     ConfigurationError,
+    DstackError,
     EventTooLarge,
     InvalidRequest,
     PlatformError,
@@ -39,15 +42,18 @@ from .errors import (
 from .eventlog import RuntimeEvent, RuntimeEventLog
 from .journal import EventJournal, EventLimits
 from .jsonout import EncodedJson, escaped
+from .kms import DEFAULT_KMS_TIMEOUT, KmsClient, KmsSettings, config_for
 from .measured import MeasuredLog
 from .platform import Platform
 from .quote import TD_REPORT_OFFSETS, TdReport, report_body
 from .statefile import is_storage_fault
-from .types import REPORT_DATA_LENGTH, RTMR_LENGTH, PlatformConfig, RootKey
+from .types import REPORT_DATA_LENGTH, RTMR_LENGTH, PlatformConfig, PlatformEvidence, RootKey
 
 __all__ = [
     "AgentService",
+    "AttestationFormat",
     "ServiceFiles",
+    "ServiceOptions",
     "QuoteResult",
     "InfoResult",
     "TlsKeyResult",
@@ -61,6 +67,8 @@ GPU_ATTESTATION_FILE: Final = Path("/run/nvidia-gpu-attestation/attestation.out"
 DMI_DIR: Final = Path("/sys/class/dmi/id")
 DEMO_CERT_SUBJECT: Final = "demo-cert"
 APP_DATA_TAG: Final = "app-data"
+INFO_CERT_WAIT: Final = 3.0
+"""Seconds Info waits for a KMS-issued ``app_cert`` before answering without it."""
 _RTMR3_AT: Final = TD_REPORT_OFFSETS["rtmr3"]
 _EVENT_LOG_SLOT: Final = '"event_log": []'
 
@@ -85,14 +93,34 @@ class ServiceFiles:
     dmi_dir: Path = DMI_DIR
 
 
+AttestationFormat = Literal["dstack-core", "upstream"]
+"""What Attest, RA-TLS certificates and GetQuote's ``attestation`` carry: our CBOR envelope,
+or upstream's V0/V1 ``VersionedAttestation``."""
+
+
+@attrs.frozen(kw_only=True)
+class ServiceOptions:
+    """Agent-wide choices (``serve`` flags).
+
+    :ivar attestation_format: see :data:`AttestationFormat`.
+    :ivar kms_timeout: seconds one KMS SignCert exchange may take.
+    """
+
+    attestation_format: AttestationFormat = "dstack-core"
+    kms_timeout: float = DEFAULT_KMS_TIMEOUT
+
+
 @attrs.frozen(kw_only=True)
 class QuoteResult:
-    """GetQuote's answer; ``event_log`` is the JSON string, already encoded."""
+    """GetQuote's answer; ``event_log`` is the JSON string, already encoded. ``attestation``
+    is set (and ``quote`` empty) on platforms whose evidence is not a TDX quote, as
+    upstream answers there."""
 
     quote: bytes
     event_log: EncodedJson
     report_data: bytes
     vm_config: str
+    attestation: bytes = b""
 
 
 @attrs.frozen(kw_only=True)
@@ -146,8 +174,8 @@ class _Measured:
 
 
 class AgentService:
-    """Everything the agent API does. Build with :meth:`start`; :meth:`open` once a loop
-    runs (it starts the committer), :meth:`close` at shutdown."""
+    """Everything the agent API does. Build with :meth:`start`; :meth:`warm_up` once a loop
+    runs (it starts the committer), :meth:`aclose` at shutdown."""
 
     def __init__(
         self,
@@ -159,8 +187,10 @@ class AgentService:
         app_compose: str,
         vm_config: str,
         files: ServiceFiles,
+        options: ServiceOptions | None = None,
     ) -> None:
         self.platform = platform
+        self.options = options or ServiceOptions()
         self._view = view
         self._journal = journal
         self._root_key = root_key
@@ -177,10 +207,19 @@ class AgentService:
             _read_dmi(files.dmi_dir / "sys_vendor"), _read_dmi(files.dmi_dir / "product_name")
         )
         self._tdx = platform.info.evidence_format == "tdx"
-        self._demo_cert: str | None = None
+        self._demo_cert = ""
+        self._demo_task: asyncio.Task[None] | None = None
+        self._kms: KmsClient | None = None
+        if root_key.key_provider.kind == "Kms":
+            self._kms = KmsClient(
+                KmsSettings.from_root_key(root_key),
+                vm_config=vm_config,
+                attest=self.upstream_attestation,
+                timeout=self.options.kms_timeout,
+            )
         self._measured: _Measured | None = None
         self._app_info: tuple[tuple[bytes, int], AppInfo] | None = None
-        self._info: tuple[tuple[bytes, int], InfoResult] | None = None
+        self._info: tuple[tuple[bytes, int, str], InfoResult] | None = None
         self._sign_keys: dict[keys.KeyAlgorithm, keys.SignKey] = {}
 
     @classmethod
@@ -189,6 +228,7 @@ class AgentService:
         platform: Platform,
         config: PlatformConfig,
         files: ServiceFiles,
+        options: ServiceOptions | None = None,
         *,
         limits: EventLimits = EventLimits(),  # noqa: B008 (frozen value)
     ) -> AgentService:
@@ -235,17 +275,23 @@ class AgentService:
             app_compose=_read_text(config.app_compose, "app-compose"),
             vm_config=_vm_config(_read_text(config.sys_config, "sys-config")),
             files=files,
+            options=options,
         )
 
-    async def open(self) -> None:
-        """Start the event committer (and any repair start-up left to it)."""
-        if self._journal is not None:
-            self._journal.start()
+    @property
+    def runtime_event_count(self) -> int:
+        """Events in the runtime (RTMR3) log, boot events included."""
+        return self._journal.extended if self._journal is not None else self._view.count
 
-    async def close(self) -> None:
-        """Stop the committer; what it had written ahead stays for the next start."""
-        if self._journal is not None:
-            await self._journal.close()
+    @property
+    def app_compose(self) -> str:
+        """The app-compose file's text, as read at start-up."""
+        return self._app_compose
+
+    @property
+    def kms_client(self) -> KmsClient | None:
+        """The KMS that issues certificates, with KMS-provisioned app keys."""
+        return self._kms
 
     # --- keys ---
 
@@ -320,6 +366,15 @@ class AgentService:
         API's rule, so that clients can replay RTMR3 without recomputing digests).
         """
         padded = pad_report_data(report_data)
+        if not self._tdx:
+            # upstream's shape where there is no TDX quote: the attestation instead
+            return QuoteResult(
+                quote=b"",
+                event_log=EncodedJson((b'""',)),
+                report_data=padded,
+                vm_config=self._vm_config,
+                attestation=await self._attestation(padded),
+            )
         quote, count = await self._quote(padded)
         return QuoteResult(
             quote=quote,
@@ -329,18 +384,42 @@ class AgentService:
         )
 
     async def attest(self, report_data: bytes) -> bytes:
-        """Attest: our CBOR envelope over the padded report data."""
-        fields, _ = await self._evidence(pad_report_data(report_data))
-        return encode_envelope(**fields)
+        """Attest: the attestation over the padded report data, in the configured format."""
+        return await self._attestation(pad_report_data(report_data))
 
     async def attest_json(self, report_data: bytes) -> EncodedJson:
-        """:meth:`attest` as the JSON string of its hex, the events' hex kept, not redone."""
-        fields, _ = await self._evidence(pad_report_data(report_data))
+        """:meth:`attest` as the JSON string of its hex; for our envelope, assembled from the
+        events' kept hex, not hex-encoded again."""
+        padded = pad_report_data(report_data)
+        if self.options.attestation_format == "upstream":
+            return EncodedJson.hex(await self.upstream_attestation(padded))
+        fields, _ = await self._evidence(padded)
         return EncodedJson.string(encode_envelope_hex(**fields))
 
-    async def _evidence(self, report_data: bytes) -> tuple[dict[str, Any], AppInfo]:
-        """The fields of an envelope over ``report_data`` (for :func:`encode_envelope`)
-        and the app info among them."""
+    async def _attestation(self, report_data: bytes) -> bytes:
+        if self.options.attestation_format == "upstream":
+            return await self.upstream_attestation(report_data)
+        fields, _ = await self._evidence(report_data)
+        return encode_envelope(**fields)
+
+    async def upstream_attestation(self, report_data: bytes) -> bytes:
+        """Upstream's ``VersionedAttestation`` (V0, or V1 with version-2 events) over 64 bytes
+        of report data: what Attest answers upstream and what a KMS CSR carries."""
+        return upstream.encode_attestation(await self._upstream(report_data))
+
+    async def _upstream(self, report_data: bytes) -> upstream.UpstreamAttestation:
+        evidence, count = await self._platform_evidence(report_data)
+        return upstream.build_attestation(
+            platform=self.platform.info.evidence_format,
+            quote=evidence.quote.data,
+            event_log=self._view.events(count),
+            report_data=report_data,
+            config=self._vm_config,
+            extra=dict(evidence.extra),
+        )
+
+    async def _platform_evidence(self, report_data: bytes) -> tuple[PlatformEvidence, int]:
+        """The platform's evidence and how many runtime events replay to it."""
         if self._journal is not None and not self._tdx:
             async with self._journal.extending:
                 evidence = await self.platform.attest(report_data)
@@ -355,6 +434,12 @@ class AgentService:
                 f"of platform {self.platform.name}",
                 code="platform_contract_violation",
             )
+        return evidence, count
+
+    async def _evidence(self, report_data: bytes) -> tuple[dict[str, Any], AppInfo]:
+        """The fields of an envelope over ``report_data`` (for :func:`encode_envelope`)
+        and the app info among them."""
+        evidence, count = await self._platform_evidence(report_data)
         app_info = AppInfo()
         if self._tdx:
             self._learn(report_body(evidence.quote.data))
@@ -402,18 +487,19 @@ class AgentService:
 
         MRTD, RTMR0-2 and the config IDs come from the last quote seen (one is taken over
         zero report data if none was); RTMR3 is the replay of the runtime events RTMR3
-        holds. The answer is cached until either changes.
+        holds. The answer is cached until either changes, or the demo certificate does.
         """
         count = self._journal.extended if self._journal is not None else self._view.count
         if self._tdx and self._measured is None:
             quote = await self.platform.get_quote(bytes(REPORT_DATA_LENGTH))
             self._learn(report_body(quote.data))
         static = self._measured.static if self._measured is not None else b""
-        if self._info is not None and self._info[0] == (static, count):
-            return self._info[1]
         app_cert = await self._demo_certificate()
+        key = (static, count, app_cert)
+        if self._info is not None and self._info[0] == key:
+            return self._info[1]
         result = self._build_info(count, app_cert)
-        self._info = ((static, count), result)
+        self._info = (key, result)
         return result
 
     def _build_info(self, count: int, app_cert: str) -> InfoResult:
@@ -462,18 +548,54 @@ class AgentService:
         )
 
     async def _demo_certificate(self) -> str:
-        """Info's ``app_cert``: a demo RA-TLS chain, or ``""`` without a local CA."""
-        if self._demo_cert is None:
-            if self._ca is None:
-                self._demo_cert = ""
-            else:
-                result = await self.get_tls_key(
-                    TlsKeyRequest(
-                        subject=DEMO_CERT_SUBJECT, usage_ra_tls=True, usage_client_auth=True
-                    )
-                )
-                self._demo_cert = "\n".join(result.certificate_chain)
+        """Info's ``app_cert``: a demo RA-TLS chain, or ``""`` while none could be issued.
+
+        From a KMS it is requested in the background (at start-up, see :meth:`warm_up`, and
+        again while missing); Info waits at most :data:`INFO_CERT_WAIT` seconds for it, so a
+        KMS outage leaves ``app_cert`` empty instead of failing Info.
+        """
+        if self._demo_cert or (self._ca is None and self._kms is None):
+            return self._demo_cert
+        if self._kms is None:
+            await self._request_demo_cert()
+            return self._demo_cert
+        if self._demo_task is None or self._demo_task.done():
+            self._demo_task = asyncio.create_task(self._request_demo_cert())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._demo_task), INFO_CERT_WAIT)
         return self._demo_cert
+
+    async def _request_demo_cert(self) -> None:
+        request = TlsKeyRequest(subject=DEMO_CERT_SUBJECT, usage_ra_tls=True, usage_client_auth=True)
+        try:
+            result = await self.get_tls_key(request)
+        except DstackError as exc:
+            if self._kms is None:
+                raise
+            log.warning("no app_cert for Info yet: %s", exc.message)
+            return
+        self._demo_cert = "\n".join(result.certificate_chain)
+
+    def warm_up(self) -> None:
+        """Start background work: the event committer (and any repair start-up left to
+        it), the KMS client certificate and Info's ``app_cert``. Call once the event loop
+        serves."""
+        if self._journal is not None:
+            self._journal.start()
+        if self._kms is not None and self._demo_task is None:
+            self._demo_task = asyncio.create_task(self._request_demo_cert())
+
+    async def aclose(self) -> None:
+        """Stop the committer (what it had written ahead stays for the next start) and
+        release network resources (the KMS connection pool)."""
+        if self._journal is not None:
+            await self._journal.close()
+        if self._demo_task is not None:
+            self._demo_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._demo_task
+        if self._kms is not None:
+            await self._kms.close()
 
     # --- TLS ---
 
@@ -486,7 +608,6 @@ class AgentService:
         return await self._issue(certs.new_tls_key(), request)
 
     async def _issue(self, key: ec.EllipticCurvePrivateKey, request: TlsKeyRequest) -> TlsKeyResult:
-        ca = self._require_ca()
         cert_request = certs.TlsCertificateRequest(
             subject=request.subject,
             alt_names=request.alt_names,
@@ -495,14 +616,22 @@ class AgentService:
             not_before=request.not_before,
             not_after=request.not_after,
         )  # validates the request before any quote is made
+        if self._kms is not None:
+            chain = await self._kms.sign(key, config_for(**attrs.asdict(request)))
+            return TlsKeyResult(key=certs.private_key_pem(key), certificate_chain=chain)
+        ca = self._require_ca()
         attestation = app_info = None
         if request.usage_ra_tls or request.with_app_info:
             report_data = certs.ratls_report_data(certs.spki_der(key.public_key()))
-            fields, info = await self._evidence(report_data)
-            if request.usage_ra_tls:
-                attestation = encode_envelope(**fields)
-            if request.with_app_info:
-                app_info = info.to_cbor()
+            if self.options.attestation_format == "upstream":
+                attestation, app_info = upstream.certificate_extensions(
+                    await self._upstream(report_data)
+                )
+            else:
+                fields, info = await self._evidence(report_data)
+                attestation, app_info = encode_envelope(**fields), info.to_cbor()
+            attestation = attestation if request.usage_ra_tls else None
+            app_info = app_info if request.with_app_info else None
         cert_request = attrs.evolve(cert_request, attestation=attestation, app_info=app_info)
         cert = certs.issue_certificate(
             ca, key.public_key(), cert_request, now=datetime.now(UTC)
@@ -515,9 +644,9 @@ class AgentService:
     def _require_ca(self) -> certs.CertificateAuthority:
         if self._ca is None:
             raise PlatformUnsupported(
-                f"key provider {self._root_key.key_provider.name!r} issues certificates "
-                "through a KMS, which this agent does not contact",
-                code="kms_unsupported",
+                f"the app keys (key provider {self._root_key.key_provider.name!r}) carry no "
+                "CA key to issue certificates with",
+                code="no_app_ca",
             )
         return self._ca
 

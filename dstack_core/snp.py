@@ -12,9 +12,9 @@ Every offset lives here; the rest of dstack-core never slices report bytes by ha
 Contract of the parser (:meth:`SnpReport.from_bytes`): pure (no I/O, no clock), and every
 malformed input raises :class:`~dstack_core.errors.EvidenceError`, never ``IndexError`` or
 ``struct.error``. Parsing proves nothing about authenticity: that needs the VCEK
-certificate chain up to AMD's root (ARK -> ASK -> VCEK), which dstack-core does not
-verify. :meth:`SnpReport.verify_signature` checks the signature against a public key the
-caller already trusts, and nothing more.
+certificate chain up to AMD's root (ARK -> ASK -> VCEK), which the SEV-SNP platform
+package verifies (``dstack_sev_snp_stub.verify``). :meth:`SnpReport.verify_signature`
+checks the signature against a public key the caller already trusts, and nothing more.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ __all__ = [
     "CHIP_ID_OFFSET",
     "CHIP_ID_SIZE",
     "COMMITTED_TCB_OFFSET",
+    "COMMITTED_VERSION_OFFSET",
     "CPUID_OFFSET",
     "CURRENT_TCB_OFFSET",
+    "CURRENT_VERSION_OFFSET",
     "FAMILY_ID_OFFSET",
     "GUEST_SVN_OFFSET",
     "HOST_DATA_OFFSET",
@@ -46,10 +48,21 @@ __all__ = [
     "LAUNCH_TCB_OFFSET",
     "MEASUREMENT_OFFSET",
     "MEASUREMENT_SIZE",
+    "PLATFORM_INFO_CIPHERTEXT_HIDING_EN",
+    "PLATFORM_INFO_ECC_EN",
     "PLATFORM_INFO_OFFSET",
+    "PLATFORM_INFO_RAPL_DIS",
+    "PLATFORM_INFO_SMT_EN",
+    "PLATFORM_INFO_TSME_EN",
+    "POLICY_ABI_MASK",
+    "POLICY_CIPHERTEXT_HIDING",
+    "POLICY_CXL_ALLOW",
     "POLICY_DEBUG",
+    "POLICY_MEM_AES_256_XTS",
     "POLICY_MIGRATE_MA",
     "POLICY_OFFSET",
+    "POLICY_PAGE_SWAP_DISABLE",
+    "POLICY_RAPL_DIS",
     "POLICY_RESERVED_ONE",
     "POLICY_SINGLE_SOCKET",
     "POLICY_SMT",
@@ -66,7 +79,15 @@ __all__ = [
     "SIGNATURE_OFFSET",
     "SIGNATURE_SIZE",
     "SIGNED_SIZE",
+    "SIGNER_INFO_AUTHOR_KEY_EN",
+    "SIGNER_INFO_MASK_CHIP_KEY",
     "SIGNER_INFO_OFFSET",
+    "SIGNER_INFO_RESERVED_MASK",
+    "SIGNER_INFO_SIGNING_KEY_MASK",
+    "SIGNER_INFO_SIGNING_KEY_SHIFT",
+    "SIGNING_KEY_NONE",
+    "SIGNING_KEY_VCEK",
+    "SIGNING_KEY_VLEK",
     "VERSION_OFFSET",
     "VMPL_OFFSET",
     "SnpReport",
@@ -138,6 +159,42 @@ POLICY_DEBUG: Final = 1 << 19
 """Guest policy: debugging is allowed (the host can read and change guest memory)."""
 POLICY_SINGLE_SOCKET: Final = 1 << 20
 """Guest policy: the guest may run on a single socket only."""
+POLICY_CXL_ALLOW: Final = 1 << 21
+"""Guest policy: CXL memory may be attached to the guest."""
+POLICY_MEM_AES_256_XTS: Final = 1 << 22
+"""Guest policy: memory encryption must use AES-256-XTS."""
+POLICY_RAPL_DIS: Final = 1 << 23
+"""Guest policy: the platform must have RAPL (running average power limit) disabled."""
+POLICY_CIPHERTEXT_HIDING: Final = 1 << 24
+"""Guest policy: the platform must hide DRAM ciphertext from the host."""
+POLICY_PAGE_SWAP_DISABLE: Final = 1 << 25
+"""Guest policy: the host may not swap the guest's pages out (SNP_PAGE_MOVE etc. refused)."""
+POLICY_ABI_MASK: Final = 0xFFFF
+"""Guest policy bits 0-15: the minimum firmware ABI, minor (bits 0-7) and major (8-15)."""
+
+PLATFORM_INFO_SMT_EN: Final = 1 << 0
+"""Platform info: SMT is enabled on the host."""
+PLATFORM_INFO_TSME_EN: Final = 1 << 1
+"""Platform info: transparent SME is enabled."""
+PLATFORM_INFO_ECC_EN: Final = 1 << 2
+"""Platform info: the platform uses ECC memory (reported when the firmware supports it)."""
+PLATFORM_INFO_RAPL_DIS: Final = 1 << 3
+"""Platform info: RAPL is disabled."""
+PLATFORM_INFO_CIPHERTEXT_HIDING_EN: Final = 1 << 4
+"""Platform info: DRAM ciphertext hiding is enabled."""
+
+SIGNER_INFO_AUTHOR_KEY_EN: Final = 1 << 0
+"""Signer info: the guest was launched with an ID block carrying an author key."""
+SIGNER_INFO_MASK_CHIP_KEY: Final = 1 << 1
+"""Signer info: the host masked the chip key (MASK_CHIP_KEY): the VCEK did not sign."""
+SIGNER_INFO_SIGNING_KEY_SHIFT: Final = 2
+SIGNER_INFO_SIGNING_KEY_MASK: Final = 0b111
+"""Signer info bits 2-4: which key signed the report (:data:`SIGNING_KEY_VCEK`, ...)."""
+SIGNER_INFO_RESERVED_MASK: Final = 0xFFFFFFE0
+"""Signer info bits 5-31: must be zero."""
+SIGNING_KEY_VCEK: Final = 0
+SIGNING_KEY_VLEK: Final = 1
+SIGNING_KEY_NONE: Final = 7
 
 _U32: Final = struct.Struct("<I")
 _U64: Final = struct.Struct("<Q")
@@ -256,6 +313,12 @@ class SnpReport:
     def is_debug(self) -> bool:
         """Whether the guest policy allows debugging (policy bit 19)."""
         return bool(self.policy & POLICY_DEBUG)
+
+    @property
+    def signing_key(self) -> int:
+        """SIGNING_KEY of ``signer_info``: :data:`SIGNING_KEY_VCEK` (0), ``_VLEK`` (1) or
+        ``_NONE`` (7); 2-6 are reserved."""
+        return (self.signer_info >> SIGNER_INFO_SIGNING_KEY_SHIFT) & SIGNER_INFO_SIGNING_KEY_MASK
 
     @property
     def signed_region(self) -> bytes:

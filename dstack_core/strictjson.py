@@ -34,7 +34,7 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes | bytearray) -> Any:
     """Decode one JSON document strictly.
 
     :raises ValueError: invalid JSON or UTF-8, duplicate keys, NaN/Infinity, nesting too
@@ -42,7 +42,7 @@ def loads(text: str | bytes) -> Any:
     """
     try:
         # Decode bytes ourselves: json.loads would sniff UTF-16/32 and skip a BOM.
-        doc = text.decode("utf-8") if isinstance(text, bytes) else text
+        doc = text if isinstance(text, str) else str(text, "utf-8")
         if doc.startswith("\ufeff"):
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", doc, 0)
         return _DECODER.decode(doc)

@@ -19,6 +19,7 @@ __all__ = [
     "REPORT_DATA_LENGTH",
     "RTMR_LENGTH",
     "EvidenceFormat",
+    "KEY_PROVIDER_KINDS",
     "PlatformInfo",
     "PlatformConfig",
     "Quote",
@@ -27,6 +28,8 @@ __all__ = [
     "KeyProvider",
     "RootKey",
     "TrustBundle",
+    "HARDWARE_TAGS",
+    "is_hardware_tag",
 ]
 
 REPORT_DATA_LENGTH: Final = 64
@@ -49,6 +52,19 @@ def _length(*allowed: int) -> Any:
     return check
 
 
+HARDWARE_TAGS: Final = frozenset(
+    {"tdx", "sev-snp", "sev", "snp", "gcp-tdx", "nitro-enclave", "aws-nitro-tpm"}
+)
+"""Platform tags that name real TEE hardware (ours and upstream's platform kinds)."""
+
+
+def is_hardware_tag(tag: str) -> bool:
+    """Whether a platform tag names real TEE hardware: one of :data:`HARDWARE_TAGS`, or one
+    of them followed by ``-`` (``gcp-tdx-confidential-space``). A simulated platform never
+    uses one; a verifier refuses one on evidence that is not what it names."""
+    return any(tag == name or tag.startswith(f"{name}-") for name in HARDWARE_TAGS)
+
+
 @attrs.frozen(kw_only=True)
 class PlatformInfo:
     """Who the active platform is.
@@ -59,6 +75,8 @@ class PlatformInfo:
     :ivar evidence_format: the byte format of its quotes.
     :ivar simulated: True when the evidence is not backed by TEE hardware.
     :ivar runtime_registers: True when ``extend_rtmr`` can extend RTMR3 (EmitEvent works).
+    :ivar description: one line for people (``dstack-agent platforms``, logs).
+    :ivar version: the plugin's version.
     """
 
     name: str
@@ -116,7 +134,11 @@ def _four_registers(value: Iterable[bytes]) -> tuple[bytes, bytes, bytes, bytes]
 
 @attrs.frozen(kw_only=True)
 class Measurements:
-    """Current measurement registers: MRTD and RTMR0..3, 48 bytes each."""
+    """Current measurement registers: MRTD and RTMR0..3, 48 bytes each.
+
+    :ivar mrtd: the TD's build-time measurement.
+    :ivar rtmrs: RTMR0..3; RTMR3 is the runtime register EmitEvent extends.
+    """
 
     mrtd: bytes = attrs.field(validator=_length(RTMR_LENGTH))
     rtmrs: tuple[bytes, bytes, bytes, bytes] = attrs.field(converter=_four_registers)
@@ -147,23 +169,50 @@ class PlatformEvidence:
 class KeyProvider:
     """Who provisioned the app keys, as the ``key-provider`` boot event reports it.
 
-    :ivar kind: upstream's variant name: ``None``, ``Local``, ``Tpm`` or ``Kms``.
-    :ivar name: the event's ``name``: ``none``, ``local-sgx``, ``tpm`` or ``kms``.
+    :ivar kind: upstream's variant name, a key of :data:`KEY_PROVIDER_KINDS`: ``None``,
+        ``Local``, ``Tpm`` or ``Kms``.
+    :ivar name: the event's ``name``, that kind's value in :data:`KEY_PROVIDER_KINDS`:
+        ``none``, ``local-sgx``, ``tpm`` or ``kms``.
     :ivar id: the event's ``id`` string (hex; empty for ``none``).
     :ivar key_pem: the CA private key for locally issued certificates, if any.
+    :ivar url: ``Kms`` only: the KMS RPC base URL (``https://<kms>/prpc``).
+    :ivar tmp_ca_cert_pem: ``Kms`` only: the KMS's temporary CA, which issues the agent's
+        client certificate for mutual TLS.
+    :ivar tmp_ca_key_pem: ``Kms`` only: that temporary CA's private key.
     """
 
     kind: str
     name: str
     id: str = ""
     key_pem: str | None = attrs.field(default=None, repr=False)
+    url: str = ""
+    tmp_ca_cert_pem: str = attrs.field(default="", repr=False)
+    tmp_ca_key_pem: str = attrs.field(default="", repr=False)
 
     def event_payload(self) -> bytes:
         """The ``key-provider`` boot event payload: compact JSON, keys ``name``, ``id``."""
         return json.dumps({"name": self.name, "id": self.id}, separators=(",", ":")).encode()
 
 
-_PROVIDER_NAMES: Final = {"None": "none", "Local": "local-sgx", "Tpm": "tpm", "Kms": "kms"}
+def _text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str):
+        raise ValueError(f"key_provider field {key} must be a string")
+    return value
+
+
+KEY_PROVIDER_KINDS: Final[Mapping[str, str]] = {
+    "None": "none",
+    "Local": "local-sgx",
+    "Tpm": "tpm",
+    "Kms": "kms",
+}
+"""Key provider kinds (upstream's ``KeyProvider`` variants) and the ``name`` each has in the
+``key-provider`` boot event: ``None`` (keys made up on the machine, no provider: the
+simulator, development), ``Local`` (a local key provider such as upstream's SGX one, or
+keys the hardware derives; ``id`` is its measurement and the CA key comes with it, so the
+agent issues GetTlsKey certificates itself), ``Tpm`` (a TPM), ``Kms`` (dstack's KMS; ``id``
+is the KMS root's public key, ``k256_signature`` the KMS's signature over the app key)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -172,6 +221,9 @@ class RootKey:
 
     :ivar k256_key: the app's secp256k1 private key; every GetKey/Sign key derives from it.
     :ivar k256_signature: the KMS's 65-byte signature over the app public key, or empty.
+    :ivar disk_crypt_key: the disk encryption key upstream's boot uses (unused by the agent).
+    :ivar env_crypt_key: the key of encrypted environment variables (unused by the agent).
+    :ivar gateway_app_id: the gateway's app id, when a KMS provisioned one.
     :ivar ca_cert_pem: the CA that issues GetTlsKey certificates.
     :ivar key_provider: who provisioned the keys (and the CA key for local providers).
     """
@@ -196,7 +248,7 @@ class RootKey:
             if not isinstance(provider_doc, dict) or len(provider_doc) != 1:
                 raise ValueError("key_provider must have exactly one variant")
             ((kind, body),) = provider_doc.items()
-            if kind not in _PROVIDER_NAMES:
+            if kind not in KEY_PROVIDER_KINDS:
                 raise ValueError(f"unknown key_provider variant {kind!r}")
             body = body or {}
             if kind == "Kms":
@@ -205,8 +257,21 @@ class RootKey:
                 provider_id = str(body.get("mr", ""))
             else:
                 provider_id = ""
+            kms = (
+                {
+                    "url": _text(body, "url"),
+                    "tmp_ca_cert_pem": _text(body, "tmp_ca_cert"),
+                    "tmp_ca_key_pem": _text(body, "tmp_ca_key"),
+                }
+                if kind == "Kms"
+                else {}
+            )
             provider = KeyProvider(
-                kind=kind, name=_PROVIDER_NAMES[kind], id=provider_id, key_pem=body.get("key")
+                kind=kind,
+                name=KEY_PROVIDER_KINDS[kind],
+                id=provider_id,
+                key_pem=body.get("key"),
+                **kms,
             )
             return cls(
                 k256_key=bytes.fromhex(doc["k256_key"]),
@@ -228,7 +293,11 @@ class RootKey:
         if self.key_provider.key_pem is not None:
             body["key"] = self.key_provider.key_pem
         if self.key_provider.kind == "Kms":
+            # upstream's field order: url, pubkey, tmp_ca_key, tmp_ca_cert
+            body["url"] = self.key_provider.url
             body["pubkey"] = self.key_provider.id
+            body["tmp_ca_key"] = self.key_provider.tmp_ca_key_pem
+            body["tmp_ca_cert"] = self.key_provider.tmp_ca_cert_pem
         elif self.key_provider.kind == "Local":
             body["mr"] = self.key_provider.id
         doc = {
@@ -245,11 +314,22 @@ class RootKey:
 
 @attrs.frozen(kw_only=True)
 class TrustBundle:
-    """What a verifier needs to accept a simulated platform's quotes.
+    """What a verifier needs to accept evidence signed by a test PKI (a simulated platform's,
+    or fake hardware's); ``dstack-agent trust-bundle`` writes it as ``root_ca.pem``,
+    ``collateral.json`` and, when set, ``os_image_policy.json``.
 
-    :ivar root_ca_pem: the mock Intel root CA certificate (PEM).
-    :ivar collateral_json: dcap-qvl ``QuoteCollateralV3`` in its JSON form.
+    :ivar root_ca_pem: the root certificate (PEM): the mock Intel root CA for ``tdx``
+        evidence, the mock AMD ARK for ``sev-snp`` evidence.
+    :ivar collateral_json: the collateral in the evidence format's JSON form: dcap-qvl's
+        ``QuoteCollateralV3`` for ``tdx``; for ``sev-snp`` the VCEK and ASK in the document
+        ``dstack-core/sev-snp-collateral`` (``docs/platforms/sev-snp.md``).
+    :ivar os_image_policy_json: the OS image the platform simulates, as an OS image policy
+        (``docs/verify.md``: its ``os_image_hash`` and the MRTD and RTMR0-2 it boots to),
+        or None; with it a verifier can tie simulated apps to a known (simulated) OS.
+
+    .. versionchanged:: 0.1 ``os_image_policy_json`` added (optional).
     """
 
     root_ca_pem: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None

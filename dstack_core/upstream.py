@@ -1,4 +1,4 @@
-"""Upstream dstack attestation envelopes: V0 (SCALE) and V1 (MessagePack), decoding only.
+"""Upstream dstack attestation envelopes: V0 (SCALE) and V1 (MessagePack), decoded and encoded.
 
 The upstream agent (``dstack-attest``) sends a ``VersionedAttestation`` whose first byte
 selects the wire format (formats.md 2.1, agent-api.md 9.6):
@@ -19,17 +19,20 @@ verifier (:mod:`dstack_core.verify`) checks the quote and replays the events.
 
 from __future__ import annotations
 
-import re
+import binascii
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
 import attrs
 import msgpack  # type: ignore[import-untyped]
 
+from .appinfo import boot_event_payloads, derive_app_info
+from .envelope import AppInfo
 from .errors import EvidenceError
 from .eventlog import MAX_EVENTS, InvalidEvent, RuntimeEvent, TdxEvent
+from .quote import TdxQuote
 
 __all__ = [
     "MAX_ATTESTATION_SIZE",
@@ -44,6 +47,18 @@ __all__ = [
     "decode_v0",
     "decode_v1",
     "is_upstream_attestation",
+    "V0_PLATFORM_VARIANTS",
+    "build_attestation",
+    "certificate_extensions",
+    "encode_app_info",
+    "encode_attestation",
+    "encode_v0",
+    "encode_v1",
+    "scale_bool",
+    "scale_bytes",
+    "scale_compact",
+    "scale_str",
+    "strip_for_certificate",
 ]
 
 MAX_ATTESTATION_SIZE: Final = 10 * 1024 * 1024
@@ -84,7 +99,6 @@ _U32_MAX: Final = 0xFFFF_FFFF
 _MIN_TDX_EVENT_SIZE: Final = 4 + 4 + 1 + 1 + 1
 _MIN_RUNTIME_EVENT_SIZE: Final = 1 + 1
 _MIN_VEC_SIZE: Final = 1
-_HEX_RE: Final = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 @attrs.frozen(kw_only=True)
@@ -168,9 +182,10 @@ def _as_bytes(data: object) -> bytes:
 class _ScaleReader:
     """A bounded SCALE cursor; every short read or bad length is an :class:`EvidenceError`."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, label: str = "V0 attestation") -> None:
         self._data = data
         self._pos = 0
+        self._label = label  # what errors call the input (a CSR reuses this reader)
 
     @property
     def remaining(self) -> int:
@@ -179,7 +194,7 @@ class _ScaleReader:
     def take(self, size: int, what: str) -> bytes:
         if size > self.remaining:
             raise EvidenceError(
-                f"V0 attestation truncated: {what} needs {size} bytes at offset {self._pos},"
+                f"{self._label} truncated: {what} needs {size} bytes at offset {self._pos},"
                 f" only {self.remaining} left"
             )
         chunk = self._data[self._pos : self._pos + size]
@@ -221,7 +236,7 @@ class _ScaleReader:
         value = self.compact(what)
         if value * min_item_size > self.remaining:
             raise EvidenceError(
-                f"V0 attestation truncated: {what} claims {value} items, only"
+                f"{self._label} truncated: {what} claims {value} items, only"
                 f" {self.remaining} bytes left"
             )
         if value > MAX_EVENTS:
@@ -241,7 +256,7 @@ class _ScaleReader:
     def expect_end(self) -> None:
         if self.remaining:
             raise EvidenceError(
-                f"V0 attestation has {self.remaining} trailing bytes after offset {self._pos}"
+                f"{self._label} has {self.remaining} trailing bytes after offset {self._pos}"
             )
 
 
@@ -425,9 +440,11 @@ def _v1_tdx_event(value: Any, index: int) -> tuple[TdxEvent, bytes | None]:
     preimage: bytes | None = None
     if doc.get("preimage") is not None:
         text = _str(doc["preimage"], f"{where}.preimage")
-        if not _HEX_RE.fullmatch(text):
-            raise EvidenceError(f"{where}.preimage is not an even-length hex string")
-        preimage = bytes.fromhex(text)
+        try:
+            # Not a regex: a repeated group over a long string backtracks into gigabytes.
+            preimage = binascii.a2b_hex(text)
+        except (binascii.Error, ValueError):
+            raise EvidenceError(f"{where}.preimage is not an even-length hex string") from None
     event = _tdx_event(
         where,
         _uint(_field(doc, "imr", where), f"{where}.imr"),
@@ -521,3 +538,310 @@ def decode_v1(data: bytes) -> UpstreamAttestation:
         preimages=tuple(preimage for _, preimage in decoded),
         extra=extra,
     )
+
+
+# --- Encoding ----------------------------------------------------------------------------
+#
+# The inverse of the decoders above, for agents that must speak upstream's wire format: to an
+# upstream KMS (CSR attestations), to upstream verifiers (Attest, RA-TLS certificates) and in
+# GetQuote on platforms without TDX quotes. Encoding is canonical: decoding a genuine
+# upstream envelope and encoding it again gives the same bytes.
+
+V0_PLATFORM_VARIANTS: Final[Mapping[str, int]] = MappingProxyType(
+    {kind: index for index, kind in V0_QUOTE_VARIANTS.items()}
+)
+"""V1 platform kind -> SCALE index of its ``AttestationQuote`` variant."""
+
+RUNTIME_EVENT_VERSION_V2: Final = 2
+_RUNTIME_IMR: Final = 3
+INIT_SCRIPT_HASH_EVENT: Final = "init-script-hash"
+
+
+def scale_compact(value: int) -> bytes:
+    """SCALE ``Compact<u32>`` of ``value`` (canonical: the shortest mode that fits)."""
+    if not 0 <= value <= _U32_MAX:
+        raise ValueError(f"compact value out of range: {value}")
+    if value < _COMPACT_TWO_MIN:
+        return bytes([value << 2 | _COMPACT_SINGLE])
+    if value < _COMPACT_FOUR_MIN:
+        return (value << 2 | _COMPACT_TWO).to_bytes(2, "little")
+    if value < _COMPACT_BIG_MIN:
+        return (value << 2 | _COMPACT_FOUR).to_bytes(4, "little")
+    return bytes([(_U32.size - 4) << 2 | _COMPACT_BIG]) + _U32.pack(value)
+
+
+def scale_bytes(data: bytes) -> bytes:
+    """SCALE ``Vec<u8>``: compact length, then the bytes."""
+    return scale_compact(len(data)) + data
+
+
+def scale_str(text: str) -> bytes:
+    """SCALE ``String``: compact length, then UTF-8."""
+    return scale_bytes(text.encode("utf-8"))
+
+
+def scale_bool(value: bool) -> bytes:
+    """SCALE ``bool``: one byte, 0 or 1."""
+    return b"\x01" if value else b"\x00"
+
+
+def _scale_tdx_event_bytes(event: TdxEvent) -> bytes:
+    # version and preimage are #[codec(skip)] upstream: V0 cannot carry them.
+    return (
+        struct.pack("<II", event.imr, event.event_type)
+        + scale_bytes(event.digest)
+        + scale_str(event.event)
+        + scale_bytes(event.event_payload)
+    )
+
+
+def _scale_vec(items: Sequence[bytes]) -> bytes:
+    return scale_compact(len(items)) + b"".join(items)
+
+
+def _extra_chain(attestation: UpstreamAttestation) -> tuple[bytes, ...]:
+    return tuple(bytes(c) for c in attestation.extra.get("cert_chain", ()))
+
+
+def encode_v0(attestation: UpstreamAttestation) -> bytes:
+    """``0x00`` then the SCALE ``Attestation``: the exact inverse of :func:`decode_v0`.
+
+    :raises ValueError: the attestation cannot be represented in V0: a ``dstack-pod``
+        stack, a version-2 runtime event, a ``gcp-tdx`` platform (its TPM quote layout is
+        not implemented) or report data that is not 64 bytes.
+    """
+    if attestation.stack != "dstack":
+        raise ValueError("a dstack-pod attestation cannot be encoded as V0")
+    if any(e.version != 1 for e in attestation.runtime_events):
+        raise ValueError("version-2 runtime events cannot be encoded as V0")
+    if len(attestation.report_data) != REPORT_DATA_SIZE:
+        raise ValueError(f"report_data must be {REPORT_DATA_SIZE} bytes")
+    platform = attestation.platform
+    variant = V0_PLATFORM_VARIANTS.get(platform)
+    if variant is None or platform == "gcp-tdx":
+        raise ValueError(f"platform {platform!r} cannot be encoded as V0")
+    out = bytes([V0_TAG, variant])
+    if platform == "tdx":
+        out += scale_bytes(attestation.quote)
+        out += _scale_vec([_scale_tdx_event_bytes(e) for e in attestation.event_log])
+    elif platform == "sev-snp":
+        out += scale_bytes(attestation.quote)
+        out += _scale_vec([scale_bytes(c) for c in _extra_chain(attestation)])
+        out += scale_str(str(attestation.extra.get("mr_config", "")))
+    else:  # nitro-enclave, aws-nitro-tpm: one Vec<u8>
+        out += scale_bytes(attestation.quote)
+    out += _scale_vec([scale_str(e.event) + scale_bytes(e.payload) for e in attestation.runtime_events])
+    return out + attestation.report_data + scale_str(attestation.config)
+
+
+def _msgpack_vec_u8(data: bytes) -> list[int]:
+    # rmp_serde writes a plain Vec<u8> (no serde_bytes) as an array of small integers.
+    return list(data)
+
+
+def _v1_event_map(event: TdxEvent, preimage: bytes | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "imr": event.imr,
+        "event_type": event.event_type,
+        "digest": event.digest,
+        "event": event.event,
+        "event_payload": event.event_payload,
+    }
+    if event.version != 1:
+        doc["version"] = event.version
+    if preimage is not None:
+        doc["preimage"] = preimage.hex()
+    return doc
+
+
+def _v1_runtime_map(event: RuntimeEvent) -> dict[str, Any]:
+    doc: dict[str, Any] = {"event": event.event, "payload": event.payload}
+    if event.version != 1:
+        doc["version"] = event.version
+    return doc
+
+
+def _v1_platform_data(attestation: UpstreamAttestation) -> dict[str, Any]:
+    platform = attestation.platform
+    if platform in ("tdx", "gcp-tdx"):
+        preimages = attestation.preimages or (None,) * len(attestation.event_log)
+        if len(preimages) != len(attestation.event_log):
+            raise ValueError("preimages must have one entry per event_log entry")
+        data: dict[str, Any] = {
+            "quote": _msgpack_vec_u8(attestation.quote),
+            "event_log": [_v1_event_map(e, p) for e, p in zip(attestation.event_log, preimages)],
+        }
+        if platform == "gcp-tdx":
+            data["tpm_quote"] = attestation.extra["tpm_quote"]
+        return data
+    if platform == "sev-snp":
+        return {
+            "report": _msgpack_vec_u8(attestation.quote),
+            "cert_chain": [_msgpack_vec_u8(c) for c in _extra_chain(attestation)],
+            "mr_config": str(attestation.extra.get("mr_config", "")),
+        }
+    if platform == "nitro-enclave":
+        return {"nsm_quote": _msgpack_vec_u8(attestation.quote)}
+    if platform == "aws-nitro-tpm":
+        return {"attestation_doc": _msgpack_vec_u8(attestation.quote)}
+    raise ValueError(f"unknown platform kind {platform!r}")
+
+
+def encode_v1(attestation: UpstreamAttestation) -> bytes:
+    """``rmp_serde::to_vec_named`` of the V1 ``Attestation``: the inverse of :func:`decode_v1`.
+
+    Structs are maps with their fields in declaration order; plain ``Vec<u8>`` fields
+    (quote, report, report_data, certificate chain entries) are arrays of integers, event
+    digests and payloads are ``bin``; ``version`` is written only when it is not 1 and
+    ``preimage`` (hex) only when given.
+
+    :raises ValueError: an unknown platform or stack kind, or report data not 64 bytes.
+    """
+    if attestation.stack not in STACK_KINDS:
+        raise ValueError(f"unknown stack kind {attestation.stack!r}")
+    if len(attestation.report_data) != REPORT_DATA_SIZE:
+        raise ValueError(f"report_data must be {REPORT_DATA_SIZE} bytes")
+    stack: dict[str, Any] = {
+        "report_data": _msgpack_vec_u8(attestation.report_data),
+        "runtime_events": [_v1_runtime_map(e) for e in attestation.runtime_events],
+        "config": attestation.config,
+    }
+    if attestation.stack == "dstack-pod":
+        stack["report_data_payload"] = attestation.report_data_payload or ""
+    doc = {
+        "version": V1_VERSION,
+        "platform": {"kind": attestation.platform, "data": _v1_platform_data(attestation)},
+        "stack": {"kind": attestation.stack, "data": stack},
+    }
+    packed: bytes = msgpack.packb(doc, use_bin_type=True)
+    return packed
+
+
+def encode_attestation(attestation: UpstreamAttestation) -> bytes:
+    """The wire bytes of ``attestation`` in its own ``wire_version`` (0 or 1).
+
+    :raises ValueError: as :func:`encode_v0` / :func:`encode_v1`, or an unknown version.
+    """
+    if attestation.wire_version == 0:
+        return encode_v0(attestation)
+    if attestation.wire_version == 1:
+        return encode_v1(attestation)
+    raise ValueError(f"unknown wire version {attestation.wire_version}")
+
+
+def build_attestation(
+    *,
+    platform: str,
+    quote: bytes,
+    event_log: Sequence[TdxEvent],
+    report_data: bytes,
+    config: str,
+    extra: Mapping[str, Any] | None = None,
+) -> UpstreamAttestation:
+    """Upstream's attestation of this guest, as its agent makes it (``Attestation::quote``
+    then ``into_versioned``).
+
+    * ``tdx``: the full event log (boot events then runtime events) and, separately, the
+      runtime events it contains; version-2 runtime events carry their ``preimage``
+      (``fill_event_preimages``).
+    * ``sev-snp``: the report, ``extra["cert_chain"]`` and ``extra["mr_config"]``; no
+      runtime events, as upstream's SNP attestations have none.
+
+    The wire version is V0 unless a runtime event is version 2 (V0 cannot say so).
+
+    :param config: the sys-config ``vm_config`` string.
+    :raises ValueError: another platform, or report data that is not 64 bytes.
+    """
+    extra = dict(extra or {})
+    if platform == "sev-snp":
+        return UpstreamAttestation(
+            wire_version=0,
+            platform=platform,
+            quote=quote,
+            report_data=report_data,
+            config=config,
+            extra={
+                "cert_chain": tuple(bytes(c) for c in extra.get("cert_chain", ())),
+                "mr_config": str(extra.get("mr_config", "")),
+            },
+        )
+    if platform != "tdx":
+        raise ValueError(f"cannot build an upstream attestation for platform {platform!r}")
+    events = tuple(event_log)
+    runtime = tuple(e.to_runtime_event() for e in events if e.is_runtime)
+    v2 = any(e.version != 1 for e in runtime)
+    return UpstreamAttestation(
+        wire_version=1 if v2 else 0,
+        platform=platform,
+        quote=quote,
+        event_log=events,
+        runtime_events=runtime,
+        report_data=report_data,
+        config=config,
+        preimages=tuple(
+            e.preimage if e.is_runtime and e.version != 1 else None for e in events
+        ) if v2 else (),
+    )
+
+
+def strip_for_certificate(attestation: UpstreamAttestation) -> UpstreamAttestation:
+    """``VersionedAttestation::into_stripped``: what an RA-TLS certificate embeds.
+
+    TDX keeps only the RTMR0 ``ACPI DATA`` events (digest kept, payload ``ACPI DATA``) and
+    the RTMR3 events (payload kept, digest emptied: it is recomputable); GCP TDX keeps the
+    RTMR3 events only. Other platforms are unchanged.
+    """
+    platform = attestation.platform
+    if platform not in ("tdx", "gcp-tdx"):
+        return attestation
+    kept: list[tuple[TdxEvent, bytes | None]] = []
+    preimages = attestation.preimages or (None,) * len(attestation.event_log)
+    for event, preimage in zip(attestation.event_log, preimages):
+        if platform == "tdx" and event.is_acpi_data:
+            kept.append((event.stripped(), preimage))
+        elif event.imr == _RUNTIME_IMR:
+            kept.append((event.stripped(), preimage))
+    return attrs.evolve(
+        attestation,
+        event_log=tuple(e for e, _ in kept),
+        preimages=tuple(p for _, p in kept) if attestation.preimages else (),
+    )
+
+
+def certificate_extensions(attestation: UpstreamAttestation) -> tuple[bytes, bytes]:
+    """Upstream's RA-TLS extension payloads for ``attestation`` (made over the key's report
+    data): the stripped attestation (``.1.8``) and the msgpack app info (``.1.9``), the latter
+    derived from the unverified evidence as upstream's ``decode_app_info(false)`` does."""
+    info = AppInfo()
+    if attestation.platform == "tdx":
+        report = TdxQuote.from_bytes(attestation.quote).report
+        info = derive_app_info(report, attestation.event_log, attestation.config)
+    app_info = encode_app_info(
+        **attrs.asdict(info),
+        init_script_hashes=boot_event_payloads(attestation.event_log, INIT_SCRIPT_HASH_EVENT),
+    )
+    return encode_attestation(strip_for_certificate(attestation)), app_info
+
+
+def encode_app_info(
+    *,
+    app_id: bytes,
+    compose_hash: bytes,
+    instance_id: bytes,
+    device_id: bytes,
+    mr_system: bytes,
+    mr_aggregated: bytes,
+    os_image_hash: bytes,
+    key_provider_info: bytes,
+    init_script_hashes: Sequence[bytes] | None,
+) -> bytes:
+    """Upstream's RA-TLS app-info extension (``.1.9``): ``rmp_serde::to_vec`` of ``AppInfo``,
+    a nine-element array of ``bin`` fields (``init_script_hashes`` nil or an array)."""
+    hashes = None if init_script_hashes is None else [bytes(h) for h in init_script_hashes]
+    packed: bytes = msgpack.packb(
+        [app_id, compose_hash, instance_id, device_id, mr_system, mr_aggregated,
+         os_image_hash, key_provider_info, hashes],
+        use_bin_type=True,
+    )
+    return packed
+

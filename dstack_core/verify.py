@@ -28,7 +28,16 @@ before it pass, checks after it are ``skipped`` as not reached.
 The verdict is ``pass`` only if no check failed and every *mandatory* check passed. Which
 checks are mandatory depends on the evidence: the quote checks and the event log always;
 ``envelope_binding`` for envelopes; ``ratls_binding`` for certificates; ``report_data``
-when an expectation was given.
+when an expectation was given; ``os_image`` with an OS image policy; ``ratls_chain`` with
+trust anchors. ``reason`` names the first failed check.
+
+A claim comes only from data the quote's signature covers, directly or through a replay
+that reproduces the signed registers (docs/verify.md has the table): RTMR3 may hold only
+dstack runtime events, replayed from their content; the identity is read from them only
+when that replay gives the quote's RTMR3 and the quote is authenticated; ``os_image_hash``
+only through an OS image policy (:mod:`dstack_core.osimage`) or a bound ``os-image-hash``
+event; ``platform`` from the quote, never from the envelope's tag. What nothing binds is
+reported empty, whatever the verdict.
 
 SEV-SNP evidence (our envelope with evidence format ``sev-snp``, also inside an RA-TLS
 certificate) has its own checks, :data:`SNP_CHECK_NAMES`: the report is parsed
@@ -41,10 +50,10 @@ failed; there is no option to accept an unverified report.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -56,7 +65,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from . import strictjson
-from .appinfo import DEVICE_ID_UNVERIFIED, SYSTEM_READY, derive_app_info
+from .appinfo import SYSTEM_READY, boot_event_payload, derive_app_info
 from .certs import (
     RaTlsCertificate,
     load_certificate_chain,
@@ -66,10 +75,11 @@ from .certs import (
 )
 from .collateral import Collateral
 from .envelope import ENVELOPE_MAGIC, AppInfo, Envelope
-from .errors import EvidenceError
+from .errors import EvidenceError, InvalidRequest
 from .eventlog import (
     EV_NO_ACTION,
     RTMR_COUNT,
+    RUNTIME_EVENT_TYPE,
     RUNTIME_IMR,
     ZERO_REGISTER,
     RuntimeEvent,
@@ -79,9 +89,10 @@ from .eventlog import (
     runtime_event_preimage,
 )
 from .mockpki import SIMULATOR_USER_DATA
-from .quote import TdxQuote, is_tdx_quote
+from .osimage import OsImagePolicy, check_os_image, stated_os_image_hash
+from .quote import TdReport, TdxQuote, is_tdx_quote
 from .snp import POLICY_RESERVED_ONE, SIGNATURE_ALGO_ECDSA_P384_SHA384, SnpReport
-from .types import REPORT_DATA_LENGTH
+from .types import REPORT_DATA_LENGTH, is_hardware_tag
 from .upstream import UpstreamAttestation, decode_attestation, is_upstream_attestation
 
 __all__ = [
@@ -90,6 +101,7 @@ __all__ = [
     "MAX_EVIDENCE_SIZE",
     "SIMULATOR_MARKER",
     "SNP_CHECK_NAMES",
+    "BootEvent",
     "CheckResult",
     "CheckStatus",
     "Evidence",
@@ -97,8 +109,10 @@ __all__ = [
     "ExpectedReportData",
     "VerificationResult",
     "VerifyOptions",
+    "bytes_tuple",
     "evidence_from_json",
     "load_evidence",
+    "parse_expected_report_data",
     "sniff_evidence",
     "string_set",
     "verify",
@@ -159,6 +173,8 @@ SNP_FORMAT: Final = "sev-snp"
 TEE_VARIANT_TDX: Final = "dstack-tdx"
 TEE_VARIANT_SNP: Final = "dstack-amd-sev-snp"
 APP_DATA_TAG: Final = "app-data"
+OS_IMAGE_HASH_EVENT: Final = "os-image-hash"
+"""The RTMR3 event dstack-util emits (KMS mode) with the OS image hash the KMS accepted."""
 
 _DCAP_CHECKS: Final = (
     "collateral",
@@ -167,8 +183,18 @@ _DCAP_CHECKS: Final = (
     "quote_signature",
     "tcb_status",
 )
-_HEX_TEXT: Final = re.compile(rb"(?:0x)?((?:[0-9a-fA-F]{2})+)")
-_WHITESPACE: Final = re.compile(rb"\s+")
+_QUOTE_AUTHENTICATION: Final = (
+    "simulator_policy",
+    "collateral",
+    "certificate_chain",
+    "qe_identity",
+    "quote_signature",
+)
+"""The checks that together say the quote's signature verified under an accepted root:
+only then is anything reported as a claim."""
+_HEX_PREFIXES: Final = (b"0x", b"0X")
+_HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
+_ASCII_WHITESPACE: Final = b" \t\n\r\x0b\x0c"
 _PEM_START: Final = b"-----BEGIN"
 _PEM_CERTIFICATE: Final = b"-----BEGIN CERTIFICATE-----"
 _DER_SEQUENCE: Final = 0x30
@@ -251,9 +277,43 @@ class ExpectedReportData:
         return cls(value=value, description=f'{algorithm}("{tag}:" || data)')
 
 
+def parse_expected_report_data(text: object) -> ExpectedReportData:
+    """The raw report data expectation of ``--expect-report-data`` and of the service's
+    ``expected_report_data``: one rule for both.
+
+    Hex, with an optional ``0x`` prefix; shorter than 64 bytes is zero-padded on the right
+    (as the agent pads the report data it quotes).
+
+    :raises InvalidRequest: not a string, empty (``""`` or ``"0x"``: an empty expectation
+        is an error, never 64 zero bytes), odd-length or non-hex digits, or over 64 bytes.
+    """
+    if not isinstance(text, str):
+        raise InvalidRequest("expected report data must be a hex string")
+    digits = text[2:] if text[:2] in ("0x", "0X") else text
+    if not digits:
+        raise InvalidRequest(
+            "expected report data is empty: give the hex of the report data (64 bytes; "
+            "shorter is zero-padded)"
+        )
+    if len(digits) % 2:
+        raise InvalidRequest("expected report data has an odd number of hex digits")
+    try:
+        raw = binascii.a2b_hex(digits)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("expected report data is not hex") from None
+    if len(raw) > REPORT_DATA_LENGTH:
+        raise InvalidRequest(f"expected report data is over {REPORT_DATA_LENGTH} bytes")
+    return ExpectedReportData.raw(raw)
+
+
 def string_set(values: Iterable[str]) -> frozenset[str]:
     """A frozen set of strings (the converter of the policy fields)."""
     return frozenset(values)
+
+
+def bytes_tuple(values: Iterable[bytes]) -> tuple[bytes, ...]:
+    """A tuple of byte strings (the converter of the trust anchor fields)."""
+    return tuple(values)
 
 
 def _now_value(_inst: object, _attr: attrs.Attribute[int], value: int) -> None:
@@ -276,7 +336,12 @@ class VerifyOptions:
         ``advisory_ids`` when the platform is affected.
     :ivar expected_report_data: what the quote's report data must be, or None.
     :ivar allow_stripped_event_log: let ``event_log`` pass on RTMR3 alone when the log
-        carries no boot events (upstream's lite-stripped RA-TLS certificates).
+        carries no boot events (upstream's lite-stripped RA-TLS certificates, bare
+        GetQuote logs). Never for our own envelopes, which always carry the full log.
+    :ivar os_image_policy: the known OS images; with it, ``os_image`` is mandatory and
+        compares the signed MRTD and RTMR0-2. None: the OS image is reported unverified.
+    :ivar ratls_trust_anchors: DER certificates an RA-TLS chain may end at (a KMS or app
+        CA). With anchors, ``ratls_chain`` is mandatory; without, a chain is never trusted.
     """
 
     now: int = attrs.field(validator=_now_value)
@@ -288,6 +353,8 @@ class VerifyOptions:
     rejected_advisory_ids: frozenset[str] = attrs.field(factory=frozenset, converter=string_set)
     expected_report_data: ExpectedReportData | None = None
     allow_stripped_event_log: bool = False
+    os_image_policy: OsImagePolicy | None = None
+    ratls_trust_anchors: tuple[bytes, ...] = attrs.field(default=(), converter=bytes_tuple)
 
 
 @attrs.frozen(kw_only=True)
@@ -295,13 +362,18 @@ class Evidence:
     """Decoded, structurally valid evidence, not yet verified.
 
     :ivar kind: the outer format (a certificate's embedded format is ``attestation_kind``).
-    :ivar platform: the producing platform's tag: the envelope's ``platform`` for ours,
-        ``tdx`` for upstream TDX envelopes and bare quotes.
+    :ivar platform: what the evidence is, from its format and quote, never from free text:
+        ``simulator`` for a TDX quote marked ``DSTACK-SIMULATOR``, else ``tdx``; ``sev-snp``
+        for SNP reports.
+    :ivar platform_tag: the free-text ``platform`` our envelope carries (None for other
+        formats); the verifier compares it with :attr:`platform` and never reports it.
     :ivar quote: the parsed TDX quote (None for SEV-SNP evidence).
     :ivar snp_report: the parsed SEV-SNP report (None for TDX evidence); exactly one of
         ``quote`` and ``snp_report`` is set.
     :ivar event_log: the event log as given (boot events, then RTMR3 events).
     :ivar event_log_given: False for a bare quote without a log.
+    :ivar unreplayable: JSON events whose digest is not 48 bytes (kept with a zero digest),
+        described; ``event_log`` fails on them.
     :ivar runtime_events: upstream only: the separate runtime event list upstream replays.
     :ivar preimages: per ``event_log`` entry, a ``preimage`` the evidence carried, or None.
     :ivar report_data: the report data the envelope claims, or None (bare quote).
@@ -315,10 +387,12 @@ class Evidence:
 
     kind: EvidenceKind
     platform: str
+    platform_tag: str | None = None
     quote: TdxQuote | None = None
     snp_report: SnpReport | None = None
     event_log: tuple[TdxEvent, ...] = ()
     event_log_given: bool = True
+    unreplayable: tuple[str, ...] = ()
     runtime_events: tuple[RuntimeEvent, ...] | None = None
     preimages: tuple[bytes | None, ...] = ()
     report_data: bytes | None = None
@@ -350,7 +424,7 @@ class Evidence:
     def marked_simulated(self) -> bool:
         """Whether the evidence says it comes from the simulator (platform tag or quote
         header ``DSTACK-SIMULATOR``). Never trusted to say *not* simulated."""
-        if self.platform == SIMULATOR_PLATFORM:
+        if SIMULATOR_PLATFORM in (self.platform, self.platform_tag):
             return True
         return self.quote is not None and self.quote.header.user_data.startswith(
             SIMULATOR_MARKER
@@ -365,11 +439,58 @@ def _tdx(evidence: Evidence) -> TdxQuote:
 
 
 @attrs.frozen(kw_only=True)
-class VerificationResult:
-    """The verdict and every check, plus the values extracted from the evidence.
+class BootEvent:
+    """A boot (RTMR0-2) event whose register replayed to the quote's signed value.
 
-    Extracted values are what the evidence says; they are trustworthy only when the
-    verdict is ``pass``. Byte values are raw bytes; :meth:`to_json` renders them in hex.
+    What the replay binds is the digest, in its register and position. The event data is
+    reported only when it is itself what was measured (``sha384(payload) == digest``, e.g.
+    EFI actions and separators); event types, names and other payloads (a kernel's device
+    path, ``ACPI DATA``) are covered by no measurement and are not reported.
+
+    :ivar imr: the register, 0-2.
+    :ivar digest: the 48 bytes extended.
+    :ivar payload: the measured event data, or None.
+    """
+
+    imr: int
+    digest: bytes
+    payload: bytes | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"imr", "digest", "payload"}``, bytes in hex, payload null when not bound."""
+        return {
+            "imr": self.imr,
+            "digest": self.digest.hex(),
+            "payload": None if self.payload is None else self.payload.hex(),
+        }
+
+
+def _runtime_event_json(event: RuntimeEvent) -> dict[str, Any]:
+    return {"event": event.event, "payload": event.payload.hex(), "version": event.version}
+
+
+SIMULATED_WARNING: Final = (
+    "SIMULATED EVIDENCE: verified against a simulator/external trust anchor, not backed by "
+    "TEE hardware"
+)
+OS_IMAGE_WARNING: Final = (
+    "OS IMAGE UNVERIFIED: nothing ties this app to a known OS image: MRTD and RTMR0-2 were "
+    "compared with no OS image policy (--os-image-policy, --expect-mrtd/--expect-rtmr)"
+)
+
+
+@attrs.frozen(kw_only=True)
+class VerificationResult:
+    """The verdict and every check, plus the claims the evidence binds.
+
+    Every claim comes only from data the quote's signature covers, directly (``mrtd``,
+    ``rtmrs``, ``report_data``, ...) or through a replay that reproduces the signed
+    registers (app identity, key provider, runtime and boot events); docs/verify.md has a
+    table of what binds each field. Claims that nothing binds are empty (``b""``, ``()``,
+    None), never the evidence's word. Quote fields are what a parsed quote says; they are
+    authenticated only when its signature verified (the dcap-qvl checks pass), and the
+    identity claims are reported only then (:attr:`identity_bound`). Trust any of it only
+    with a ``pass`` verdict. Byte values are raw bytes; :meth:`to_json` renders them in hex.
     """
 
     verdict: Literal["pass", "fail"]
@@ -385,16 +506,20 @@ class VerificationResult:
     mrtd: bytes = b""
     rtmrs: tuple[bytes, ...] = ()
     mr_config_id: bytes = b""
+    identity_bound: bool = False
     app_id: bytes = b""
     compose_hash: bytes = b""
     instance_id: bytes = b""
     key_provider: Mapping[str, str] | None = None
     key_provider_info: bytes = b""
     os_image_hash: bytes = b""
+    os_image_verified: bool = False
     mr_aggregated: bytes = b""
     mr_system: bytes = b""
     device_id: bytes = b""
     init_script_hashes: tuple[bytes, ...] = ()
+    runtime_events: tuple[RuntimeEvent, ...] = ()
+    boot_events: tuple[BootEvent, ...] = ()
     evidence_format: Literal["tdx", "sev-snp"] = "tdx"
     snp_report: SnpReport | None = None
 
@@ -420,59 +545,86 @@ class VerificationResult:
 
     @property
     def reason(self) -> str | None:
-        """Why the verdict is ``fail`` (the first failed or missing mandatory check)."""
+        """Why the verdict is ``fail``: the first failed check, else the first mandatory
+        check that did not pass (e.g. skipped for want of collateral)."""
         if self.passed:
             return None
         for result in self.checks:
-            if result.status == "fail" or (result.mandatory and result.status != "pass"):
+            if result.status == "fail":
+                return f"{result.name}: {result.detail}"
+        for result in self.checks:
+            if result.mandatory and result.status != "pass":
                 return f"{result.name}: {result.detail}"
         return "no check passed"  # pragma: no cover - a fail verdict always has a cause
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Plain statements about what the verdict does not cover: simulated evidence, and
+        (TDX) an OS image that nothing ties to a known one."""
+        found = []
+        if self.simulated:
+            found.append(SIMULATED_WARNING)
+        if self.snp_report is None and not self.os_image_verified:
+            found.append(OS_IMAGE_WARNING)
+        return tuple(found)
+
+    def claims(self) -> dict[str, Any]:
+        """Every reported claim, as :meth:`to_json` renders it (no checks, verdict or time)."""
+        doc: dict[str, Any] = {
+            "evidence_kind": self.evidence_kind,
+            "platform": self.platform,
+            "simulated": self.simulated,
+            "tcb_status": self.tcb_status,
+            "advisory_ids": list(self.advisory_ids),
+            "quote_version": self.quote_version,
+            "report_data": self.report_data.hex(),
+            "mrtd": self.mrtd.hex(),
+            "rtmrs": [r.hex() for r in self.rtmrs],
+            "mr_config_id": self.mr_config_id.hex(),
+            "identity_bound": self.identity_bound,
+            "app_id": self.app_id.hex(),
+            "compose_hash": self.compose_hash.hex(),
+            "instance_id": self.instance_id.hex(),
+            "key_provider": None if self.key_provider is None else dict(self.key_provider),
+            "key_provider_info": self.key_provider_info.decode("utf-8", "replace"),
+            "os_image_hash": self.os_image_hash.hex(),
+            "os_image_verified": self.os_image_verified,
+            "mr_aggregated": self.mr_aggregated.hex(),
+            "mr_system": self.mr_system.hex(),
+            "device_id": self.device_id.hex(),
+            "init_script_hashes": [h.hex() for h in self.init_script_hashes],
+            "runtime_events": [_runtime_event_json(e) for e in self.runtime_events],
+            "boot_events": [e.to_json() for e in self.boot_events],
+        }
+        if self.snp_report is not None:
+            doc["evidence_format"] = self.evidence_format
+            doc["sev_snp"] = self.snp_report.to_json()
+        return doc
+
     def to_json(self) -> dict[str, Any]:
-        """The CLI's JSON document: verdict, checks by name, extracted values in hex."""
+        """The CLI's JSON document: verdict, warnings, checks by name, then the claims."""
         doc: dict[str, Any] = {
             "verdict": self.verdict,
             "reason": self.reason,
             "simulated": self.simulated,
         }
         if self.simulated:
-            doc["warning"] = (
-                "SIMULATED EVIDENCE: verified against a simulator/external trust anchor, "
-                "not backed by TEE hardware"
-            )
-        doc.update(
-            {
-                "checks": {c.name: c.to_json() for c in self.checks},
-                "evidence_kind": self.evidence_kind,
-                "platform": self.platform,
-                "verified_at": self.verified_at,
-                "tcb_status": self.tcb_status,
-                "advisory_ids": list(self.advisory_ids),
-                "quote_version": self.quote_version,
-                "report_data": self.report_data.hex(),
-                "mrtd": self.mrtd.hex(),
-                "rtmrs": [r.hex() for r in self.rtmrs],
-                "mr_config_id": self.mr_config_id.hex(),
-                "app_id": self.app_id.hex(),
-                "compose_hash": self.compose_hash.hex(),
-                "instance_id": self.instance_id.hex(),
-                "key_provider": None if self.key_provider is None else dict(self.key_provider),
-                "key_provider_info": self.key_provider_info.decode("utf-8", "replace"),
-                "os_image_hash": self.os_image_hash.hex(),
-                "mr_aggregated": self.mr_aggregated.hex(),
-                "mr_system": self.mr_system.hex(),
-                "device_id": self.device_id.hex(),
-                "init_script_hashes": [h.hex() for h in self.init_script_hashes],
-            }
-        )
-        if self.snp_report is not None:
-            doc["evidence_format"] = self.evidence_format
-            doc["sev_snp"] = self.snp_report.to_json()
+            doc["warning"] = SIMULATED_WARNING
+        doc["warnings"] = list(self.warnings)
+        doc["checks"] = {c.name: c.to_json() for c in self.checks}
+        doc["verified_at"] = self.verified_at
+        doc.update(self.claims())
         return doc
 
     def to_upstream_json(self) -> dict[str, Any]:
         """The upstream verifier's ``/verify`` response shape (formats.md 2.4), plus our
-        ``verdict``, ``simulated`` and per-check ``checks``."""
+        ``verdict``, ``simulated``, ``warnings`` and per-check ``checks``.
+
+        As upstream, ``is_valid`` needs the OS image verified: a ``pass`` verdict with an
+        unverified OS image is ``is_valid: false`` with the ``os_image`` check as the reason.
+        ``app_info``, ``boot_info`` and ``key_provider`` are null unless the identity is
+        bound (upstream leaves them null when verification stops early).
+        """
 
         listed = {c.name: c.status for c in self.checks}
 
@@ -481,32 +633,22 @@ class VerificationResult:
 
         snp = self.snp_report is not None
         tee_variant = TEE_VARIANT_SNP if snp else TEE_VARIANT_TDX
-
-        key_provider = dict(self.key_provider) if self.key_provider is not None else None
-        app_info = {
-            "app_id": self.app_id.hex(),
-            "compose_hash": self.compose_hash.hex(),
-            "instance_id": self.instance_id.hex(),
-            "device_id": self.device_id.hex(),
-            "mr_system": self.mr_system.hex(),
-            "mr_aggregated": self.mr_aggregated.hex(),
-            "os_image_hash": self.os_image_hash.hex(),
-            "key_provider_info": self.key_provider_info.hex(),
-            "init_script_hashes": [h.hex() for h in self.init_script_hashes],
-        }
-        details = {
-            "quote_verified": passed("snp_signature", "vcek_chain") if snp
-            else passed(*_DCAP_CHECKS),
-            "event_log_verified": passed("event_log") and listed.get("runtime_events") != "fail",
-            "os_image_hash_verified": passed("os_image"),
-            "acpi_tables_verified": False,
-            "tee_variant": tee_variant,
-            "report_data": self.report_data.hex(),
-            "tcb_status": self.tcb_status,
-            "advisory_ids": list(self.advisory_ids),
-            "key_provider": key_provider,
-            "app_info": app_info,
-            "boot_info": {
+        os_image_verified = passed("os_image")
+        app_info: dict[str, Any] | None = None
+        boot_info: dict[str, Any] | None = None
+        if self.identity_bound:
+            app_info = {
+                "app_id": self.app_id.hex(),
+                "compose_hash": self.compose_hash.hex(),
+                "instance_id": self.instance_id.hex(),
+                "device_id": self.device_id.hex(),
+                "mr_system": self.mr_system.hex(),
+                "mr_aggregated": self.mr_aggregated.hex(),
+                "os_image_hash": self.os_image_hash.hex(),
+                "key_provider_info": self.key_provider_info.hex(),
+                "init_script_hashes": [h.hex() for h in self.init_script_hashes],
+            }
+            boot_info = {
                 "teeVariant": tee_variant,
                 "mrAggregated": self.mr_aggregated.hex(),
                 "osImageHash": self.os_image_hash.hex(),
@@ -518,16 +660,39 @@ class VerificationResult:
                 "keyProviderInfo": self.key_provider_info.hex(),
                 "tcbStatus": self.tcb_status or "",
                 "advisoryIds": list(self.advisory_ids),
-            },
+            }
+        quote_verified = (
+            passed("snp_signature", "vcek_chain")
+            if snp
+            else passed(*_QUOTE_AUTHENTICATION, "td_attributes", "mr_signer_seam")
+            and listed.get("mr_service_td") != "fail"
+        )
+        details = {
+            "quote_verified": quote_verified,
+            "event_log_verified": passed("event_log", "runtime_events"),
+            "os_image_hash_verified": os_image_verified,
+            "acpi_tables_verified": False,
+            "tee_variant": tee_variant,
+            "report_data": self.report_data.hex(),
+            "tcb_status": self.tcb_status,
+            "advisory_ids": list(self.advisory_ids),
+            "key_provider": dict(self.key_provider) if self.key_provider is not None else None,
+            "app_info": app_info,
+            "boot_info": boot_info,
             "rtmrs": [r.hex() for r in self.rtmrs],
             "mrtd": self.mrtd.hex(),
         }
+        reason = self.reason
+        if reason is None and not os_image_verified:
+            found = listed.get("os_image")
+            reason = f"os_image: {self.check('os_image').detail}" if found else OS_IMAGE_WARNING
         return {
-            "is_valid": self.passed,
+            "is_valid": self.passed and os_image_verified,
             "details": details,
-            "reason": self.reason,
+            "reason": reason,
             "verdict": self.verdict,
             "simulated": self.simulated,
+            "warnings": list(self.warnings),
             "checks": {c.name: c.to_json() for c in self.checks},
         }
 
@@ -569,7 +734,7 @@ def sniff_evidence(data: bytes) -> InputKind:
         return "certificate-pem"
     if text.startswith(_JSON_OBJECT):
         return "json"
-    if text and _HEX_TEXT.fullmatch(_WHITESPACE.sub(b"", text)):
+    if _is_hex_text(text):
         return "hex"
     if data.isascii() and _PEM_CERTIFICATE in data:
         return "certificate-pem"  # PEM blocks inside other text (openssl s_client output)
@@ -623,16 +788,45 @@ def _der_certificate(data: bytes) -> list[x509.Certificate]:
     # PEM text, so "contains -----BEGIN" does not mean "is PEM".
     try:
         return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise EvidenceError(f"not a DER certificate: {exc}") from None
 
 
+def _is_hex_text(text: bytes) -> bool:
+    """Whether ``text`` (stripped) is an even number of hex digits, whitespace allowed
+    anywhere, after an optional ``0x``. Deleting the hex digits and whitespace leaves only
+    the other bytes, so hex text costs no copy."""
+    if not text:
+        return False
+    rest = text.translate(None, _HEX_DIGITS + _ASCII_WHITESPACE)
+    if rest and not (rest in (b"x", b"X") and text[:2] in _HEX_PREFIXES):
+        return False
+    whitespace = sum(text.count(bytes([c])) for c in _ASCII_WHITESPACE)
+    digits = len(text) - whitespace - len(rest) * 2
+    return digits > 0 and digits % 2 == 0
+
+
 def _decode_hex(text: bytes | str, what: str) -> bytes:
-    raw = text.encode("ascii", "replace") if isinstance(text, str) else text
-    match = _HEX_TEXT.fullmatch(_WHITESPACE.sub(b"", raw))
-    if match is None:
-        raise EvidenceError(f"{what} is not an even-length hex string")
-    return bytes.fromhex(match.group(1).decode("ascii"))
+    """Hex text (whitespace allowed anywhere, optional ``0x``) to bytes, in linear time and
+    memory: no regex (a repeated group over megabytes backtracks into gigabytes), and no
+    copy of the input unless it holds whitespace or a prefix.
+
+    :raises EvidenceError: not ASCII, empty, odd-length or other than hex digits.
+    """
+    digits: bytes | str = text
+    try:
+        if isinstance(text, str):
+            if any(c in text for c in _ASCII_WHITESPACE.decode()):
+                digits = text.encode("ascii").translate(None, _ASCII_WHITESPACE)
+        elif any(bytes([c]) in text for c in _ASCII_WHITESPACE):
+            digits = text.translate(None, _ASCII_WHITESPACE)
+        if digits[:2] in ("0x", "0X", *_HEX_PREFIXES):
+            digits = digits[2:]
+        if not digits:
+            raise ValueError("empty")
+        return binascii.a2b_hex(digits)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise EvidenceError(f"{what} is not an even-length hex string") from None
 
 
 def _load_attestation(data: bytes) -> Evidence:
@@ -659,7 +853,7 @@ def _parse_quote(data: bytes) -> TdxQuote:
 
 
 def _platform_of(quote: TdxQuote) -> str:
-    """The platform of evidence that names none: ``simulator`` if the quote says so."""
+    """What a TDX quote is: ``simulator`` if its header says so, else ``tdx``."""
     marked = quote.header.user_data.startswith(SIMULATOR_MARKER)
     return SIMULATOR_PLATFORM if marked else TDX_FORMAT
 
@@ -668,7 +862,8 @@ def _from_envelope(envelope: Envelope) -> Evidence:
     if envelope.evidence_format == SNP_FORMAT:
         return Evidence(
             kind="dstack-core",
-            platform=envelope.platform,
+            platform=SNP_FORMAT,
+            platform_tag=envelope.platform,
             snp_report=SnpReport.from_bytes(envelope.quote),
             event_log=envelope.event_log,
             report_data=envelope.report_data,
@@ -677,10 +872,12 @@ def _from_envelope(envelope: Envelope) -> Evidence:
         )
     if envelope.evidence_format != TDX_FORMAT:
         raise _unsupported(envelope.evidence_format)
+    quote = _parse_quote(envelope.quote)
     return Evidence(
         kind="dstack-core",
-        platform=envelope.platform,
-        quote=_parse_quote(envelope.quote),
+        platform=_platform_of(quote),
+        platform_tag=envelope.platform,
+        quote=quote,
         event_log=envelope.event_log,
         report_data=envelope.report_data,
         vm_config=envelope.vm_config,
@@ -714,8 +911,9 @@ def _from_quote(
     parsed = _parse_quote(quote)
     preimages: tuple[bytes | None, ...] = ()
     event_log: tuple[TdxEvent, ...] = ()
+    unreplayable: tuple[str, ...] = ()
     if events is not None:
-        event_log = events_from_json(events)
+        event_log, unreplayable = _json_events(events)
         preimages = tuple(_json_preimage(e, i) for i, e in enumerate(events))
     return Evidence(
         kind="quote",
@@ -723,10 +921,44 @@ def _from_quote(
         quote=parsed,
         event_log=event_log,
         event_log_given=events is not None,
+        unreplayable=unreplayable,
         preimages=preimages,
         report_data=report_data,
         vm_config=vm_config,
     )
+
+
+def _json_events(events: Sequence[Any]) -> tuple[tuple[TdxEvent, ...], tuple[str, ...]]:
+    """:func:`~dstack_core.eventlog.events_from_json`, except that an event whose digest
+    is not the 48 bytes a replay needs (GetQuote sends runtime events with ``"digest": ""``,
+    so one retyped by hand arrives so) is kept with a zero digest and described, so that the
+    verdict names it (``event_log``) instead of the whole evidence being refused."""
+    kept: list[Any] = []
+    problems: list[str] = []
+    for index, item in enumerate(events):
+        if isinstance(item, Mapping) and _unreplayable_digest(item):
+            where = f"imr {item['imr']}, type {item['event_type']:#010x}"
+            size = len(item["digest"]) // 2
+            problems.append(
+                f"event {index} ({where}) has a {size}-byte digest: it cannot be replayed"
+            )
+            item = {**item, "digest": ZERO_REGISTER.hex()}
+        kept.append(item)
+    return events_from_json(kept), tuple(problems)
+
+
+def _unreplayable_digest(item: Mapping[str, Any]) -> bool:
+    """A well-typed JSON event whose hex digest is not 48 bytes, unless it is a runtime
+    event's empty digest (recomputed from its content)."""
+    imr, event_type, digest = item.get("imr"), item.get("event_type"), item.get("digest")
+    if type(imr) is not int or type(event_type) is not int or not isinstance(digest, str):
+        return False
+    text = digest[2:] if digest[:2] in ("0x", "0X") else digest
+    if text and not _is_hex_text(text.encode("ascii", "replace")):
+        return False  # not hex at all: malformed, as events_from_json says
+    if len(text) == 2 * len(ZERO_REGISTER):
+        return False
+    return not (text == "" and imr == RUNTIME_IMR and event_type == RUNTIME_EVENT_TYPE)
 
 
 def _json_preimage(event: Any, index: int) -> bytes | None:
@@ -924,7 +1156,7 @@ def _chain_valid(pem: str, root_der: bytes | None, now: int) -> bool:
         chain = x509.load_pem_x509_certificates(pem.encode())
         verify_chain(chain)
         chain[-1].verify_directly_issued_by(chain[-1])
-    except (ValueError, TypeError, InvalidSignature, EvidenceError):
+    except (ValueError, TypeError, InvalidSignature, EvidenceError, x509.InvalidVersion):
         return False
     moment = datetime.fromtimestamp(now, UTC)
     if any(not (c.not_valid_before_utc <= moment <= c.not_valid_after_utc) for c in chain):
@@ -1166,15 +1398,29 @@ def _report_data_and_ratls_checks(
     checks["ratls_binding"], checks["ratls_chain"] = _ratls_checks(evidence, options)
     if evidence.certificate is not None:
         checks.require("ratls_binding")
+        if options.ratls_trust_anchors:
+            checks.require("ratls_chain")
 
 
 @attrs.frozen(kw_only=True)
 class _Replay:
+    """The registers an event log replays to under dstack's rules, and what breaks them.
+
+    :ivar rtmrs: RTMR0-3 replayed from 48 zero bytes.
+    :ivar boot: the log's RTMR0-2 events, as given.
+    :ivar runtime: what RTMR3 replays: upstream's ``runtime_events``, else the log's RTMR3
+        entries.
+    :ivar boot_present: whether an RTMR1 or RTMR2 event extends (EV_NO_ACTION does not);
+        without one, the log is lite-stripped unless the quote's RTMR1 and RTMR2 are zero
+        (:func:`_boot_replayable`).
+    :ivar foreign: RTMR3 entries that are not dstack runtime events, described.
+    """
+
     rtmrs: tuple[bytes, bytes, bytes, bytes]
-    runtime: tuple[TdxEvent, ...]
-    computed: tuple[bytes | None, ...]  # per runtime entry: digest recomputed from content
     boot: tuple[TdxEvent, ...]
+    runtime: tuple[TdxEvent, ...]
     boot_present: bool
+    foreign: tuple[str, ...]
 
 
 def _runtime_tdx_events(evidence: Evidence) -> tuple[TdxEvent, ...]:
@@ -1183,26 +1429,50 @@ def _runtime_tdx_events(evidence: Evidence) -> tuple[TdxEvent, ...]:
     return tuple(e for e in evidence.event_log if e.imr == RUNTIME_IMR)
 
 
+def _event_type(event: TdxEvent) -> str:
+    named = " (EV_NO_ACTION)" if event.event_type == EV_NO_ACTION else ""
+    return f"{event.event_type:#010x}{named}"
+
+
 def _replay(evidence: Evidence) -> _Replay:
     boot = tuple(e for e in evidence.event_log if e.imr != RUNTIME_IMR)
     runtime = _runtime_tdx_events(evidence)
+    foreign = tuple(
+        f"event {index} ({event.event!r}) in RTMR3 has type {_event_type(event)}"
+        for index, event in enumerate(evidence.event_log)
+        if event.imr == RUNTIME_IMR and event.event_type != RUNTIME_EVENT_TYPE
+    )
     registers = [ZERO_REGISTER] * RTMR_COUNT
     for event in boot:
         if event.event_type != EV_NO_ACTION:
             registers[event.imr] = extend(registers[event.imr], event.digest)
-    # The payload is what a runtime event binds: replay the digest recomputed from it.
-    computed = tuple(e.computed_digest if e.is_runtime else None for e in runtime)
-    for event, recomputed in zip(runtime, computed, strict=True):
-        if event.event_type != EV_NO_ACTION:
-            digest = event.digest if recomputed is None else recomputed
-            registers[RUNTIME_IMR] = extend(registers[RUNTIME_IMR], digest)
+    for event in runtime:
+        if event.is_runtime:
+            # A runtime event binds its name, payload and version: replay the digest
+            # recomputed from them, never the recorded one.
+            registers[RUNTIME_IMR] = extend(registers[RUNTIME_IMR], event.computed_digest)
+        elif event.event_type != EV_NO_ACTION:
+            # Not allowed in RTMR3 (``foreign``); replayed as TCG would, for the report.
+            registers[RUNTIME_IMR] = extend(registers[RUNTIME_IMR], event.digest)
     return _Replay(
         rtmrs=(registers[0], registers[1], registers[2], registers[3]),
-        runtime=runtime,
-        computed=computed,
         boot=boot,
-        boot_present=any(e.imr in (1, 2) for e in boot),
+        runtime=runtime,
+        boot_present=any(e.imr in (1, 2) and e.event_type != EV_NO_ACTION for e in boot),
+        foreign=foreign,
     )
+
+
+def _boot_replayable(evidence: Evidence, replay: _Replay) -> bool:
+    """Whether the log can account for RTMR0-2: it has extending RTMR1/RTMR2 events, or
+    the quote's RTMR1 and RTMR2 are zero (nothing was measured there to strip)."""
+    quoted = _tdx(evidence).report.rtmrs
+    return replay.boot_present or not any(quoted[1] + quoted[2])
+
+
+def _own_envelope(evidence: Evidence) -> bool:
+    """Our envelope, bare or in a certificate: it always carries the full event log."""
+    return "dstack-core" in (evidence.kind, evidence.attestation_kind)
 
 
 def _event_log_check(
@@ -1211,11 +1481,12 @@ def _event_log_check(
     if not evidence.event_log_given:
         return "skipped", "no event log given: the quoted RTMR0-3 cannot be tied to any events"
     quoted = _tdx(evidence).report.rtmrs
+    replayable = _boot_replayable(evidence, replay)
     counts = [sum(1 for e in replay.boot if e.imr == i) for i in range(3)] + [len(replay.runtime)]
     mismatched = []
     parts = []
     for index in range(RTMR_COUNT):
-        if index < RUNTIME_IMR and not replay.boot_present:
+        if index < RUNTIME_IMR and not replayable:
             parts.append(f"RTMR{index} not replayable ({counts[index]} events)")
             continue
         if hmac.compare_digest(replay.rtmrs[index], quoted[index]):
@@ -1227,13 +1498,26 @@ def _event_log_check(
                 f"{_short(replay.rtmrs[index])}, quote has {_short(quoted[index])})"
             )
     summary = "; ".join(parts)
+    if evidence.unreplayable:
+        return "fail", f"{'; '.join(evidence.unreplayable)}; {summary}"
+    if replay.foreign:
+        return "fail", (
+            f"{'; '.join(replay.foreign)}: only dstack runtime events (type "
+            f"{RUNTIME_EVENT_TYPE:#010x}), replayed from their name and payload, may be in "
+            f"RTMR3; {summary}"
+        )
     if mismatched:
         return "fail", f"replay differs from the quote: {summary}"
-    if not replay.boot_present:
+    if not replayable:
         why = (
             "the log carries no RTMR1/RTMR2 boot events (lite-stripped, as in upstream RA-TLS "
             "certificates), so RTMR0-2 cannot be replayed"
         )
+        if _own_envelope(evidence):
+            return "skipped", (
+                f"{summary}; {why}; a dstack-core envelope always carries the full log, so "
+                "this one is incomplete"
+            )
         if options.allow_stripped_event_log:
             return "pass", f"{summary}; {why} (accepted: allow_stripped_event_log)"
         return "skipped", f"{summary}; {why}; give the full attestation (Attest) to check them"
@@ -1245,12 +1529,15 @@ def _runtime_events_check(evidence: Evidence, replay: _Replay) -> tuple[CheckSta
         return "skipped", "no event log given"
     problems: list[str] = []
     versions = {1: 0, 2: 0}
-    recomputed_digests = zip(replay.runtime, replay.computed, strict=True)
-    for index, (event, recomputed) in enumerate(recomputed_digests):
-        if recomputed is None:
-            continue
-        versions[event.version] += 1
-        if event.digest and not hmac.compare_digest(event.digest, recomputed):
+    for event in replay.runtime:
+        if event.is_runtime:
+            versions[event.version] += 1
+    for index, event in enumerate(evidence.event_log):
+        if (
+            event.is_runtime
+            and event.digest
+            and not hmac.compare_digest(event.digest, event.computed_digest)
+        ):
             problems.append(
                 f"runtime event {index} ({event.event!r}): recorded digest does not match "
                 f"its name, payload and version {event.version}"
@@ -1272,11 +1559,14 @@ def _runtime_events_check(evidence: Evidence, replay: _Replay) -> tuple[CheckSta
         ):
             problems.append(f"event {index} ({event.event!r}): preimage does not hash to digest")
     if evidence.runtime_events is not None:
-        logged = [e for e in evidence.event_log if e.imr == RUNTIME_IMR and e.is_runtime]
+        logged = [e for e in evidence.event_log if e.imr == RUNTIME_IMR]
         if logged:
-            pairs = [(e.event, e.event_payload, e.version) for e in logged]
-            listed = [(e.event, e.payload, e.version) for e in evidence.runtime_events]
-            if pairs != listed:
+            entries = [(e.event_type, e.event, e.event_payload, e.version) for e in logged]
+            listed = [
+                (RUNTIME_EVENT_TYPE, e.event, e.payload, e.version)
+                for e in evidence.runtime_events
+            ]
+            if entries != listed:
                 problems.append("the event log's RTMR3 entries disagree with runtime_events")
     if problems:
         return "fail", "; ".join(problems)
@@ -1289,19 +1579,100 @@ def _runtime_events_check(evidence: Evidence, replay: _Replay) -> tuple[CheckSta
     return "pass", detail
 
 
+@attrs.frozen(kw_only=True)
+class _Binding:
+    """What of the event log the replay binds to the quote's signed registers.
+
+    :ivar runtime: RTMR3's runtime events (digests recomputed) when RTMR3 is bound: every
+        RTMR3 entry is a runtime event whose digest matches its content, and they replay
+        to the quote's RTMR3. None otherwise.
+    :ivar boot_events: the extending events of each of RTMR0-2 that replayed to the quote.
+    """
+
+    runtime: tuple[TdxEvent, ...] | None
+    boot_events: tuple[BootEvent, ...]
+
+
+def _bind(evidence: Evidence, replay: _Replay, runtime_check: CheckStatus) -> _Binding:
+    if not evidence.event_log_given or evidence.unreplayable:
+        return _Binding(runtime=None, boot_events=())
+    quoted = _tdx(evidence).report.rtmrs
+    rtmr3_bound = (
+        not replay.foreign
+        and runtime_check == "pass"
+        and hmac.compare_digest(replay.rtmrs[RUNTIME_IMR], quoted[RUNTIME_IMR])
+    )
+    runtime = (
+        tuple(attrs.evolve(e, digest=e.computed_digest) for e in replay.runtime)
+        if rtmr3_bound
+        else None
+    )
+    boot = []
+    if _boot_replayable(evidence, replay):
+        for event in replay.boot:
+            if event.event_type == EV_NO_ACTION:
+                continue
+            if not hmac.compare_digest(replay.rtmrs[event.imr], quoted[event.imr]):
+                continue
+            measured = hmac.compare_digest(hashlib.sha384(event.event_payload).digest(), event.digest)
+            boot.append(
+                BootEvent(
+                    imr=event.imr,
+                    digest=event.digest,
+                    payload=event.event_payload if measured else None,
+                )
+            )
+    return _Binding(runtime=runtime, boot_events=tuple(boot))
+
+
 _APP_INFO_COMPARED: Final = (
     "app_id",
     "compose_hash",
     "instance_id",
     "mr_aggregated",
     "mr_system",
-    "os_image_hash",
     "key_provider_info",
 )
 
 
-def _envelope_binding_check(evidence: Evidence, derived: AppInfo) -> tuple[CheckStatus, str] | None:
-    """None when not applicable (a bare quote without claims)."""
+def _platform_tag_problem(evidence: Evidence, simulated: bool) -> str | None:
+    """Why the envelope's free-text platform tag disagrees with what the evidence is.
+
+    The tag must be the platform the evidence is (``tdx``, ``simulator``, ``sev-snp``). A
+    simulated platform's own name is accepted on simulated evidence (a marked quote, or one
+    verified under an external root) unless it names hardware; it is never reported.
+    """
+    tag = evidence.platform_tag
+    if tag is None or tag == evidence.platform:
+        return None
+    if simulated and not is_hardware_tag(tag):
+        return None
+    if evidence.quote is None:
+        return f"the envelope says platform {tag!r}, but the evidence is an SEV-SNP report"
+    marked = "is" if evidence.platform == SIMULATOR_PLATFORM else "is not"
+    return (
+        f"the envelope says platform {tag!r}, but the quote {marked} marked DSTACK-SIMULATOR: "
+        f"its platform is {evidence.platform!r} (a tag is free text; the verifier reports "
+        "what the quote is)"
+    )
+
+
+def _envelope_binding_check(
+    evidence: Evidence,
+    derived: AppInfo | None,
+    os_image_hash: bytes,
+    stated: bytes | None,
+    *,
+    simulated: bool,
+) -> tuple[CheckStatus, str] | None:
+    """None when not applicable (a bare quote without claims).
+
+    :param derived: the identity recomputed from the bound runtime events, or None when
+        RTMR3 is not bound.
+    :param os_image_hash: the bound OS image hash, or ``b""``.
+    :param stated: the vm_config's (unbound) OS image hash, or None.
+    :param simulated: whether the evidence is simulated (see :func:`_platform_tag_problem`).
+    """
     if evidence.report_data is None:
         return None
     problems, done = _claimed_report_data(
@@ -1313,28 +1684,119 @@ def _envelope_binding_check(evidence: Evidence, derived: AppInfo) -> tuple[Check
             done.append('dstack-pod report_data = sha512("app-data:" || payload)')
         else:
             problems.append('dstack-pod report_data is not sha512("app-data:" || payload)')
-    if evidence.app_info is not None and evidence.app_info != AppInfo():
-        wrong = [
-            name
-            for name in _APP_INFO_COMPARED
-            if getattr(evidence.app_info, name) != getattr(derived, name)
-        ]
-        if wrong:
+    claimed = evidence.app_info
+    if claimed is not None and claimed != AppInfo():
+        if derived is None:
             problems.append(
-                f"app_info claims differ from the recomputed values: {', '.join(wrong)}"
+                "app_info claims cannot be confirmed: RTMR3 does not replay to the quote"
             )
         else:
-            done.append("app_info claims equal the values recomputed from quote and log")
-    if (
-        evidence.app_info is not None
-        and evidence.platform != SIMULATOR_PLATFORM
-        and _tdx(evidence).header.user_data.startswith(SIMULATOR_MARKER)
-    ):
-        problems.append(
-            f"the envelope says platform {evidence.platform!r} but the quote is marked "
-            "DSTACK-SIMULATOR"
-        )
+            wrong = [
+                name
+                for name in _APP_INFO_COMPARED
+                if getattr(claimed, name) != getattr(derived, name)
+            ]
+            if wrong:
+                problems.append(
+                    f"app_info claims differ from the values recomputed from quote and log: "
+                    f"{', '.join(wrong)}"
+                )
+            else:
+                done.append(
+                    f"app_info claims {', '.join(_APP_INFO_COMPARED)} equal the values "
+                    "recomputed from quote and log"
+                )
+        # An empty os_image_hash claims nothing; a non-empty one must be the bound hash, or
+        # without one at least the vm_config's (which is then said to be unbound).
+        if not claimed.os_image_hash:
+            pass
+        elif os_image_hash:
+            if claimed.os_image_hash != os_image_hash:
+                problems.append("app_info os_image_hash differs from the bound os_image_hash")
+            else:
+                done.append("app_info os_image_hash equals the bound one")
+        elif claimed.os_image_hash != stated:
+            problems.append("app_info os_image_hash differs from the vm_config's")
+        else:
+            done.append(
+                "app_info os_image_hash equals the vm_config's, which no signature covers "
+                "(not a claim: see os_image)"
+            )
+    tag = _platform_tag_problem(evidence, simulated)
+    if tag is not None:
+        problems.append(tag)
     return _outcome(problems, done)
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
+
+
+def _ratls_chain_check(
+    chain: Sequence[x509.Certificate], options: VerifyOptions
+) -> tuple[CheckStatus, str]:
+    """The RA-TLS certificate chain: links, validity, self-signature and trust anchors.
+
+    Never ``pass`` without an anchor the caller trusts; no certificate name is ever quoted
+    (names are not attested: the attestation binds the leaf's key only).
+    """
+    moment = datetime.fromtimestamp(options.now, UTC)
+    expired = [
+        i
+        for i, cert in enumerate(chain)
+        if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc
+    ]
+    if expired:
+        return "fail", f"certificate(s) {expired} not valid at {options.now}"
+    try:
+        verify_chain(chain)
+    except EvidenceError as exc:
+        return "fail", exc.message
+    top = chain[-1]
+    last = len(chain) - 1
+    linked = (
+        f"{len(chain)} certificates, each signed by the next"
+        if len(chain) > 1
+        else "a lone certificate"
+    )
+    self_issued = top.issuer == top.subject
+    if self_issued:
+        try:
+            top.verify_directly_issued_by(top)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            return "fail", (
+                f"certificate {last} is self-issued but its self-signature does not verify "
+                f"({str(exc) or type(exc).__name__})"
+            )
+    if options.ratls_trust_anchors:
+        top_der = top.public_bytes(serialization.Encoding.DER)
+        for der in options.ratls_trust_anchors:
+            anchor = x509.load_der_x509_certificate(der)
+            if der == top_der:
+                return "pass", f"{linked}, ending at trust anchor {_fingerprint(anchor)}"
+            try:
+                top.verify_directly_issued_by(anchor)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return "pass", f"{linked}, the last issued by trust anchor {_fingerprint(anchor)}"
+        return "fail", (
+            f"{linked}, but it does not end at a trust anchor: certificate {last} (sha256 "
+            f"{_fingerprint(top)}) is neither one of the {len(options.ratls_trust_anchors)} "
+            "anchors given nor issued by one"
+        )
+    untrusted = (
+        "UNTRUSTED: no trust anchor given (--trust-anchor), so the chain's names and issuer "
+        "claims are not verified; the attestation binds the leaf's key only"
+    )
+    if self_issued:
+        return "skipped", (
+            f"{untrusted}; {linked}, up to a self-signed certificate (sha256 "
+            f"{_fingerprint(top)}) that is nobody's anchor"
+        )
+    return "skipped", (
+        f"{untrusted}; {linked}, and the issuer of certificate {last} is not given, so its "
+        "signature is unchecked"
+    )
 
 
 def _ratls_checks(
@@ -1359,44 +1821,14 @@ def _ratls_checks(
                 f"{_short(expected)}: the attestation does not belong to this certificate's key"
             ),
         )
-    chain = evidence.certificate_chain
-    moment = datetime.fromtimestamp(options.now, UTC)
-    expired = [
-        i
-        for i, cert in enumerate(chain)
-        if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc
-    ]
-    if len(chain) < 2:
-        chain_result: tuple[CheckStatus, str] = (
-            "skipped",
-            (
-                "no issuer certificate given: the binding proves the key only; issuer claims "
-                "(app id, usage) need the chain"
-            ),
-        )
-    else:
-        try:
-            verify_chain(chain)
-        except EvidenceError as exc:
-            chain_result = ("fail", exc.message)
-        else:
-            chain_result = (
-                "pass",
-                (
-                    f"{len(chain)} certificates, each signed by the next (the last is not "
-                    "judged: it is the caller's anchor)"
-                ),
-            )
-    if expired and chain_result[0] != "fail":
-        chain_result = ("fail", f"certificate(s) {expired} not valid at {options.now}")
-    return binding, chain_result
+    return binding, _ratls_chain_check(evidence.certificate_chain, options)
 
 
 def _key_provider(info: bytes) -> Mapping[str, str] | None:
     if not info:
         return None
     try:
-        doc = json.loads(info)
+        doc = strictjson.loads(info)
     except ValueError:
         return None
     if isinstance(doc, dict) and isinstance(doc.get("name"), str):
@@ -1524,61 +1956,103 @@ def verify_evidence(
         )
     else:
         checks["mr_signer_seam"] = ("pass", "zero (the TDX module is signed by Intel)")
-    if report.mr_service_td is None:
-        checks["mr_service_td"] = ("skipped", "a TD 1.0 report has no mr_service_td")
-    else:
+    if report.mr_service_td is not None:
         checks.require("mr_service_td")
-        own: tuple[CheckStatus, str] = (
-            ("fail", f"mr_service_td is {_short(report.mr_service_td)}, must be zero")
-            if any(report.mr_service_td)
-            else ("pass", "zero (no service TD bound)")
-        )
-        checks["mr_service_td"] = _combine(own, dcap["mr_service_td"])
+    checks["mr_service_td"] = _mr_service_td_check(report, dcap["mr_service_td"])
 
+    simulated = evidence.marked_simulated or options.root_ca_der is not None
     replay = _replay(evidence)
     checks["event_log"] = _event_log_check(evidence, replay, options)
     checks["runtime_events"] = _runtime_events_check(evidence, replay)
     if evidence.event_log_given:
         checks.require("runtime_events")
+    binding = _bind(evidence, replay, checks["runtime_events"][0])
+    derived = None if binding.runtime is None else derive_app_info(report, binding.runtime, "")
 
-    derived = derive_app_info(report, replay.boot + replay.runtime, evidence.vm_config)
+    measured = None if binding.runtime is None else boot_event_payload(
+        binding.runtime, OS_IMAGE_HASH_EVENT
+    )
+    try:
+        stated, unreadable = stated_os_image_hash(evidence.vm_config), None
+    except EvidenceError as exc:
+        stated, unreadable = None, exc.message
+    os_image = check_os_image(
+        options.os_image_policy,
+        mrtd=report.mr_td,
+        rtmrs=report.rtmrs,
+        measured=measured,
+        stated=stated,
+        stated_problem=unreadable,
+    )
+    checks["os_image"] = (os_image.status, os_image.detail)
+    if options.os_image_policy is not None:
+        checks.require("os_image")
     checks.claims(
         "envelope_binding",
-        _envelope_binding_check(evidence, derived),
+        _envelope_binding_check(
+            evidence, derived, os_image.os_image_hash, stated, simulated=simulated
+        ),
         "a bare quote: no envelope claims to compare (its report_data is the only claim)",
     )
     _report_data_and_ratls_checks(checks, evidence, options, "quote")
-    checks["os_image"] = (
-        "skipped",
-        (
-            "OS image verification (recomputing MRTD and RTMR0-2 from the image os_image_hash "
-            "names) is not implemented; os_image_hash is reported as the vm_config states it"
-        ),
-    )
 
-    ppid = outcome.ppid if outcome is not None else None
+    # Nothing is a claim unless the quote's signature verified under an accepted root.
+    authenticated = all(checks[name][0] == "pass" for name in _QUOTE_AUTHENTICATION)
+    identity = derived if authenticated else None
+    runtime = binding.runtime if identity is not None else None
+    ppid = outcome.ppid if outcome is not None and authenticated else None
     return checks.conclude(
         evidence,
         options,
         CHECK_NAMES,
-        simulated=evidence.marked_simulated or options.root_ca_der is not None,
+        simulated=simulated,
         tcb_status=tcb_status,
         advisory_ids=advisories,
         quote_version=quote.version,
         mrtd=report.mr_td,
         rtmrs=report.rtmrs,
         mr_config_id=report.mr_config_id,
-        app_id=derived.app_id,
-        compose_hash=derived.compose_hash,
-        instance_id=derived.instance_id,
-        key_provider=_key_provider(derived.key_provider_info),
-        key_provider_info=derived.key_provider_info,
-        os_image_hash=derived.os_image_hash,
-        mr_aggregated=derived.mr_aggregated,
-        mr_system=derived.mr_system,
-        device_id=hashlib.sha256(ppid).digest() if ppid is not None else DEVICE_ID_UNVERIFIED,
-        init_script_hashes=_init_script_hashes(replay.runtime),
+        **_identity_claims(identity, runtime),
+        os_image_hash=os_image.os_image_hash if authenticated else b"",
+        os_image_verified=authenticated and os_image.status == "pass",
+        device_id=hashlib.sha256(ppid).digest() if ppid is not None else b"",
+        boot_events=binding.boot_events if authenticated else (),
     )
+
+
+def _mr_service_td_check(
+    report: TdReport, dcap: tuple[CheckStatus, str]
+) -> tuple[CheckStatus, str]:
+    """Zero mr_service_td (TD 1.5), combined with dcap-qvl's stage. A TD 1.0 body has no
+    mr_service_td, but a failure dcap-qvl attributes to that stage still fails."""
+    if report.mr_service_td is None:
+        return dcap if dcap[0] == "fail" else ("skipped", "a TD 1.0 report has no mr_service_td")
+    own: tuple[CheckStatus, str] = (
+        ("fail", f"mr_service_td is {_short(report.mr_service_td)}, must be zero")
+        if any(report.mr_service_td)
+        else ("pass", "zero (no service TD bound)")
+    )
+    return _combine(own, dcap)
+
+
+def _identity_claims(
+    identity: AppInfo | None, runtime: Sequence[TdxEvent] | None
+) -> dict[str, Any]:
+    """The app identity fields of a result: from bound runtime events only, else empty."""
+    if identity is None or runtime is None:
+        return {}
+    return {
+        "identity_bound": True,
+        "app_id": identity.app_id,
+        "compose_hash": identity.compose_hash,
+        "instance_id": identity.instance_id,
+        "key_provider": _key_provider(identity.key_provider_info),
+        "key_provider_info": identity.key_provider_info,
+        "mr_aggregated": identity.mr_aggregated,
+        "mr_system": identity.mr_system,
+        "init_script_hashes": _init_script_hashes(runtime),
+        "runtime_events": tuple(e.to_runtime_event() for e in runtime),
+    }
 
 
 def verify(
@@ -1640,6 +2114,9 @@ def _snp_binding_check(evidence: Evidence) -> tuple[CheckStatus, str] | None:
             "the envelope makes app_info claims, which an SEV-SNP report cannot back (there "
             "are no runtime registers to recompute them from)"
         )
+    tag = _platform_tag_problem(evidence, evidence.marked_simulated)
+    if tag is not None:
+        problems.append(tag)
     return _outcome(problems, done)
 
 

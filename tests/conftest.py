@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.testing import AgentProcess, short_tempdir
+from dstack_core.testing.logscan import record_output
+from dstack_core.verify import VerifyOptions
+
+# Every log of the session is scanned for the test keys at the end (docs/reliability.md).
+pytest_plugins = ["dstack_core.testing.logscan_plugin"]
 
 DATA = Path(__file__).parent / "data"
 UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
@@ -21,6 +29,25 @@ UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
 class Bundle:
     root_ca_der: bytes
     collateral_json: str
+    os_image_policy_json: str | None = None
+
+    @property
+    def os_image_policy(self) -> OsImagePolicy | None:
+        """The bundle's OS image policy (the simulated image's MRTD and RTMR0-2)."""
+        if self.os_image_policy_json is None:
+            return None
+        return OsImagePolicy.from_json(self.os_image_policy_json)
+
+    def verify_options(self, now: int, **changes: Any) -> VerifyOptions:
+        """Options that trust this bundle: its root CA (with the simulator opt-in) and its
+        OS image policy; ``changes`` override any field."""
+        fields: dict[str, Any] = {
+            "now": now,
+            "root_ca_der": self.root_ca_der,
+            "allow_simulator": True,
+            "os_image_policy": self.os_image_policy,
+        }
+        return VerifyOptions(**{**fields, **changes})
 
 
 @attrs.frozen(kw_only=True)
@@ -46,12 +73,17 @@ def input_path(agent: AgentProcess, name: str) -> Path:
 
 
 def run_cli(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``dstack-agent ARGS`` as a subprocess, capturing text output."""
-    return subprocess.run(
+    """Run ``dstack-agent ARGS`` as a subprocess, capturing text output (stderr is kept
+    for the log scan)."""
+    result = subprocess.run(
         [sys.executable, "-m", "dstack_core.cli", *args],
-        capture_output=True, text=True, check=check, timeout=120,
+        capture_output=True, text=True, check=False, timeout=120,
         input=input.decode() if input is not None else None,
     )
+    record_output("cli", result.stderr)
+    if check:
+        result.check_returncode()
+    return result
 
 
 def trust_bundle_for(state_dir: Path) -> Bundle:
@@ -61,7 +93,12 @@ def trust_bundle_for(state_dir: Path) -> Bundle:
     out = short_tempdir("bundle")
     run_cli("simulator", "trust-bundle", "--state-dir", str(state_dir), "--out", str(out))
     root = x509.load_pem_x509_certificate((out / "root_ca.pem").read_bytes())
-    bundle = Bundle(root.public_bytes(Encoding.DER), (out / "collateral.json").read_text())
+    policy = out / "os_image_policy.json"
+    bundle = Bundle(
+        root.public_bytes(Encoding.DER),
+        (out / "collateral.json").read_text(),
+        policy.read_text() if policy.exists() else None,
+    )
     shutil.rmtree(out)
     return bundle
 
@@ -104,3 +141,26 @@ def fresh_agent() -> Iterator[AgentProcess]:
     if proc.proc is not None:
         proc.stop()
     shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+TINY_TMPFS_BYTES = 64 * 1024
+
+
+@pytest.fixture
+def tiny_tmpfs() -> Iterator[Path]:
+    """A freshly mounted 64 KiB tmpfs, to fill a file system for real (needs root)."""
+    mountpoint = short_tempdir("fs")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TINY_TMPFS_BYTES},mode=0755", "tmpfs",
+         str(mountpoint)],
+        capture_output=True, text=True, check=False,
+    ) if os.geteuid() == 0 else None
+    if result is None or result.returncode != 0:
+        mountpoint.rmdir()
+        reason = "not root" if result is None else result.stderr.strip()
+        pytest.skip(f"cannot mount a tmpfs to fill ({reason})")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        mountpoint.rmdir()

@@ -28,12 +28,5 @@ def dstack_platform_name() -> str:
 def dstack_platform_env() -> Iterator[PlatformEnv]:
     """A freshly launched fake SNP guest, its inputs, and the fake kernel allowed."""
     workdir = short_tempdir("csnp")
-    machine = FakeSnpMachine.create(workdir / "tree")
-    yield PlatformEnv(
-        env=machine.agent_env(),
-        options=machine.agent_options(),
-        app_compose=machine.paths.app_compose,
-        sys_config=machine.paths.sys_config,
-        runtime_log=machine.paths.runtime_log,
-    )
+    yield FakeSnpMachine.create(workdir / "tree").platform_env()
     shutil.rmtree(workdir, ignore_errors=True)

@@ -21,12 +21,4 @@ def dstack_platform_name() -> str:
 @pytest.fixture
 def dstack_platform_env(tmp_path: Path) -> Iterator[PlatformEnv]:
     """A fresh fake TD (configfs-tsm, sysfs RTMRs, CCEL, provisioned inputs) per test."""
-    machine = FakeTdxMachine.create(tmp_path / "td")
-    yield PlatformEnv(
-        env=machine.agent_env(),
-        options=machine.agent_options(),
-        app_compose=machine.paths.app_compose,
-        sys_config=machine.paths.sys_config,
-        runtime_log=machine.paths.runtime_log,
-        trust_bundle=machine.trust_bundle(),
-    )
+    yield FakeTdxMachine.create(tmp_path / "td").platform_env()

@@ -73,3 +73,31 @@ class TestReadme:
             assert (DOCS.parent / command).stat().st_mode & 0o111
         ci = (DOCS.parent / ".ci" / "run").read_text()
         assert "scripts/test" in ci
+
+
+class TestSecurityDoc:
+    def test_policy_examples_are_valid(self):
+        """Every TOML example in docs/security.md is a policy the agent accepts."""
+        from dstack_core.policy import parse_policy
+        from dstack_core.server.app import API_METHODS
+
+        text = (DOCS / "security.md").read_text()
+        examples = re.findall(r"```toml\n(.*?)```", text, re.DOTALL)
+        assert len(examples) >= 4
+        for example in examples:
+            parse_policy(example, source="docs/security.md", methods=API_METHODS)
+
+
+class TestCommandLine:
+    def test_readme_lists_every_flag(self):
+        """The README's command-line block names every serve flag and every command."""
+        from dstack_core.cli import build_parser
+
+        readme = (DOCS.parent / "README.md").read_text()
+        block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+        commands = build_parser()._subparsers._group_actions[0].choices
+        for name in commands:
+            assert f"dstack-agent {name}" in block, name
+        for action in commands["serve"]._actions:
+            flags = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+            assert not flags or any(f in block for f in flags), flags

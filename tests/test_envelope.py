@@ -11,6 +11,8 @@ from dstack_core.envelope import ENVELOPE_MAGIC, AppInfo, Envelope, sniff_envelo
 from dstack_core.errors import EvidenceError
 from dstack_core.eventlog import TdxEvent, runtime_event
 
+from .noncanonical import variants
+
 
 def sample(**overrides) -> Envelope:
     values = dict(
@@ -133,6 +135,34 @@ class TestStrictDecoding:
             Envelope.from_cbor(bytes(raw))
         except EvidenceError:
             pass
+
+
+class TestCanonical:
+    """Only the one canonical encoding decodes (issue 8): cbor2 alone is lenient."""
+
+    def test_reference_encoder_agrees(self):
+        """The test's own CBOR writer gives our encoder's bytes when asked for canonical."""
+        from .noncanonical import encode
+
+        env = sample()
+        assert encode(cbor2.CBORTag(55799, as_doc(env))) == env.to_cbor()
+
+    @pytest.mark.parametrize("name", sorted(variants(as_doc(sample()))))
+    def test_non_canonical_rejected(self, name):
+        """Non-shortest heads, indefinite lengths, unsorted or duplicate keys: refused,
+        though cbor2 decodes every one of them."""
+        data = variants(as_doc(sample()))[name]
+        cbor2.loads(data)  # valid CBOR...
+        with pytest.raises(EvidenceError, match="not canonical CBOR"):
+            Envelope.from_cbor(data)  # ...but not the one encoding
+
+    @pytest.mark.parametrize("version", [1.0, True, -1, "1", b"\x01", [1]])
+    def test_version_must_be_an_unsigned_integer(self, version):
+        """1.0 or true equal 1 in Python; the envelope refuses them."""
+        doc = as_doc(sample())
+        doc["version"] = version
+        with pytest.raises(EvidenceError, match="version"):
+            Envelope.from_cbor(reencode(doc))
 
 
 class TestWrittenOutEncoding:

@@ -53,11 +53,11 @@ def build(
 
 def run(service: AgentService, scenario: Callable[[], Awaitable[T]]) -> T:
     async def main() -> T:
-        await service.open()
+        service.warm_up()
         try:
             return await scenario()
         finally:
-            await service.close()
+            await service.aclose()
 
     return asyncio.run(main())
 
@@ -342,7 +342,7 @@ class TestCaches:
             return (await service.get_quote(b"")).event_log.decode()
 
         text = run(service, scenario)
-        assert events_to_json(events_from_json(text), strip=False) == text
+        assert events_to_json(events_from_json(text), include_preimage=True) == text
 
     def test_attest_hex_is_the_envelope_in_hex(self, tmp_path: Path) -> None:
         """Attest's answer, assembled from the kept hex of the events, is exactly the hex of

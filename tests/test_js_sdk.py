@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from coincurve import PublicKey
@@ -27,15 +28,21 @@ JS_DIR = Path(__file__).parent / "js"
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 
 
-@pytest.fixture(scope="module")
-def js_result(agent):
+def run_js_smoke(socket: Path) -> dict[str, Any]:
+    """Run tests/js/sdk_smoke.mjs (the official JS SDK) against the agent on ``socket``."""
     if not (JS_DIR / "node_modules" / "@phala" / "dstack-sdk").exists():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, check=True,
                        capture_output=True, timeout=300)
-    proc = subprocess.run(["node", "sdk_smoke.mjs", str(agent.socket)], cwd=JS_DIR,
+    proc = subprocess.run(["node", "sdk_smoke.mjs", str(socket)], cwd=JS_DIR,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def js_result(agent):
+    return run_js_smoke(agent.socket)
 
 
 class TestJsSdk:

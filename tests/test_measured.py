@@ -36,7 +36,9 @@ events_strategy = st.lists(
 
 def expected_forms(boot: tuple[TdxEvent, ...], runtime: list[RuntimeEvent]) -> tuple[str, str, bytes]:
     events = [*boot, *(e.to_tdx_event() for e in runtime)]
-    quote = events_to_json([e.stripped() for e in boot] + [e.to_tdx_event() for e in runtime])
+    quote = events_to_json(
+        [e.stripped() for e in boot] + [e.to_tdx_event() for e in runtime], include_preimage=True
+    )
     info = json.dumps({"event_log": [e.to_json() for e in events]}, indent=2)
     cbor = b"".join(encode_event(e) for e in events)
     return quote, info, cbor
@@ -96,6 +98,7 @@ class TestMeasuredLog:
             assert text == info
             assert joined(log.envelope_events(count)) == cbor
             assert log.envelope_events(count).count == len(BOOT) + count
+            assert log.events(count) == BOOT + tuple(e.to_tdx_event() for e in runtime[:count])
             replayed = replay([e.to_tdx_event() for e in runtime[:count]], 3)
             assert log.register(count) == replayed
 

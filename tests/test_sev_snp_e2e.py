@@ -126,17 +126,26 @@ class TestSignVerify:
                         result.decode_public_key()).valid
 
 
+def quoted_report(agent, report_data: bytes) -> SnpReport:
+    """The SNP report inside GetQuote's ``attestation`` (upstream's shape without TDX)."""
+    status, body = agent.call("GetQuote", {"report_data": report_data.hex()})
+    assert status == 200, body
+    return SnpReport.from_bytes(Envelope.from_cbor(bytes.fromhex(body["attestation"])).quote)
+
+
 class TestQuote:
-    def test_get_quote_is_the_snp_report(self, agent):
-        """GetQuote's quote is the 1184-byte report over the padded report data, with the
-        launch measurement, signed by the (fake) firmware; the event log is empty."""
+    def test_get_quote_answers_with_the_attestation(self, agent):
+        """Without TDX quotes GetQuote answers as upstream does: ``quote`` and ``event_log``
+        empty, ``attestation`` set. Inside is the 1184-byte report over the padded report
+        data, with the launch measurement, signed by the (fake) firmware."""
         result = client(agent).get_quote(b"hello")
-        report = SnpReport.from_bytes(result.decode_quote())
+        assert (result.quote, result.event_log) == ("", "")
         padded = b"hello".ljust(64, b"\0")
-        assert report.report_data == padded and result.report_data == padded.hex()
+        assert result.report_data == padded.hex()
+        report = quoted_report(agent, b"hello")
+        assert report.report_data == padded
         assert report.measurement == agent.machine.measurement
         report.verify_signature(agent.machine.vcek_public_key())
-        assert json.loads(result.event_log) == []
 
     def test_async_client(self, agent):
         """AsyncDstackClient works too (quote, info, key)."""
@@ -147,7 +156,7 @@ class TestQuote:
             return await c.get_quote(b"async"), await c.info(), await c.get_key("a", "b")
 
         quote, info, key = asyncio.run(main())
-        assert SnpReport.from_bytes(quote.decode_quote()).report_data.startswith(b"async")
+        assert quote.report_data.startswith(b"async".hex()) and quote.decode_quote() == b""
         assert info.app_name and len(key.decode_key()) == 32
 
     def test_emit_event_refused_and_agent_serves_on(self, agent):
@@ -156,7 +165,7 @@ class TestQuote:
             client(agent).emit_event("app-event", b"x")
         status, body = agent.call("EmitEvent", {"event": "app-event", "payload": "78"})
         assert (status, body["code"]) == (501, "platform_unsupported")
-        assert SnpReport.from_bytes(client(agent).get_quote(b"after").decode_quote())
+        assert quoted_report(agent, b"after").report_data.startswith(b"after")
 
 
 class TestAttest:
@@ -232,11 +241,17 @@ class TestTlsKey:
         assert envelope.evidence_format == "sev-snp"
         assert SnpReport.from_bytes(envelope.quote).report_data == hashlib.sha512(
             b"ratls-cert:" + spki).digest()
-        outcome = verify_evidence(load_evidence("".join(result.certificate_chain)),
-                                  VerifyOptions(now=NOW))
+        ca = x509.load_pem_x509_certificate(result.certificate_chain[1].encode())
+        anchored = VerifyOptions(
+            now=NOW, ratls_trust_anchors=[ca.public_bytes(serialization.Encoding.DER)])
+        outcome = verify_evidence(load_evidence("".join(result.certificate_chain)), anchored)
         statuses = {c.name: c.status for c in outcome.checks}
         assert statuses["ratls_binding"] == statuses["ratls_chain"] == "pass"
         assert statuses["snp_signature"] == "skipped" and outcome.verdict == "fail"
+        # Without the CA as a trust anchor the chain is reported untrusted, never passed.
+        unanchored = verify_evidence(load_evidence("".join(result.certificate_chain)),
+                                     VerifyOptions(now=NOW))
+        assert unanchored.check("ratls_chain").status == "skipped"
 
 
 class TestRestart:
@@ -255,6 +270,5 @@ class TestRestart:
     def test_ioctl_only_kernel(self):
         """On a 5.19 guest (no configfs-tsm) the agent serves through /dev/sev-guest."""
         for agent in _agent(kernel="5.19"):
-            report = SnpReport.from_bytes(client(agent).get_quote(b"ioctl").decode_quote())
-            assert report.report_data.startswith(b"ioctl")
+            assert quoted_report(agent, b"ioctl").report_data.startswith(b"ioctl")
             assert "via ioctl" in agent.output()

@@ -35,6 +35,7 @@ from dstack_sev_snp_stub.abi import (
 )
 
 from dstack_core import certs
+from dstack_core.envelope import Envelope
 from dstack_core.errors import (
     ConfigurationError,
     InvalidRequest,
@@ -625,7 +626,8 @@ class TestLiveAgent:
         assert "runtime measurement registers" in body["error"]
         status, body = live.call("GetQuote", {"report_data": RD.hex()})
         assert status == 200
-        assert SnpReport.from_bytes(bytes.fromhex(body["quote"])).report_data == RD
+        evidence = Envelope.from_cbor(bytes.fromhex(body["attestation"])).quote
+        assert body["quote"] == "" and SnpReport.from_bytes(evidence).report_data == RD
         assert live.call("Info")[0] == 200
 
     def test_kernel_errors_reach_the_client_and_agent_recovers(self, live):

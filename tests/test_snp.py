@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import given, settings
@@ -374,7 +374,9 @@ class TestVerifier:
             now=datetime.now(UTC),
         )
         pem = certs.cert_pem(leaf) + ca.cert_pem
-        result = verify_evidence(load_evidence(pem), VerifyOptions(now=int(datetime.now(UTC).timestamp())))
+        anchor = ca.cert.public_bytes(serialization.Encoding.DER)
+        options = VerifyOptions(now=int(datetime.now(UTC).timestamp()), ratls_trust_anchors=[anchor])
+        result = verify_evidence(load_evidence(pem), options)
         assert result.evidence_kind == "ratls-certificate"
         assert result.check("ratls_binding").status == "pass"
         assert result.check("ratls_binding").mandatory

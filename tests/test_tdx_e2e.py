@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -26,7 +27,7 @@ from dstack_sdk import DstackClient
 from dstack_core.eventlog import RuntimeEventLog, events_from_json, extend, replay_rtmrs
 from dstack_core.quote import TdxQuote
 from dstack_core.testing import AgentProcess, short_tempdir, uds_request
-from dstack_core.testing.fake_tee import FakeTdxAgent, FakeTdxMachine
+from dstack_core.testing.fake_tee import FAKE_OS_IMAGE_HASH, FakeTdxAgent, FakeTdxMachine
 
 from .conftest import UPSTREAM_APPKEYS, Bundle, PlatformTraits
 from .test_sdk_e2e import (  # noqa: F401  (collected here again, on the tdx fixtures)
@@ -71,7 +72,7 @@ def bundle(agent: FakeTdxAgent) -> Bundle:
     """The fake machine's mock-PKI trust bundle."""
     trust = agent.machine.trust_bundle()
     root = x509.load_pem_x509_certificate(trust.root_ca_pem)
-    return Bundle(root.public_bytes(Encoding.DER), trust.collateral_json)
+    return Bundle(root.public_bytes(Encoding.DER), trust.collateral_json, trust.os_image_policy_json)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,16 @@ class TestTdxEvidence:
         assert result.platform == "tdx"
         assert result.report_data == b"verify-me".ljust(64, b"\0")
         assert result.rtmrs == agent.machine.registers().rtmrs
+        # The boot measured os-image-hash into RTMR3: bound, though no policy verifies it.
+        assert result.os_image_hash.hex() == FAKE_OS_IMAGE_HASH
+        assert result.check("os_image").status == "skipped" and not result.os_image_verified
+        with_policy = verify(
+            raw,
+            attrs.evolve(options, os_image_policy=bundle.os_image_policy),
+            Collateral.from_json(bundle.collateral_json),
+        )
+        assert with_policy.passed and with_policy.os_image_verified, with_policy.reason
+        assert with_policy.to_upstream_json()["is_valid"] is True
 
     def test_verifier_rejects_without_trust_bundle(self, agent, bundle):
         """Without the fake's root (Intel's production root), the same evidence fails."""

@@ -299,7 +299,8 @@ class TestV0:
         assert result.check("event_log").detail.count(" ok ") == 4
         assert result.app_id == b"\x01" * 20 and result.compose_hash == b"\x02" * 32
         assert result.key_provider == {"name": "kms", "id": "abcd"}
-        assert result.os_image_hash == b"\xab" * 32
+        # No os-image-hash event and no OS image policy: the vm_config's hash is no claim.
+        assert result.os_image_hash == b"" and result.check("os_image").status == "skipped"
         assert result.simulated
 
     def test_runtime_event_tamper_fails_replay(self, collateral):

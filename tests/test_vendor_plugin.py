@@ -43,6 +43,7 @@ import pytest
 
 from dstack_core.quote import TdxQuote
 from dstack_core.testing import AgentProcess, short_tempdir, uds_request
+from dstack_core.testing.logscan import record_output
 from dstack_core.testing.pytest_plugin import PlatformEnv
 
 pytestmark = pytest.mark.network
@@ -219,8 +220,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run(cmd: list[str], *, timeout: float = RUN_TIMEOUT,
         **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` to completion, capturing text output (the caller checks the status)."""
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                            **kwargs)
+    record_output("vendor", result.stderr)
+    return result
 
 
 def write_package(root: Path, name: str, module: str, source: str,

@@ -28,6 +28,7 @@ from dstack_core.server.verifier import (
 )
 from dstack_core.snp import build_report
 from dstack_core.testing import short_tempdir
+from dstack_core.testing.logscan import record_output
 from dstack_core.verify import CHECK_NAMES
 
 from .conftest import Bundle
@@ -57,6 +58,7 @@ def settings(bundle: Bundle) -> VerifierSettings:
         collateral=CollateralSource(fixed=Collateral.from_json(bundle.collateral_json)),
         root_ca_der=bundle.root_ca_der,
         allow_simulator=True,
+        os_image_policy=bundle.os_image_policy,
     )
 
 
@@ -286,6 +288,7 @@ def test_cli_serves_verify(bundle, sample):
     (out / "collateral.json").write_text(bundle.collateral_json)
     root = x509.load_der_x509_certificate(bundle.root_ca_der).public_bytes(Encoding.PEM)
     (out / "root_ca.pem").write_bytes(root)
+    (out / "os_image_policy.json").write_text(bundle.os_image_policy_json or "")
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -325,4 +328,6 @@ def test_cli_serves_verify(bundle, sample):
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stderr is not None:
+            record_output("verifier", proc.stderr.read())
         shutil.rmtree(out, ignore_errors=True)

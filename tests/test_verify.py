@@ -88,10 +88,8 @@ def collateral(sample: Sample) -> Collateral:
 
 
 def trusting(sample: Sample, **changes: Any) -> VerifyOptions:
-    """Options that trust the simulator (its root CA, opt-in)."""
-    return VerifyOptions(
-        now=NOW, root_ca_der=sample.bundle.root_ca_der, allow_simulator=True, **changes
-    )
+    """Options that trust the simulator (its root CA, opt-in, its OS image policy)."""
+    return sample.bundle.verify_options(NOW, **changes)
 
 
 def statuses(result: VerificationResult) -> dict[str, str]:
@@ -185,13 +183,19 @@ class TestSimulatorEvidence:
         assert result.platform == "simulator"
 
     def test_ratls_certificate_passes(self, sample, collateral):
-        """A GetTlsKey RA-TLS chain verifies: the attestation binds the leaf's key."""
+        """A GetTlsKey RA-TLS chain verifies: the attestation binds the leaf's key. Its chain
+        is untrusted (never pass) until the caller names a trust anchor, then it passes."""
         result = verify("".join(sample.tls_chain), trusting(sample), collateral)
         assert result.verdict == "pass", result.to_json()
         assert result.evidence_kind == "ratls-certificate"
         assert result.check("ratls_binding").status == "pass"
         assert result.check("ratls_binding").mandatory
-        assert result.check("ratls_chain").status == "pass"
+        assert result.check("ratls_chain").status == "skipped"
+        assert "UNTRUSTED" in result.check("ratls_chain").detail
+        ca = x509.load_pem_x509_certificate(sample.tls_chain[1].encode())
+        anchored = trusting(sample, ratls_trust_anchors=[ca.public_bytes(Encoding.DER)])
+        result = verify("".join(sample.tls_chain), anchored, collateral)
+        assert result.check("ratls_chain").status == "pass" and result.verdict == "pass"
 
     def test_expected_report_data(self, sample, collateral):
         """report_data passes when it equals the expectation, fails otherwise."""
@@ -278,7 +282,8 @@ class TestTampering:
         assert found["event_log"] == "fail" and "RTMR3 MISMATCH" in result.check("event_log").detail
         assert found["runtime_events"] == "fail"
         assert found["envelope_binding"] == "fail"
-        assert "app_id" in result.check("envelope_binding").detail
+        assert "RTMR3 does not replay" in result.check("envelope_binding").detail
+        assert result.app_id == b"" and not result.identity_bound
 
     def test_flipped_envelope_report_data_fails_binding(self, sample, collateral):
         """One flipped byte in the envelope's report_data fails envelope_binding only."""
@@ -333,7 +338,7 @@ class TestTampering:
         result = verify(certs.cert_pem(thief) + ca.cert_pem, trusting(sample), collateral)
         assert result.check("ratls_binding").status == "fail"
         assert "does not belong to this certificate's key" in result.check("ratls_binding").detail
-        assert result.check("ratls_chain").status == "pass"
+        assert result.check("ratls_chain").status == "skipped"
         assert result.verdict == "fail"
 
     def test_stripped_boot_log_skips_then_allows(self, sample, collateral):
@@ -857,7 +862,7 @@ class TestValues:
         ):
             assert key in details
         assert details["quote_verified"] and details["event_log_verified"]
-        assert not details["os_image_hash_verified"]
+        assert details["os_image_hash_verified"]  # the simulator's image, by its policy
         assert details["boot_info"]["teeVariant"] == "dstack-tdx"
         assert set(doc["checks"]) == set(CHECK_NAMES)
 

@@ -28,6 +28,8 @@ def files(agent, bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> di
     (trust / "collateral.json").write_text(bundle.collateral_json)
     pem = x509.load_der_x509_certificate(bundle.root_ca_der).public_bytes(Encoding.PEM)
     (trust / "root_ca.pem").write_bytes(pem)
+    assert bundle.os_image_policy_json is not None
+    (trust / "os_image_policy.json").write_text(bundle.os_image_policy_json)
     report_data = hashlib.sha512(b"app-data:" + APP_DATA).digest()
     _, attest = agent.call("Attest", {"report_data": report_data.hex()})
     status, quote = agent.call("GetQuote", {"report_data": "0c11"})
@@ -136,6 +138,41 @@ class TestVerdicts:
         assert "--collateral" in doc["checks"]["quote_signature"]["detail"]
 
 
+class TestOsImage:
+    def test_expected_registers(self, files, capsys):
+        """--expect-mrtd/--expect-rtmr for one image: the simulator's registers pass with
+        os_image mandatory; another MRTD fails os_image (exit 1)."""
+        evidence = str(files["root"] / "attest.bin")
+        bundle = ["--root-ca", str(files["trust"] / "root_ca.pem"), "--collateral",
+                  str(files["trust"] / "collateral.json"), "--allow-simulator"]
+        code, doc, err = run(capsys, evidence, *bundle)
+        assert code == 0 and doc["os_image_verified"] is False and doc["os_image_hash"] == ""
+        assert "OS IMAGE UNVERIFIED" in err
+        pinned = ["--expect-mrtd", doc["mrtd"]] + [
+            arg for i in range(3) for arg in ("--expect-rtmr", f"{i}={doc['rtmrs'][i]}")
+        ]
+        code, doc, err = run(capsys, evidence, *bundle, *pinned)
+        assert code == 0 and doc["checks"]["os_image"]["status"] == "pass"
+        assert doc["checks"]["os_image"]["mandatory"] and "OS IMAGE" not in err
+        code, doc, _ = run(capsys, evidence, *bundle, "--expect-mrtd", "00" * 48)
+        assert code == 1 and doc["reason"].startswith("os_image:")
+
+    def test_policy_file(self, files, capsys, tmp_path):
+        """--os-image-policy FILE: the bundle's file passes; a file of another image fails."""
+        evidence = str(files["root"] / "attest.bin")
+        bundle = ["--root-ca", str(files["trust"] / "root_ca.pem"), "--collateral",
+                  str(files["trust"] / "collateral.json"), "--allow-simulator"]
+        policy = str(files["trust"] / "os_image_policy.json")
+        code, doc, _ = run(capsys, evidence, *bundle, "--os-image-policy", policy)
+        assert code == 0 and doc["os_image_verified"] is True and doc["os_image_hash"]
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({"version": 1, "images": {
+            "11" * 32: {"mrtd": "22" * 48, "rtmr0": "33" * 48, "rtmr1": "33" * 48, "rtmr2": "33" * 48}
+        }}))
+        code, doc, _ = run(capsys, evidence, *bundle, "--os-image-policy", str(other))
+        assert code == 1 and doc["reason"].startswith("os_image:") and doc["os_image_hash"] == ""
+
+
 class TestErrors:
     def test_garbage_exits_2_with_json_error(self, files, capsys):
         """Unrecognisable evidence: exit 2, {"verdict": "fail", "error", "code"} on stdout."""
@@ -153,6 +190,13 @@ class TestErrors:
             ["--expect-report-data", "00" * 65],
             ["--expect-content", "00", "--content-hash", "md5"],
             ["--now", "-5"],
+            ["--expect-report-data", ""],
+            ["--expect-mrtd", "zz"],
+            ["--expect-mrtd", "00" * 47],
+            ["--expect-rtmr", "3=" + "00" * 48],
+            ["--expect-rtmr", "0"],
+            ["--os-image-policy", "/nonexistent/policy.json"],
+            ["--trust-anchor", "/nonexistent/ca.pem"],
         ],
     )
     def test_bad_flags_exit_2(self, files, capsys, args):

@@ -6,34 +6,55 @@ Handlers are thin: decode the arguments with the method's schema, call the
 * ``/<Method>`` and ``/prpc/<Method>``: the DstackGuest service (GET query or POST JSON);
 * ``/prpc/Tappd.<Method>`` (and ``/prpc/<Method>`` for Tappd-only names): legacy Tappd.
 
-Every response is JSON with a Content-Length; errors are ``{"error", "code"}``.
+:func:`create_tappd_app` serves only the Tappd service, at ``/prpc/Tappd.<Method>`` and
+``/prpc/<Method>``, for its own socket (upstream's ``tappd.sock``).
+
+Every response is JSON with a Content-Length; errors are ``{"error", "code"}``. With a
+:class:`~dstack_core.server.guard.Guard` (caller policy, audit log) every call passes
+through it once its method is resolved, whichever path or socket reached it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from ..errors import NotFound
 from .. import jsonout
-from ..jsonout import EncodedJson, encode_json
-from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
-from .codec import Field, Schema, decode_args, parse_json_body, parse_query
+from ..errors import NotFound
+from ..jsonout import EncodedJson
+from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
+from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
 from .errors import error_middleware, json_response
+from .guard import Guard
 
-__all__ = ["create_app", "SERVICE_KEY", "DEFAULT_MAX_BODY", "DSTACK_METHODS", "TAPPD_METHODS"]
+if TYPE_CHECKING:
+    from .metrics import AgentMetrics
+
+__all__ = [
+    "API_METHODS",
+    "DEFAULT_MAX_BODY",
+    "DSTACK_METHODS",
+    "GUARD_KEY",
+    "SERVICE_KEY",
+    "TAPPD_METHODS",
+    "create_app",
+    "create_tappd_app",
+    "trim_prefix",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 SERVICE_KEY: Final = web.AppKey("service", AgentService)
+GUARD_KEY: Final = web.AppKey("guard", Guard)
 TAPPD_PREFIX: Final = "Tappd."
 
-Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any] | EncodedJson]]
+Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 @attrs.frozen
@@ -61,12 +82,15 @@ def _tls_response(result: TlsKeyResult) -> dict[str, Any]:
 
 
 def _quote_response(result: QuoteResult) -> dict[str, Any]:
-    return {
+    response: dict[str, Any] = {
         "quote": EncodedJson.hex(result.quote),
         "event_log": result.event_log,
         "report_data": result.report_data.hex(),
         "vm_config": result.vm_config,
     }
+    if result.attestation:  # upstream omits the field when empty
+        response["attestation"] = result.attestation.hex()
+    return response
 
 
 async def _get_tls_key(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
@@ -86,19 +110,8 @@ async def _attest(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
     return {"attestation": await svc.attest_json(a["report_data"])}
 
 
-_last_info: tuple[InfoResult | None, EncodedJson] = (None, EncodedJson((b"",)))
-
-
-async def _info(svc: AgentService, a: dict[str, Any]) -> EncodedJson:
-    global _last_info
-    info = await svc.info()
-    # The service hands out the same result until Info changes: encode it once.
-    if _last_info[0] is not info:
-        _last_info = (info, EncodedJson((encode_json(_info_response(info)),)))
-    return _last_info[1]
-
-
-def _info_response(info: InfoResult) -> dict[str, Any]:
+async def _info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+    info = await svc.info()  # tcb_info comes encoded, its event log in kept pieces
     return {
         k: v.hex() if isinstance(v, bytes) else v
         for k, v in attrs.asdict(info, recurse=False).items()
@@ -203,68 +216,145 @@ TAPPD_METHODS: Final[dict[str, Method]] = {
 }
 
 
-def _endpoint(method: Method) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The aiohttp handler of one method: decode, call the service, encode."""
-    schema, handler = method.schema, method.handler
-
-    async def endpoint(request: web.Request) -> web.Response:
-        if request.method == "POST":
-            doc = parse_json_body(await request.read()) if schema else {}
-        else:
-            doc = parse_query(request.query, schema)
-        result = await handler(request.app[SERVICE_KEY], decode_args(schema, doc))
-        return json_response(result)
-
-    return endpoint
+API_METHODS: Final = frozenset(DSTACK_METHODS) | frozenset(TAPPD_METHODS)
+"""Every method name the API serves (what a caller policy may name)."""
 
 
-def _lookup(name: str) -> Method | None:
-    """The method a ``/prpc/<name>`` path names (``Tappd.`` prefixes stripped)."""
-    if name.startswith(TAPPD_PREFIX):
-        while name.startswith(TAPPD_PREFIX):
-            name = name[len(TAPPD_PREFIX):]
-        return TAPPD_METHODS.get(name)
-    return DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
+async def _read_body(request: web.Request) -> bytes:
+    """The decoded body, empty when there is none.
+
+    Read for every method and verb, also where it is ignored, so that the size limit and
+    the ``Content-Encoding`` rules hold on every path.
+    """
+    if not request.body_exists:
+        return b""
+    body = await request.read()
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+    if encoding is not None:
+        body = decode_content(body, encoding, request.client_max_size)
+    return body
 
 
-async def _dstack(request: web.Request) -> web.Response:
-    name = request.match_info["method"]
-    method = DSTACK_METHODS.get(name)
+async def _call(request: web.Request, name: str, method: Method) -> web.Response:
+    body = await _read_body(request)
+    if request.method == "POST":
+        doc = parse_json_body(body) if method.schema else {}
+    else:
+        doc = parse_query(request.query, method.schema)
+    args = decode_args(method.schema, doc)
+    service = request.app[SERVICE_KEY]
+    guard = request.app.get(GUARD_KEY)
+    if guard is None:
+        return json_response(await method.handler(service, args))
+    invoke = functools.partial(method.handler, service, args)
+    return json_response(await guard.run(request, name, args, invoke))
+
+
+def trim_prefix(name: str, prefix: str) -> str:
+    """Rust's ``trim_start_matches``: remove every leading repetition of ``prefix``."""
+    while name.startswith(prefix):
+        name = name[len(prefix):]
+    return name
+
+
+def _resolve(request: web.Request, tappd_only: bool) -> tuple[str, Method | None]:
+    """The method a request names, after upstream's prefix trimming."""
+    name = request.match_info.get("method", "")
+    if request.path.startswith("/prpc/") and name.startswith(TAPPD_PREFIX):
+        name = trim_prefix(name, TAPPD_PREFIX)
+        return name, TAPPD_METHODS.get(name)
+    if tappd_only:
+        return name, TAPPD_METHODS.get(name)
+    if request.path.startswith("/prpc/"):
+        return name, DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
+    return name, DSTACK_METHODS.get(name)
+
+
+async def _dispatch(request: web.Request, *, tappd_only: bool) -> web.Response:
+    name, method = _resolve(request, tappd_only)
     if method is None:
         raise NotFound(f"Service not found: {name}")
-    return await _endpoint(method)(request)
+    return await _call(request, name, method)
 
 
-async def _prpc(request: web.Request) -> web.Response:
-    method = _lookup(request.match_info["method"])
-    if method is None:
-        raise NotFound(f"Service not found: {request.match_info['method']}")
-    return await _endpoint(method)(request)
+async def _any_method(request: web.Request) -> web.Response:
+    return await _dispatch(request, tappd_only=False)
 
 
-def _exact_paths() -> dict[str, Method]:
-    """Every path that names a method without repeated prefixes, for exact-match routes."""
-    paths = {f"/{name}": method for name, method in DSTACK_METHODS.items()}
-    for name in {*DSTACK_METHODS, *TAPPD_METHODS}:
-        for path in (f"/prpc/{name}", f"/prpc/{TAPPD_PREFIX}{name}"):
-            method = _lookup(path[len("/prpc/"):])
-            if method is not None:
-                paths[path] = method
-    return paths
+async def _tappd(request: web.Request) -> web.Response:
+    return await _dispatch(request, tappd_only=True)
 
 
-def create_app(service: AgentService, *, max_body: int = DEFAULT_MAX_BODY) -> web.Application:
-    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body)
+def _method_label(tappd_only: bool) -> Callable[[web.Request], str]:
+    def label(request: web.Request) -> str:
+        name, method = _resolve(request, tappd_only)
+        return name if method is not None else "unknown"
+
+    return label
+
+
+def _application(
+    service: AgentService,
+    *,
+    listener: str,
+    tappd_only: bool,
+    max_body: int,
+    guard: Guard | None,
+    metrics: AgentMetrics | None,
+) -> web.Application:
+    outer = [] if metrics is None else [metrics.middleware(listener, _method_label(tappd_only))]
+    app = web.Application(
+        middlewares=[*outer, error_middleware],
+        client_max_size=max_body,
+        # Bodies are decoded by _read_body, which knows the limit and our error codes.
+        handler_args={"auto_decompress": False},
+    )
     app[SERVICE_KEY] = service
-    # Exact paths resolve with one dict lookup; the patterns catch the rest (unknown names
-    # get 404, repeated Tappd. prefixes are stripped). add_get also answers HEAD, as
-    # upstream's Rocket routes do.
-    for path, method in _exact_paths().items():
-        endpoint = _endpoint(method)
-        app.router.add_get(path, endpoint)
-        app.router.add_post(path, endpoint)
-    for path, handler in (("/prpc/{method}", _prpc), ("/{method}", _dstack)):
-        app.router.add_get(path, handler)
-        app.router.add_post(path, handler)
+    if guard is not None:
+        app[GUARD_KEY] = guard
+    return app
+
+
+def create_app(
+    service: AgentService,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    guard: Guard | None = None,
+    metrics: AgentMetrics | None = None,
+) -> web.Application:
+    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes (as sent,
+    and once decoded) get 400.
+
+    :param guard: caller policy and audit log for every call; it opens its audit log
+        when the app starts (before any socket is bound) and closes it at cleanup.
+    :param metrics: counts and times every request (listener ``dstack``).
+    """
+    app = _application(service, listener="dstack", tappd_only=False, max_body=max_body,
+                       guard=guard, metrics=metrics)
+    if guard is not None:
+        app.cleanup_ctx.append(guard.lifetime)
+    # add_get also answers HEAD, as upstream's Rocket routes do.
+    for path in ("/prpc/{method}", "/{method}"):
+        app.router.add_get(path, _any_method)
+        app.router.add_post(path, _any_method)
+    return app
+
+
+def create_tappd_app(
+    service: AgentService,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    guard: Guard | None = None,
+    metrics: AgentMetrics | None = None,
+) -> web.Application:
+    """The legacy Tappd service alone (``/prpc/Tappd.<Method>``, ``/prpc/<Method>``), as
+    upstream serves it on ``tappd.sock``; every other path is 404.
+
+    :param guard: the same guard as :func:`create_app`'s (whose app owns its audit log's
+        lifetime): Tappd's calls are decided and recorded like every other.
+    """
+    app = _application(service, listener="tappd", tappd_only=True, max_body=max_body,
+                       guard=guard, metrics=metrics)
+    app.router.add_get("/prpc/{method}", _tappd)
+    app.router.add_post("/prpc/{method}", _tappd)
     return app

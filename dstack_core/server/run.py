@@ -1,9 +1,14 @@
 """Running the agent: start the platform, bind the sockets, serve until SIGTERM.
 
-Start-up order matters for failing closed: the socket path is checked first (a live agent
-on it must refuse us before our platform touches the state dir it may share), then the
-platform is loaded and configured, and the runtime log repaired, *before* any socket exists,
-so a failed start leaves nothing behind.
+Start-up order matters for failing closed: the socket paths are checked first (a live
+agent on one must refuse us before our platform touches the state dir it may share), then
+the platform is loaded and configured, and the runtime log repaired, *before* any socket
+exists, so a failed start leaves nothing behind.
+
+Listeners: the dstack API on ``--socket`` (or systemd's ``dstack`` socket), optionally also
+on ``--listen``; the legacy Tappd API alone on ``--tappd-socket`` (or systemd's ``tappd``
+socket); upstream's external surface on ``--external-listen``. Under systemd's watchdog a
+:class:`~dstack_core.server.watchdog.Watchdog` pings while the API answers.
 """
 
 from __future__ import annotations
@@ -20,15 +25,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
 from ..errors import ConfigurationError
 from ..platform import Platform
 from ..plugins import load_platform
-from ..service import AgentService, ServiceFiles
+from ..policy import Policy, load_policy
+from ..service import AgentService, ServiceFiles, ServiceOptions
 from . import systemd
-from .app import create_app
+from .app import API_METHODS, create_app, create_tappd_app
+from .connections import (
+    LISTEN_BACKLOG,
+    ConnectionManager,
+    listening_sockets,
+    raise_open_file_limit,
+)
+from .external import AppComposeFlags, create_external_app
+from .guard import Guard, tcp_notice
+from .metrics import AgentMetrics
+from .watchdog import Watchdog
 
 __all__ = ["serve", "prepare_socket_path"]
 
@@ -79,7 +94,10 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
     """
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = _open_lock(state_dir / STATE_LOCK_FILE)
+        # Read-only: flock needs no write access, and a descriptor open for writing would
+        # keep the state dir's file system from being remounted read-only (a storage fault
+        # the agent must survive, and start under, with its state intact).
+        fd = os.open(state_dir / STATE_LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigurationError(f"cannot use state directory {state_dir}: {exc}") from None
     try:
@@ -94,27 +112,13 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _open_lock(path: Path) -> int:
-    # Read-only: flock needs no write access, and a descriptor open for writing would keep
-    # the state dir's file system from being remounted read-only (a storage fault the
-    # agent must survive, and start under, with its state intact).
-    return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-
-class _MalformedHttpFilter(logging.Filter):
-    """aiohttp logs a client's malformed HTTP with a traceback; it is the client's error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            log.info("rejected malformed HTTP from a client: %s", exc)
-            return False
-        return True
-
-
 def _start_service(platform: Platform, settings: Settings) -> AgentService:
+    options = ServiceOptions(
+        attestation_format="upstream" if settings.attestation_format == "upstream" else "dstack-core",
+        kms_timeout=settings.kms_timeout,
+    )
     try:
-        return AgentService.start(platform, settings.platform_config(), ServiceFiles())
+        return AgentService.start(platform, settings.platform_config(), ServiceFiles(), options)
     except BaseException:
         platform.close()
         raise
@@ -125,81 +129,176 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
 
     :raises ConfigurationError / PluginError / StateError: start-up failed (nothing bound).
     """
-    activated = systemd.activated_socket()
-    if activated is None:
+    # A bad policy stops start-up before anything is touched.
+    policy = load_policy(settings.policy, methods=API_METHODS) if settings.policy else None
+    activated = systemd.activated_sockets()
+    if activated.dstack is None:
         prepare_socket_path(settings.socket)
+    if activated.tappd is None and settings.tappd_socket is not None:
+        prepare_socket_path(settings.tappd_socket)
     # Loading the plugin touches no disk; a platform that fails to load leaves nothing.
     platform = Platform.from_plugin_manager(load_platform(settings.platform))
     with state_dir_lock(settings.state_dir):
-        await _serve_locked(platform, settings, ready, activated)
+        await _serve_locked(platform, settings, ready, activated, policy)
 
 
-async def _bind_unix(runner: web.AppRunner, settings: Settings) -> None:
-    prepare_socket_path(settings.socket)
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    """A Unix socket at ``path``, bound with its final mode and listening."""
+    prepare_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that already gives the final mode: no window in which the
     # socket is more open than configured.
-    old_umask = os.umask(0o777 & ~settings.socket_mode)
+    old_umask = os.umask(0o777 & ~mode)
     try:
-        await web.UnixSite(runner, os.fspath(settings.socket)).start()
+        sock.bind(os.fspath(path))
     except OSError as exc:
-        raise ConfigurationError(f"cannot bind {settings.socket}: {exc}") from None
+        sock.close()
+        raise ConfigurationError(f"cannot bind {path}: {exc}") from None
     finally:
         os.umask(old_umask)
     try:
-        os.chmod(settings.socket, settings.socket_mode)
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
-        settings.socket.unlink(missing_ok=True)
-        raise ConfigurationError(f"cannot set the mode of {settings.socket}: {exc}") from None
+        sock.close()
+        path.unlink(missing_ok=True)
+        raise ConfigurationError(f"cannot set the mode of {path}: {exc}") from None
+    return sock
+
+
+class _Listeners:
+    """The runners and socket files of one agent, for an orderly cleanup; every socket is
+    served through one :class:`~dstack_core.server.connections.ConnectionManager`."""
+
+    def __init__(self, connections: ConnectionManager) -> None:
+        self.connections = connections
+        self.runners: list[web.AppRunner] = []
+        self.bound: list[Path] = []
+        self.described: list[str] = []
+
+    async def tcp(self, runner: web.AppRunner, address: tuple[str, int]) -> None:
+        host, port = address
+        try:
+            sockets = listening_sockets(host, port)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
+        for sock in sockets:
+            await self.connections.site(runner, sock).start()
+
+    async def runner(self, app: web.Application) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None)
+        self.runners.append(runner)
+        await runner.setup()
+        return runner
+
+    async def unix(
+        self, runner: web.AppRunner, activated: socket.socket | None, path: Path, mode: int,
+        what: str,
+    ) -> Path | None:
+        """Serve on systemd's socket if passed, else bind ``path``; the path to probe."""
+        if activated is not None:
+            # systemd owns the socket file and its mode; we only serve on it.
+            await self.connections.site(runner, activated).start()
+            name = activated.getsockname()
+            self.described.append(f"{what} on the systemd-activated socket {name}")
+            return Path(name) if isinstance(name, str) and name.startswith("/") else None
+        sock = _bind_unix(path, mode)
+        self.bound.append(path)
+        await self.connections.site(runner, sock).start()
+        self.described.append(f"{what} on {path}")
+        return path
+
+    async def close(self) -> None:
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        for path in self.bound:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 async def _serve_locked(
     platform: Platform,
     settings: Settings,
     ready: asyncio.Event | None,
-    activated: socket.socket | None,
+    activated: systemd.ActivatedSockets,
+    policy: Policy | None,
 ) -> None:
     service = await asyncio.to_thread(_start_service, platform, settings)
-    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
+    tcp_guarded = settings.listen is not None and not service.platform.info.simulated
+    guard = None
+    if policy is not None or settings.audit_log is not None or tcp_guarded:
+        policy = policy or Policy()
+        guard = Guard(policy=policy, tcp_guarded=tcp_guarded, audit_path=settings.audit_log,
+                      platform=service.platform.name)
     # From here on a signal must not kill us between binding and unlinking the socket.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(service, max_body=settings.max_body_size), access_log=None)
-    bound = False
+    flags = AppComposeFlags.from_text(service.app_compose)
+    metrics = AgentMetrics(
+        service, public_sysinfo=flags.public_sysinfo, data_disks=settings.data_disks
+    )
+    raise_open_file_limit()
+    listeners = _Listeners(ConnectionManager(settings.limits))
+    watchdog: Watchdog | None = None
     try:
-        await service.open()
-        await runner.setup()
-        if activated is not None:
-            # systemd owns the socket file and its mode; we only serve on it.
-            await web.SockSite(runner, activated).start()
-            where = f"the systemd-activated socket {activated.getsockname()}"
-        else:
-            await _bind_unix(runner, settings)
-            bound = True
-            where = os.fspath(settings.socket)
-        if settings.listen is not None:
-            host, port = settings.listen
-            try:
-                await web.TCPSite(runner, host, port).start()
-            except OSError as exc:
-                raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
-        log.warning(
-            "dstack-agent serving platform %s on %s%s",
-            service.platform.name,
-            where,
-            f" and {settings.listen[0]}:{settings.listen[1]}" if settings.listen else "",
+        runner = await listeners.runner(
+            create_app(service, max_body=settings.max_body_size, guard=guard, metrics=metrics)
         )
+        probe = await listeners.unix(
+            runner, activated.dstack, settings.socket, settings.socket_mode, "the dstack API"
+        )
+        if settings.listen is not None:
+            await listeners.tcp(runner, settings.listen)
+            address = "{}:{}".format(*settings.listen)
+            listeners.described.append(f"the dstack API on {address}")
+            log.warning(tcp_notice(policy or Policy(), simulated=service.platform.info.simulated,
+                                   platform=service.platform.name, address=address))
+        if activated.tappd is not None or settings.tappd_socket is not None:
+            tappd = await listeners.runner(create_tappd_app(
+                service, max_body=settings.max_body_size, guard=guard, metrics=metrics
+            ))
+            await listeners.unix(
+                tappd, activated.tappd, settings.tappd_socket or Path(), settings.socket_mode,
+                "the Tappd API",
+            )
+        if activated.external is not None or settings.external_listen is not None:
+            external = await listeners.runner(create_external_app(service, metrics))
+            if activated.external is not None:
+                await listeners.connections.site(external, activated.external).start()
+                host, port = activated.external.getsockname()[:2]
+            else:
+                assert settings.external_listen is not None
+                await listeners.tcp(external, settings.external_listen)
+                host, port = settings.external_listen
+            listeners.described.append(f"the external port on {host}:{port}")
+        log.warning(
+            "dstack-agent serving platform %s: %s",
+            service.platform.name,
+            "; ".join(listeners.described),
+        )
+        service.warm_up()
         systemd.notify("READY=1")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            watchdog = Watchdog(
+                interval=interval,
+                platform=service.platform,
+                loop=loop,
+                probe_socket=probe,
+                on_ping=metrics.watchdog_pings.inc,
+                on_failure=lambda _reason: metrics.watchdog_failures.inc(),
+            )
+            watchdog.start()
         if ready is not None:
             ready.set()
         await stop.wait()
         systemd.notify("STOPPING=1")
         log.warning("dstack-agent shutting down")
     finally:
-        await runner.cleanup()
-        await service.close()
-        if bound:
-            with contextlib.suppress(FileNotFoundError):
-                settings.socket.unlink()
+        if watchdog is not None:
+            await asyncio.to_thread(watchdog.stop)
+        await listeners.close()
+        await service.aclose()
         service.platform.close()

@@ -3,12 +3,16 @@
 The request and response follow the upstream dstack verifier (formats.md 2.4): the body
 is ``{"quote", "event_log", "vm_config", "attestation", "debug"}`` (all optional; a
 non-empty ``attestation`` wins), and the answer is ``{"is_valid", "details", "reason"}``
-plus our ``verdict``, ``simulated`` and per-check ``checks``. Two extensions: a body may
-carry ``certificate_chain`` (PEM strings, an RA-TLS leaf first) instead, and
-``expected_report_data`` (hex) to require a report data value.
+plus our ``verdict``, ``simulated``, ``warnings`` and per-check ``checks``. Two
+extensions: a body may carry ``certificate_chain`` (PEM strings, an RA-TLS leaf first)
+instead, and ``expected_report_data`` (hex, the CLI's ``--expect-report-data`` rule).
 
 A failed verification is a 200 answer with ``is_valid: false``; malformed or unsupported
-evidence is a 400 ``{"error", "code"}``. The service is stateless (collateral comes from a
+evidence is a 400 ``{"error", "code"}``. Bodies are strict JSON (no duplicate keys, no
+NaN). A body over the limit is refused from its ``Content-Length`` before any of it is
+read, and a body that arrives slower than ``body_timeout`` gets a 408; decoding and
+verification run in worker threads, at most ``max_concurrent`` at a time, so ``/health``
+and other requests keep answering. The service is stateless (collateral comes from a
 fixed file, a cache directory shared safely between processes, or the configured PCCS),
 so it scales out by running more processes behind any HTTP load balancer; see
 ``docs/verify.md`` for gunicorn's aiohttp worker.
@@ -17,7 +21,6 @@ so it scales out by running more processes behind any HTTP load balancer; see
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -28,27 +31,41 @@ from typing import Any, Final
 import attrs
 from aiohttp import web
 
+from .. import strictjson
 from ..collateral import CollateralCache, CollateralSource, load_collateral_file
-from ..errors import ConfigurationError, EvidenceError
+from ..errors import (
+    ConfigurationError,
+    EvidenceError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+from ..osimage import OsImagePolicy, with_expectations
 from ..verify import (
     DEFAULT_ALLOWED_TCB_STATUSES,
     MAX_EVIDENCE_SIZE,
+    Evidence,
     ExpectedReportData,
     VerificationResult,
     VerifyOptions,
+    bytes_tuple,
     evidence_from_json,
+    parse_expected_report_data,
     string_set,
     verify_evidence,
 )
 from .errors import error_middleware, json_response
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_CONCURRENT",
     "ENV_PREFIX",
     "SETTINGS_KEY",
     "VerifierSettings",
     "app_from_env",
     "create_verifier_app",
+    "load_certificates",
     "load_root_ca",
     "settings_from_env",
 ]
@@ -56,14 +73,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY: Final = MAX_EVIDENCE_SIZE
+DEFAULT_BODY_TIMEOUT: Final = 30.0
+"""Seconds a request body may take to arrive before the answer is 408."""
+DEFAULT_MAX_CONCURRENT: Final = 4
+"""Requests decoded and verified at once; more wait (bounds CPU and the memory of decoding:
+each may hold a 24 MiB body a few times over while it is decoded)."""
+READ_CHUNK: Final = 64 * 1024
 SERVICE_NAME: Final = "dstack-verifier"
 ENV_PREFIX: Final = "DSTACK_VERIFIER_"
 
 
-def load_root_ca(path: Path) -> bytes:
-    """Read a root certificate (PEM or DER) and return its DER bytes.
+def load_certificates(path: Path, what: str = "trust anchor") -> tuple[bytes, ...]:
+    """Read one or more certificates (PEM, or one DER) and return their DER bytes.
 
-    :raises ConfigurationError: unreadable, or not exactly one certificate.
+    :raises ConfigurationError: unreadable, or not certificates.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -71,18 +94,27 @@ def load_root_ca(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigurationError(f"cannot read root CA {path}: {exc}") from None
+        raise ConfigurationError(f"cannot read {what} {path}: {exc}") from None
     try:
         certs = (
             x509.load_pem_x509_certificates(data)
             if b"-----BEGIN" in data
             else [x509.load_der_x509_certificate(data)]
         )
-    except ValueError as exc:
-        raise ConfigurationError(f"root CA {path} is not a PEM or DER certificate: {exc}") from None
+    except (ValueError, x509.InvalidVersion) as exc:
+        raise ConfigurationError(f"{what} {path} is not a PEM or DER certificate: {exc}") from None
+    return tuple(cert.public_bytes(Encoding.DER) for cert in certs)
+
+
+def load_root_ca(path: Path) -> bytes:
+    """Read a root certificate (PEM or DER) and return its DER bytes.
+
+    :raises ConfigurationError: unreadable, or not exactly one certificate.
+    """
+    certs = load_certificates(path, "root CA")
     if len(certs) != 1:
         raise ConfigurationError(f"root CA {path} must hold exactly one certificate")
-    return certs[0].public_bytes(Encoding.DER)
+    return certs[0]
 
 
 @attrs.frozen(kw_only=True)
@@ -95,7 +127,11 @@ class VerifierSettings:
     :ivar allowed_tcb_statuses: TCB statuses that pass.
     :ivar rejected_advisory_ids: advisories that fail ``advisory_ids``.
     :ivar allow_stripped_event_log: see :class:`~dstack_core.verify.VerifyOptions`.
+    :ivar os_image_policy: known OS images (and expected registers), or None.
+    :ivar ratls_trust_anchors: DER certificates RA-TLS chains may end at.
     :ivar max_body_size: request body limit in bytes.
+    :ivar body_timeout: seconds a request body may take to arrive (then 408).
+    :ivar max_concurrent: requests decoded and verified at once.
     :ivar clock: the verification time source (unix seconds); a test may pin it.
     """
 
@@ -107,7 +143,11 @@ class VerifierSettings:
     )
     rejected_advisory_ids: frozenset[str] = attrs.field(factory=frozenset, converter=string_set)
     allow_stripped_event_log: bool = False
+    os_image_policy: OsImagePolicy | None = None
+    ratls_trust_anchors: tuple[bytes, ...] = attrs.field(default=(), converter=bytes_tuple)
     max_body_size: int = DEFAULT_MAX_BODY
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
     clock: Callable[[], int] = attrs.field(default=lambda: int(time.time()), eq=False)
 
     def options(self, *, now: int, expected: ExpectedReportData | None) -> VerifyOptions:
@@ -120,57 +160,105 @@ class VerifierSettings:
             rejected_advisory_ids=self.rejected_advisory_ids,
             expected_report_data=expected,
             allow_stripped_event_log=self.allow_stripped_event_log,
+            os_image_policy=self.os_image_policy,
+            ratls_trust_anchors=self.ratls_trust_anchors,
         )
 
 
 SETTINGS_KEY: Final = web.AppKey("verifier_settings", VerifierSettings)
+SLOTS_KEY: Final = web.AppKey("verifier_slots", asyncio.Semaphore)
 
 
-def _request_doc(body: bytes) -> Mapping[str, Any]:
+async def _read_body(request: web.Request, limit: int, timeout: float) -> bytearray:
+    """The request body, refused unread when ``Content-Length`` is over ``limit``, cut off
+    as soon as a chunked one grows past it, and abandoned after ``timeout`` seconds.
+
+    :raises PayloadTooLarge: over the limit.
+    :raises RequestTimeout: too slow.
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(
+            f"request body is {declared} bytes, over the {limit}-byte limit of /verify"
+        )
+    # One buffer of the declared size, filled in place: no list of chunks joined at the end.
+    body = bytearray(declared or 0)
+    size = 0
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise EvidenceError(
-            f"request body is not valid JSON: {exc}", code="invalid_request"
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(READ_CHUNK):
+                end = size + len(chunk)
+                if end > limit:
+                    raise PayloadTooLarge(f"request body is over the {limit}-byte limit of /verify")
+                body[size:end] = chunk
+                size = end
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g} seconds"
         ) from None
+    del body[size:]
+    return body
+
+
+def _request_doc(body: bytes | bytearray) -> Mapping[str, Any]:
+    """The request object, strict JSON (the CLI's rules: no duplicate keys, no NaN)."""
+    try:
+        doc = strictjson.loads(body)
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise EvidenceError("request body must be a JSON object", code="invalid_request")
+        raise InvalidRequest("request body must be a JSON object")
     return doc
 
 
 def _expected(doc: Mapping[str, Any]) -> ExpectedReportData | None:
+    """``expected_report_data``: absent or null means none; anything else is parsed with
+    :func:`~dstack_core.verify.parse_expected_report_data` (``""`` is an error)."""
     value = doc.get("expected_report_data")
-    if value in (None, ""):
+    if value is None:
         return None
-    if not isinstance(value, str):
-        raise EvidenceError("expected_report_data must be a hex string", code="invalid_request")
     try:
-        return ExpectedReportData.raw(bytes.fromhex(value.removeprefix("0x")))
-    except ValueError:
-        raise EvidenceError("expected_report_data is not hex", code="invalid_request") from None
+        return parse_expected_report_data(value)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"expected_report_data: {exc.message}") from None
+
+
+def _decode_request(
+    holder: list[bytearray] | bytes,
+) -> tuple[ExpectedReportData | None, Evidence]:
+    """Parse and decode one request body (CPU-bound: runs in a worker thread).
+
+    :param holder: the body, or a list holding it alone: it is taken out, so that it is
+        freed as soon as it is parsed rather than kept by the caller until the end.
+    """
+    body = holder.pop() if isinstance(holder, list) else holder
+    doc = _request_doc(body)
+    del body
+    return _expected(doc), evidence_from_json(doc)
 
 
 async def _verify(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    doc = _request_doc(await request.read())
-    expected = _expected(doc)
-    evidence = await asyncio.to_thread(evidence_from_json, doc)
-    now = settings.clock()
-    collateral = None
-    problem = None
-    try:
-        if evidence.quote is not None:  # SEV-SNP evidence has no DCAP collateral
-            collateral = await settings.collateral.collateral_for(evidence.quote.raw, now=now)
-    except EvidenceError as exc:
-        problem = exc.message
-        log.warning("no collateral for a /verify request: %s", problem)
-    result: VerificationResult = await asyncio.to_thread(
-        verify_evidence,
-        evidence,
-        settings.options(now=now, expected=expected),
-        collateral,
-        collateral_error=problem,
-    )
+    # The body is read before taking a slot: a slow client waits for its own body only.
+    holder = [await _read_body(request, settings.max_body_size, settings.body_timeout)]
+    async with request.app[SLOTS_KEY]:
+        expected, evidence = await asyncio.to_thread(_decode_request, holder)
+        now = settings.clock()
+        collateral = None
+        problem = None
+        try:
+            if evidence.quote is not None:  # SEV-SNP evidence has no DCAP collateral
+                collateral = await settings.collateral.collateral_for(evidence.quote.raw, now=now)
+        except EvidenceError as exc:
+            problem = exc.message
+            log.warning("no collateral for a /verify request: %s", problem)
+        result: VerificationResult = await asyncio.to_thread(
+            verify_evidence,
+            evidence,
+            settings.options(now=now, expected=expected),
+            collateral,
+            collateral_error=problem,
+        )
     return json_response(result.to_upstream_json())
 
 
@@ -182,6 +270,7 @@ def create_verifier_app(settings: VerifierSettings) -> web.Application:
     """The aiohttp application: ``POST /verify``, ``GET /health``."""
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
     app[SETTINGS_KEY] = settings
+    app[SLOTS_KEY] = asyncio.Semaphore(settings.max_concurrent)
     app.router.add_post("/verify", _verify)
     app.router.add_get("/health", _health)
     return app
@@ -196,7 +285,9 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> VerifierSetti
 
     ``COLLATERAL`` (file), ``COLLATERAL_CACHE`` (dir), ``PCCS_URL``, ``ROOT_CA`` (file),
     ``ALLOW_SIMULATOR`` (``1``/``true``), ``ALLOW_TCB_STATUS`` and ``REJECT_ADVISORY``
-    (comma-separated), ``ALLOW_STRIPPED_EVENT_LOG``, ``MAX_BODY_SIZE`` (bytes).
+    (comma-separated), ``ALLOW_STRIPPED_EVENT_LOG``, ``OS_IMAGE_POLICY`` (file),
+    ``EXPECT_MRTD`` (hex), ``EXPECT_RTMR`` (comma-separated ``N=HEX``), ``TRUST_ANCHOR``
+    (PEM file), ``MAX_BODY_SIZE`` (bytes), ``BODY_TIMEOUT`` (seconds), ``MAX_CONCURRENT``.
 
     :raises ConfigurationError: unreadable files or invalid values.
     """
@@ -208,10 +299,18 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> VerifierSetti
     collateral_file = env.get(ENV_PREFIX + "COLLATERAL")
     cache_dir = env.get(ENV_PREFIX + "COLLATERAL_CACHE")
     root = env.get(ENV_PREFIX + "ROOT_CA")
-    try:
-        max_body = int(env.get(ENV_PREFIX + "MAX_BODY_SIZE", DEFAULT_MAX_BODY))
-    except ValueError:
-        raise ConfigurationError(f"{ENV_PREFIX}MAX_BODY_SIZE must be an integer") from None
+    def number(name: str, default: float, kind: type[int | float]) -> Any:
+        try:
+            value = kind(env.get(ENV_PREFIX + name, default))
+        except ValueError:
+            raise ConfigurationError(f"{ENV_PREFIX}{name} must be a number") from None
+        if value <= 0:
+            raise ConfigurationError(f"{ENV_PREFIX}{name} must be positive")
+        return value
+
+    policy_file = env.get(ENV_PREFIX + "OS_IMAGE_POLICY")
+    anchor_file = env.get(ENV_PREFIX + "TRUST_ANCHOR")
+    policy = OsImagePolicy.from_file(Path(policy_file)) if policy_file else None
     try:
         fixed = load_collateral_file(Path(collateral_file)) if collateral_file else None
     except EvidenceError as exc:
@@ -227,7 +326,13 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> VerifierSetti
         allowed_tcb_statuses=DEFAULT_ALLOWED_TCB_STATUSES.union(_env_list(env, "ALLOW_TCB_STATUS")),
         rejected_advisory_ids=_env_list(env, "REJECT_ADVISORY"),
         allow_stripped_event_log=flag("ALLOW_STRIPPED_EVENT_LOG"),
-        max_body_size=max_body,
+        os_image_policy=with_expectations(
+            policy, env.get(ENV_PREFIX + "EXPECT_MRTD"), _env_list(env, "EXPECT_RTMR")
+        ),
+        ratls_trust_anchors=load_certificates(Path(anchor_file)) if anchor_file else (),
+        max_body_size=number("MAX_BODY_SIZE", DEFAULT_MAX_BODY, int),
+        body_timeout=number("BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT, float),
+        max_concurrent=number("MAX_CONCURRENT", DEFAULT_MAX_CONCURRENT, int),
     )
 
 

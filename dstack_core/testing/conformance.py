@@ -35,10 +35,19 @@ from typing import Any, Final, TypeVar
 import attrs
 import pluggy
 import pytest
+from cryptography import x509
 
+from .. import types
 from ..envelope import Envelope
 from ..errors import DstackError, EvidenceError, InvalidRequest, PlatformError, PlatformUnsupported
-from ..eventlog import RuntimeEventLog, TdxEvent, events_from_json, extend, replay_rtmrs
+from ..eventlog import (
+    RuntimeEvent,
+    RuntimeEventLog,
+    TdxEvent,
+    events_from_json,
+    extend,
+    replay_rtmrs,
+)
 from ..hookspecs import REQUIRED_HOOKS
 from ..keys import keccak256
 from ..platform import Platform
@@ -71,8 +80,9 @@ __all__ = [
     "TestRootKey",
 ]
 
-HARDWARE_TAGS: Final = frozenset({"tdx", "sev-snp", "sev", "snp"})
-"""Envelope platform tags that claim real TEE hardware; a simulated platform uses none."""
+HARDWARE_TAGS: Final = types.HARDWARE_TAGS
+"""Envelope platform tags that claim real TEE hardware; a simulated platform uses none
+(nor one of them followed by ``-``: :func:`dstack_core.types.is_hardware_tag`)."""
 
 EVIDENCE_FORMATS: Final = frozenset({"tdx", "sev-snp"})
 
@@ -146,11 +156,24 @@ def trust_bundle_or_skip(
     platform: Platform, env: PlatformEnv, config: PlatformConfig
 ) -> TrustBundle:
     """The anchors that verify the platform's quotes in tests, or a skip."""
-    bundle = env.trust_bundle or platform.trust_bundle_sync(config.state_dir)
+    bundle = env.trust_bundle or platform.trust_bundle_sync(config.state_dir, config.options)
     if bundle is None:
         pytest.skip("no trust anchors for this platform's quotes in tests (real hardware "
                     "needs Intel's collateral; give fake hardware's in PlatformEnv.trust_bundle)")
     return bundle
+
+
+def log_extends(config: PlatformConfig, event: RuntimeEvent, times: int = 1) -> None:
+    """Record in the runtime log ``times`` extensions by ``event`` that a test made.
+
+    Tests that extend RTMR3 through the hook (not EmitEvent) log what they extended, so
+    that the runtime log keeps replaying to the register: a device that keeps its
+    registers between tests (and the agent a later test starts on it) stays consistent.
+    """
+    log = RuntimeEventLog(config.runtime_log)
+    for _ in range(times):
+        log.begin(event)
+        log.commit(event)
 
 
 def restart(name: str, config: PlatformConfig) -> contextlib.AbstractContextManager[Platform]:
@@ -221,23 +244,37 @@ class TestPlatformInfo:
         """A simulated platform's envelope tag is never one that real hardware uses."""
         if not dstack_platform_info.simulated:
             pytest.skip("platform is not simulated (simulated=False)")
-        assert dstack_platform_info.tag not in HARDWARE_TAGS
+        assert not types.is_hardware_tag(dstack_platform_info.tag)
 
-    def test_trust_bundle_only_from_simulated_platforms(
+    def test_trust_bundle_is_typed_or_none(
+        self,
+        dstack_plugin_manager: pluggy.PluginManager,
+        dstack_platform_config: PlatformConfig,
+    ) -> None:
+        """trust_bundle, given the platform's options, is a usable TrustBundle or None."""
+        if not dstack_plugin_manager.hook.trust_bundle.get_hookimpls():
+            pytest.skip("platform does not implement trust_bundle")
+        platform = Platform.from_plugin_manager(dstack_plugin_manager)
+        bundle = platform.trust_bundle_sync(
+            dstack_platform_config.state_dir, dstack_platform_config.options
+        )
+        if bundle is None:
+            return
+        assert isinstance(bundle, TrustBundle)
+        x509.load_pem_x509_certificate(bundle.root_ca_pem)
+        json.loads(bundle.collateral_json)
+
+    def test_hardware_platform_publishes_no_anchors_for_hardware(
         self,
         dstack_plugin_manager: pluggy.PluginManager,
         dstack_platform_info: PlatformInfo,
         dstack_platform_config: PlatformConfig,
     ) -> None:
-        """Only a simulated platform publishes a trust bundle, and it is a TrustBundle."""
-        if not dstack_plugin_manager.hook.trust_bundle.get_hookimpls():
-            pytest.skip("platform does not implement trust_bundle")
-        assert dstack_platform_info.simulated, "a hardware platform must not publish anchors"
+        """A hardware platform, with no options (real hardware), publishes no trust bundle."""
+        if dstack_platform_info.simulated:
+            pytest.skip("platform is simulated: its anchors are its mock PKI's")
         platform = Platform.from_plugin_manager(dstack_plugin_manager)
-        bundle = platform.trust_bundle_sync(dstack_platform_config.state_dir)
-        assert isinstance(bundle, TrustBundle)
-        assert bundle.root_ca_pem.startswith(b"-----BEGIN CERTIFICATE-----")
-        json.loads(bundle.collateral_json)
+        assert platform.trust_bundle_sync(dstack_platform_config.state_dir, {}) is None
 
 
 class TestHookResults:
@@ -421,12 +458,16 @@ class TestMeasurements:
 
 
 class TestExtendRtmr:
-    def test_extend_moves_only_rtmr3(self, dstack_platform: Platform) -> None:
+    def test_extend_moves_only_rtmr3(
+        self, dstack_platform: Platform, dstack_platform_config: PlatformConfig,
+    ) -> None:
         """extend_rtmr makes RTMR3 SHA384(RTMR3 || digest), touches nothing else; quotes show it."""
         require_runtime_registers(dstack_platform.info)
         before = measurements_or_skip(dstack_platform)
-        digest = hashlib.sha384(b"conformance extend").digest()
+        event = RuntimeEvent(event="conformance-extend", payload=b"moves only rtmr3")
+        digest = event.digest
         run(dstack_platform.extend_rtmr(digest))
+        log_extends(dstack_platform_config, event)
         after = dstack_platform.read_measurements_sync()
         assert after.rtmrs[3] == extend(before.rtmrs[3], digest)
         assert (after.mrtd, after.rtmrs[:3]) == (before.mrtd, before.rtmrs[:3])
@@ -459,11 +500,14 @@ class TestExtendRtmr:
             dstack_plugin_manager.hook.extend_rtmr(index=3, digest=b"\x02" * length)
         assert dstack_platform.read_measurements_sync() == before
 
-    def test_concurrent_extends_lose_no_update(self, dstack_platform: Platform) -> None:
+    def test_concurrent_extends_lose_no_update(
+        self, dstack_platform: Platform, dstack_platform_config: PlatformConfig,
+    ) -> None:
         """Extends from many threads, with quotes and reads between them, lose no update."""
         require_runtime_registers(dstack_platform.info)
         before = measurements_or_skip(dstack_platform)
-        digest = hashlib.sha384(b"same digest every time").digest()  # order cannot matter
+        event = RuntimeEvent(event="conformance-extend", payload=b"same digest every time")
+        digest = event.digest  # the same every time: order cannot matter
 
         async def hammer() -> None:
             calls: list[Coroutine[Any, Any, object]] = []
@@ -475,6 +519,7 @@ class TestExtendRtmr:
             await asyncio.gather(*calls)
 
         run(hammer())
+        log_extends(dstack_platform_config, event, CONCURRENT_EVENTS)
         expected = before.rtmrs[3]
         for _ in range(CONCURRENT_EVENTS):
             expected = extend(expected, digest)
@@ -490,7 +535,9 @@ class TestExtendRtmr:
         with configured_platform(dstack_plugin_manager, dstack_platform_config) as first:
             require_runtime_registers(first.info)
             measurements_or_skip(first)
-            run(first.extend_rtmr(hashlib.sha384(b"durable").digest()))
+            event = RuntimeEvent(event="conformance-extend", payload=b"durable")
+            run(first.extend_rtmr(event.digest))
+            log_extends(dstack_platform_config, event)
             extended = first.read_measurements_sync()
         with restart(dstack_platform_name, dstack_platform_config) as second:
             assert second.read_measurements_sync() == extended
@@ -574,7 +621,8 @@ class TestAgent:
         """Parallel EmitEvents and GetQuotes: each quote's log replays to its RTMRs; events once."""
         require_runtime_registers(dstack_platform_info)
         require_tdx(dstack_platform_info, "RTMR3 in the quote")
-        names = [f"conformance-{i}" for i in range(CONCURRENT_EVENTS)]
+        run_tag = random.Random().getrandbits(32)  # the device's log may hold earlier runs
+        names = [f"conformance-{run_tag:08x}-{i}" for i in range(CONCURRENT_EVENTS)]
         with concurrent.futures.ThreadPoolExecutor(CONCURRENT_THREADS) as pool:
             emits, quotes = [], []
             for i, name in enumerate(names):
@@ -616,16 +664,23 @@ class TestAgent:
         status, body = _emit(dstack_agent, "app-event", b"x")
         assert (status, body["code"]) == (501, "platform_unsupported")
         assert body["error"]
-        assert _sdk(dstack_agent).get_quote(b"still serving").decode_quote()
+        assert _post(dstack_agent, "GetQuote", {"report_data": "00"})[0] == 200
 
     def test_sdk_get_quote(
         self, dstack_agent: PlatformAgent, dstack_platform_info: PlatformInfo,
     ) -> None:
-        """The SDK's GetQuote gives a quote binding the padded report data, and a replayable log."""
+        """The SDK's GetQuote gives a quote binding the padded report data, and a replayable log;
+        without TDX quotes, upstream's shape: no quote, the evidence in ``attestation``."""
         result = _sdk(dstack_agent).get_quote(b"dstack-conformance")
         padded = b"dstack-conformance".ljust(REPORT_DATA_LENGTH, b"\0")
         assert result.report_data == padded.hex()
-        quote = Quote(format=dstack_platform_info.evidence_format, data=result.decode_quote())
+        evidence = result.decode_quote()
+        if dstack_platform_info.evidence_format != "tdx":
+            assert evidence == b"" and result.event_log == ""
+            status, body = _post(dstack_agent, "GetQuote", {"report_data": padded.hex()})
+            assert status == 200, body
+            evidence = Envelope.from_cbor(bytes.fromhex(body["attestation"])).quote
+        quote = Quote(format=dstack_platform_info.evidence_format, data=evidence)
         assert bound_report_data(quote) == padded
         if dstack_platform_info.evidence_format == "tdx":
             replayed = result.replay_rtmrs()

@@ -2,13 +2,15 @@
 
 Registered through the ``pytest11`` entry point ``dstack_core``, so it is active in every
 pytest run of an environment where dstack-core is installed (``-p no:dstack_core`` turns it
-off). It adds two command-line options and one ini option:
+off). It adds three command-line options and one ini option:
 
 * ``--dstack-platform NAME`` (ini ``dstack_platform``): the platform under test, as it is
   registered in the ``dstack_core.platforms`` entry-point group. There is no default: a
   fixture that needs a platform fails with a message naming the option.
 * ``--dstack-platform-option KEY=VALUE`` (repeatable): platform options, exactly as
   ``dstack-agent serve --platform-option`` takes them.
+* ``--dstack-agent-policy FILE``: run :func:`dstack_agent` under this caller policy, with
+  an audit log whose chain is verified after each test.
 
 A plugin author runs the conformance suite against an installed plugin by naming it::
 
@@ -19,7 +21,10 @@ Fixtures (all function-scoped except the name, so any of them can be overridden 
 
 * :func:`dstack_platform_name`: the platform's name.
 * :func:`dstack_platform_env`: a :class:`PlatformEnv`, the prepared environment (fake
-  hardware, input files, environment variables, trust anchors). Empty by default.
+  hardware, input files, environment variables, trust anchors), per test: what a platform
+  package's :func:`~dstack_core.testing.pytest_hooks.pytest_dstack_platform_env` hook
+  answers (the kit answers for a fake tree named by ``root=DIR`` and ``sysio=fake``), else
+  empty.
 * :func:`dstack_platform_options`: the ``options`` mapping of the platform's config.
 * :func:`dstack_platform_config`: a :class:`~dstack_core.types.PlatformConfig` on a fresh
   temporary state directory.
@@ -29,6 +34,8 @@ Fixtures (all function-scoped except the name, so any of them can be overridden 
   without configuring it.
 * :func:`dstack_platform`: the configured :class:`~dstack_core.platform.Platform` façade,
   closed after the test.
+* :func:`dstack_agent_policy`: the caller policy file :func:`dstack_agent` runs under, or
+  None (``--dstack-agent-policy``; :func:`conformance_policy` writes one that suffices).
 * :func:`dstack_agent`: a running ``dstack-agent serve`` subprocess for the platform on a
   temporary Unix socket (a :class:`PlatformAgent`), stopped after the test.
 """
@@ -48,6 +55,7 @@ import attrs
 import pluggy
 import pytest
 
+from ..audit import verify_audit_log
 from ..inputs import app_compose_document, sys_config_document
 from ..platform import Platform
 from ..plugins import load_platform
@@ -60,7 +68,9 @@ __all__ = [
     "PlatformAgent",
     "PlatformEnv",
     "configured_platform",
+    "conformance_policy",
     "dstack_agent",
+    "dstack_agent_policy",
     "dstack_platform",
     "dstack_platform_config",
     "dstack_platform_env",
@@ -74,6 +84,12 @@ _SESSION_TEMP: Final = pytest.StashKey[str]()
 PLATFORM_OPTION: Final = "--dstack-platform"
 PLATFORM_INI: Final = "dstack_platform"
 OPTION_OPTION: Final = "--dstack-platform-option"
+POLICY_OPTION: Final = "--dstack-agent-policy"
+
+CONFORMANCE_METHODS: Final = ("Version", "Info", "GetQuote", "Attest", "EmitEvent", "GetKey")
+"""The methods the conformance suite's agent tests call."""
+CONFORMANCE_KEY_PATHS: Final = ("conformance/",)
+"""The key path prefixes under which they derive keys."""
 
 # The suite is imported by test modules that re-export it; rewrite its asserts there too.
 pytest.register_assert_rewrite("dstack_core.testing.conformance")
@@ -174,18 +190,42 @@ def _write_json(path: Path, doc: Mapping[str, Any]) -> Path:
     return path
 
 
+def conformance_policy(uid: int) -> str:
+    """A restrictive policy that suffices for the conformance suite's agent tests.
+
+    Default deny; the caller with ``uid`` (the test process) gets exactly
+    :data:`CONFORMANCE_METHODS`, with keys under :data:`CONFORMANCE_KEY_PATHS` only.
+    """
+    return (
+        'default = "deny"\n\n[[rule]]\n'
+        f"match = {{ uid = {uid} }}\n"
+        f"methods = {json.dumps(list(CONFORMANCE_METHODS))}\n"
+        f"key_paths = {json.dumps(list(CONFORMANCE_KEY_PATHS))}\n"
+    )
+
+
 class PlatformAgent(AgentProcess):
     """The :func:`dstack_agent` fixture's agent: an :class:`AgentProcess` that knows its
-    :class:`~dstack_core.types.PlatformConfig` (input files, runtime log, options)."""
+    :class:`~dstack_core.types.PlatformConfig` (input files, runtime log, options).
 
-    def __init__(self, platform: str, *, env: PlatformEnv, options: Mapping[str, str]) -> None:
+    With a ``policy`` file it serves under that caller policy and keeps an audit log at
+    :attr:`audit_log` (None without a policy).
+    """
+
+    def __init__(
+        self,
+        platform: str,
+        *,
+        env: PlatformEnv,
+        options: Mapping[str, str],
+        policy: Path | None = None,
+    ) -> None:
         workdir = short_tempdir("dsa")
-        super().__init__(
-            platform,
-            workdir=workdir,
-            extra_args=env.serve_args(workdir, options),
-            env=env.env,
-        )
+        args = env.serve_args(workdir, options)
+        self.audit_log = workdir / "audit.log" if policy is not None else None
+        if policy is not None:
+            args += ["--policy", str(policy), "--audit-log", str(self.audit_log)]
+        super().__init__(platform, workdir=workdir, extra_args=args, env=env.env)
         self.config = env.platform_config(workdir, options)
 
 
@@ -245,6 +285,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="KEY=VALUE",
         help="platform option for the platform under test (repeatable)",
     )
+    group.addoption(
+        POLICY_OPTION,
+        dest="dstack_agent_policy",
+        metavar="FILE",
+        default=None,
+        help="run the dstack_agent fixture's agent under this caller policy, with an audit "
+        "log verified after each test",
+    )
     parser.addini(PLATFORM_INI, help="platform plugin under test (see --dstack-platform)")
 
 
@@ -265,11 +313,46 @@ def dstack_platform_name(pytestconfig: pytest.Config) -> str:
     return str(name)
 
 
-@pytest.fixture
-def dstack_platform_env() -> PlatformEnv:
-    """The environment the platform runs in: empty by default.
+def _command_line_options(config: pytest.Config) -> dict[str, str]:
+    return dict(_parse_option(v) for v in config.getoption("dstack_platform_options"))
 
-    Override it to prepare one, for example fake hardware built per test::
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Add :func:`~dstack_core.testing.pytest_hooks.pytest_dstack_platform_env`."""
+    from . import pytest_hooks
+
+    pluginmanager.add_hookspecs(pytest_hooks)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_dstack_platform_env(
+    request: pytest.FixtureRequest, platform: str, options: Mapping[str, str]
+) -> PlatformEnv | None:
+    """A fake TEE tree of :mod:`dstack_core.testing.fake_tee` named on the command line
+    (``--dstack-platform-option root=DIR --dstack-platform-option sysio=fake``): its
+    environment, inputs, runtime log and trust anchors, shared by every test."""
+    root = options.get("root")
+    if options.get("sysio") != "fake" or not root:
+        return None
+    from .fake_tee import open_machine
+
+    try:
+        machine = open_machine(root)
+    except FileNotFoundError:
+        return None
+    return machine.platform_env()
+
+
+@pytest.fixture
+def dstack_platform_env(
+    request: pytest.FixtureRequest, dstack_platform_name: str
+) -> PlatformEnv:
+    """The environment the platform runs in, per test.
+
+    It is what :func:`~dstack_core.testing.pytest_hooks.pytest_dstack_platform_env`
+    answers (a platform package's pytest plugin prepares its device there, from the
+    command line's ``--dstack-platform-option`` values), else empty. Or override the
+    fixture to prepare one, for example fake hardware built per test::
 
         @pytest.fixture
         def dstack_platform_env(tmp_path):
@@ -278,7 +361,11 @@ def dstack_platform_env() -> PlatformEnv:
 
     A yield fixture may tear the environment down after the test.
     """
-    return PlatformEnv()
+    env = request.config.hook.pytest_dstack_platform_env(
+        request=request, platform=dstack_platform_name,
+        options=_command_line_options(request.config),
+    )
+    return PlatformEnv() if env is None else env
 
 
 @pytest.fixture
@@ -289,9 +376,7 @@ def dstack_platform_options(
 
     Override it to set options directly.
     """
-    options = dict(dstack_platform_env.options)
-    options.update(_parse_option(v) for v in pytestconfig.getoption("dstack_platform_options"))
-    return options
+    return {**dstack_platform_env.options, **_command_line_options(pytestconfig)}
 
 
 @pytest.fixture
@@ -341,10 +426,23 @@ def dstack_platform(
 
 
 @pytest.fixture
+def dstack_agent_policy(pytestconfig: pytest.Config) -> Path | None:
+    """The caller policy file the :func:`dstack_agent` runs under: ``--dstack-agent-policy``,
+    else None (no policy: every caller may call everything).
+
+    Override it to run the agent tests under a policy, e.g. one from
+    :func:`conformance_policy` written to a temporary file.
+    """
+    value = pytestconfig.getoption("dstack_agent_policy")
+    return Path(value) if value else None
+
+
+@pytest.fixture
 def dstack_agent(
     dstack_platform_name: str,
     dstack_platform_env: PlatformEnv,
     dstack_platform_options: dict[str, str],
+    dstack_agent_policy: Path | None,
 ) -> Iterator[PlatformAgent]:
     """A running ``dstack-agent serve --platform NAME`` on a temporary Unix socket.
 
@@ -352,9 +450,13 @@ def dstack_agent(
     environment, inputs and options. After the test it gets SIGTERM; if it was still
     running and does not exit 0, the test errors with the agent's log. Tests may
     ``stop()`` and ``start()`` it to restart on the same state.
+
+    Under a :func:`dstack_agent_policy` it keeps an audit log, and the test errors unless
+    that log's hash chain verifies after the agent stopped.
     """
     agent = PlatformAgent(dstack_platform_name, env=dstack_platform_env,
-                          options=dstack_platform_options)
+                          options=dstack_platform_options, policy=dstack_agent_policy)
+    audit = None
     try:
         agent.start()
         yield agent
@@ -362,6 +464,10 @@ def dstack_agent(
         was_running = agent.proc is not None and agent.proc.poll() is None
         code = agent.stop() if agent.proc is not None else 0
         output = agent.output()
+        if agent.audit_log is not None and agent.audit_log.exists():
+            audit = verify_audit_log(agent.audit_log)
         shutil.rmtree(agent.workdir, ignore_errors=True)
     if was_running and code != 0:
         pytest.fail(f"agent exited with {code} on SIGTERM:\n{output}", pytrace=False)
+    if audit is not None and not audit.intact:
+        pytest.fail(f"the agent's audit log does not verify: {audit.problem}", pytrace=False)

@@ -41,8 +41,11 @@ The SEV-SNP side (spec sections 1, 4 and 6.3) follows the same pattern:
   dereference its pointers with ctypes, answer MSG_REPORT_RSP / MSG_KEY_RSP, refuse
   ``msg_version`` 0 with EINVAL, copy ``exitinfo2`` back on failure (subject to CPython's
   small-buffer rule), and disable the VMPCK after a transport failure, as the kernel does.
-* Reports are signed by a test P-384 key derived from the machine's seed (never AMD's) and
-  carry ``family_id`` ``DSTACK-FAKE-SNP``.
+* Reports are signed by the VCEK of a :class:`~dstack_core.mockpki_amd.MockAmdPki` seeded
+  per machine (mock ARK -> ASK -> VCEK with AMD's certificate layout, for the machine's
+  product: Milan by default, Genoa or Turin) and carry ``family_id`` ``DSTACK-FAKE-SNP``. A
+  verifier accepts them only when given :meth:`FakeSnpMachine.trust_bundle`, never with
+  AMD's ARKs.
 
 The kernel semantics both share (the configfs-tsm report subsystem, the state store and its
 fault switchboard, the host-shared inputs, the agent launcher) are written once, in
@@ -51,6 +54,8 @@ the provider's report, the guest device, TDX's registers and CCEL, SNP's firmwar
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ...platform_options import ALLOW_FAKE_KERNEL_ENV
 from ._guest import FAKE_OS_IMAGE_HASH as FAKE_OS_IMAGE_HASH
@@ -146,4 +151,18 @@ __all__ = [
     "KernelProfile",
     "SnpKernelProfile",
     "default_boot_log",
+    "open_machine",
 ]
+
+
+def open_machine(root: Path | str) -> FakeTdxMachine | FakeSnpMachine:
+    """The fake machine (TDX or SEV-SNP) whose tree is at ``root``.
+
+    :raises FileNotFoundError: ``root`` holds no fake tree.
+    """
+    for machine in (FakeTdxMachine, FakeSnpMachine):
+        try:
+            return machine(Path(root))
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"{root} holds no fake TDX or SEV-SNP tree")

@@ -22,10 +22,11 @@ import os
 import signal
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -33,8 +34,11 @@ from dstack_core.sysio import OsSysIO
 
 from ...inputs import app_compose_document, document_text, sys_config_document
 from ...platform_options import ALLOW_FAKE_KERNEL_ENV
-from ...types import PlatformConfig
+from ...types import PlatformConfig, TrustBundle
 from ..agent import AgentProcess
+
+if TYPE_CHECKING:
+    from ..pytest_plugin import PlatformEnv
 
 FAKE_OS_IMAGE_HASH: Final = hashlib.sha256(b"dstack-core fake TDX os image").hexdigest()
 """The ``os_image_hash`` of the default sys-config's ``vm_config``."""
@@ -51,6 +55,8 @@ _TEXT_OPTIONS: Final = frozenset(
 )
 _PRIVLEVEL_MAX: Final = 3
 _RACE_STAGES: Final = ("inblob", "outblob")
+HANG_COUNTER: Final = "hang_reports_until"
+HANG_POLL: Final = 0.05
 
 
 class _Profile(Protocol):
@@ -391,11 +397,23 @@ class _GuestKernelIO(OsSysIO):
     def read(self, path: Path) -> bytes:
         located = self._entry(path)
         if located is not None:
+            if located[1] == "outblob":
+                self._wait_while_hung()
             data = self._read_attribute(Path(path), *located)
         else:
             data = self._read_file(path)
         self._record("read", path, len(data))
         return data
+
+    def _wait_while_hung(self) -> None:
+        """A hung quote service: the read blocks (outside the state lock, so a test can
+        end it) until the deadline :meth:`_GuestMachine.hang_reports` set, or its clearing."""
+        while True:
+            with self._store.transaction() as state:
+                until = float(state["counters"].get(HANG_COUNTER, 0))
+            if time.time() >= until:
+                return
+            time.sleep(HANG_POLL)
 
     def _read_file(self, path: Path) -> bytes:
         """Any file outside a report entry: inside the tree, the kernel's modes hold."""
@@ -691,6 +709,13 @@ class _GuestMachine(Generic[_IoT, _AgentT]):
         ``out_len`` 0)."""
         self._add("counters", "empty_outblob", times)
 
+    def hang_reports(self, seconds: float) -> None:
+        """Every report generation (the ``outblob`` read) blocks for the next ``seconds``,
+        as when the host's quote service stops answering; :meth:`clear_faults` (or
+        ``hang_reports(0)``) ends the hang at once."""
+        with self._store.transaction() as state:
+            state["counters"][HANG_COUNTER] = time.time() + seconds if seconds > 0 else 0
+
     def defer_commit(self, polls: int) -> None:
         """Delay every inblob commit until ``generation`` has been read ``polls`` times
         (the kernel defers ``fput`` while another process holds the descriptor); 0 = off."""
@@ -751,6 +776,25 @@ class _GuestMachine(Generic[_IoT, _AgentT]):
     def agent_env() -> dict[str, str]:
         """The environment that lets the plugin accept ``sysio=fake``."""
         return {ALLOW_FAKE_KERNEL_ENV: "1"}
+
+    def trust_bundle(self) -> TrustBundle:
+        """The anchors that verify this machine's evidence (its mock PKI's)."""
+        raise NotImplementedError
+
+    def platform_env(self, **options: str) -> PlatformEnv:
+        """The test kit's :class:`~dstack_core.testing.pytest_plugin.PlatformEnv` for the
+        platform on this tree: the fake kernel allowed and selected, the tree's inputs and
+        runtime log, and :meth:`trust_bundle`."""
+        from ..pytest_plugin import PlatformEnv
+
+        return PlatformEnv(
+            env=self.agent_env(),
+            options=self.agent_options(**options),
+            app_compose=self.paths.app_compose,
+            sys_config=self.paths.sys_config,
+            runtime_log=self.paths.runtime_log,
+            trust_bundle=self.trust_bundle(),
+        )
 
     def _agent_inputs(self) -> dict[str, Path]:
         """The agent's inputs in the tree, by their simulator state-dir names."""

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from ...mockpki_amd import MOCK_PRODUCTS, MockAmdPki, MockProduct
+from ...types import TrustBundle
 from ._guest import (
     _PRIVLEVEL_MAX,
     _consume,
@@ -83,8 +85,15 @@ _SNP_SIGNED_SIZE: Final = 0x2A0
 _SNP_REPORT_VERSION: Final = 3
 _SNP_DEFAULT_POLICY: Final = (1 << 17) | (1 << 16)
 """The must-be-one bit and SMT allowed; DEBUG (bit 19) clear."""
-_SNP_DEFAULT_TCB: Final = 0xD315000000000304
-"""A Milan-shaped TCB_VERSION: microcode 0xD3, SNP 0x15, TEE 3, boot loader 4 (made up)."""
+_SNP_DEFAULT_PRODUCT: Final = "Milan"
+_SNP_DEFAULT_TCBS: Final = {
+    "Milan": 0xD315000000000304,
+    "Genoa": 0x5417000000000309,
+    "Turin": 0x4800000001030201,
+}
+"""A made-up TCB_VERSION per product, in its layout. Milan and Genoa: boot loader, TEE, four
+reserved bytes, SNP, microcode (Milan: 4, 3, SNP 0x15, microcode 0xD3); Turin: FMC, boot
+loader, TEE, SNP, three reserved bytes, microcode (1, 2, 3, 1, microcode 0x48)."""
 DEFAULT_SNP_MEASUREMENT: Final = hashlib.sha384(b"dstack-core fake SEV-SNP launch (not hardware)").digest()
 
 SNP_FAULT_OPS: Final = frozenset(
@@ -157,19 +166,13 @@ _SNP: Final = _GuestKind(
     blob_noun="blob",
 )
 
-_VCEK_CACHE: dict[bytes, ec.EllipticCurvePrivateKey] = {}
+def _pki(state: dict[str, Any]) -> MockAmdPki:
+    """The machine's mock AMD hierarchy (ARK -> ASK -> VCEK): derived from its seed, never AMD's."""
+    return MockAmdPki.from_seed(bytes.fromhex(state["seed"]), product=_product(state).name)
 
 
-def _fake_vcek(seed_hex: str) -> ec.EllipticCurvePrivateKey:
-    """The machine's test P-384 "VCEK": derived from its seed, never AMD's."""
-    seed = bytes.fromhex(seed_hex)
-    key = _VCEK_CACHE.get(seed)
-    if key is None:
-        order = int("ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf"
-                    "581a0db248b0a77aecec196accc52973", 16)
-        scalar = int.from_bytes(hashlib.sha384(b"fake-snp-vcek" + seed).digest(), "big")
-        key = _VCEK_CACHE[seed] = ec.derive_private_key(scalar % (order - 1) + 1, ec.SECP384R1())
-    return key
+def _product(state: dict[str, Any]) -> MockProduct:
+    return MOCK_PRODUCTS[state.get("product", _SNP_DEFAULT_PRODUCT)]
 
 
 def _snp_report(state: dict[str, Any], report_data: bytes, vmpl: int) -> bytes:
@@ -190,16 +193,15 @@ def _snp_report(state: dict[str, Any], report_data: bytes, vmpl: int) -> bytes:
     report[0x160:0x180] = b"\xff" * 32  # report_id_ma: no migration agent
     struct.pack_into("<Q", report, 0x180, tcb)
     if version >= 3:
-        report[0x188:0x18B] = bytes((0x19, 0x01, 0x01))  # family 19h, model 1, stepping 1
+        report[0x188:0x18B] = bytes(_product(state).cpuid)  # family, model, stepping
     report[0x1A0:0x1E0] = bytes.fromhex(state["chip_id"])
     struct.pack_into("<Q", report, 0x1E0, tcb)
     report[0x1E8:0x1EB] = bytes((0x15, 0x37, 0x01))  # firmware 1.55 build 0x15
     report[0x1EC:0x1EF] = bytes((0x15, 0x37, 0x01))
     struct.pack_into("<Q", report, 0x1F0, tcb)
     if state["sign"]:
-        der = _fake_vcek(state["seed"]).sign(
-            bytes(report[:_SNP_SIGNED_SIZE]), ec.ECDSA(hashes.SHA384())
-        )
+        vcek = _pki(state).vcek_key(bytes.fromhex(state["chip_id"]), tcb)
+        der = vcek.sign(bytes(report[:_SNP_SIGNED_SIZE]), ec.ECDSA(hashes.SHA384()))
         r, s = decode_dss_signature(der)
         report[0x2A0:0x2E8] = r.to_bytes(72, "little")
         report[0x2E8:0x330] = s.to_bytes(72, "little")
@@ -440,8 +442,10 @@ class FakeSnpMachine(_GuestMachine[FakeSnpKernelIO, FakeSnpAgent]):
     """A fake SEV-SNP guest rooted in a directory: build with :meth:`create`, reopen with
     the constructor (in any process), flip failure switches, change the launch measurement.
 
-    For tests only: its reports are signed (if at all) by a P-384 key derived from the
-    machine's seed (:meth:`vcek_public_key`), and carry ``family_id`` ``DSTACK-FAKE-SNP``.
+    For tests only: its reports are signed (if at all) by the VCEK of a
+    :class:`~dstack_core.mockpki_amd.MockAmdPki` derived from the machine's seed, for its
+    chip id and TCB (:meth:`vcek_public_key`; the chain in :meth:`trust_bundle`), and carry
+    ``family_id`` ``DSTACK-FAKE-SNP``. They verify under that mock ARK, never under AMD's.
     """
 
     _kind = _SNP
@@ -468,6 +472,8 @@ class FakeSnpMachine(_GuestMachine[FakeSnpKernelIO, FakeSnpAgent]):
         vmrk: bool = False,
         app_compose: str | None = None,
         sys_config: str | None = None,
+        product: str = _SNP_DEFAULT_PRODUCT,
+        tcb: int | None = None,
     ) -> FakeSnpMachine:
         """Lay out a freshly launched SNP guest under ``root`` (which must hold no tree).
 
@@ -480,6 +486,10 @@ class FakeSnpMachine(_GuestMachine[FakeSnpKernelIO, FakeSnpAgent]):
         :param sign: sign reports with the fake VCEK (else the signature field is zero).
         :param seed: 32 bytes from which the chip secret and the fake VCEK derive.
         :param vmrk: whether a VM root key is installed (else VMRK derivation fails).
+        :param product: ``Milan``, ``Genoa`` or ``Turin``: the CPUID in version 3+ reports,
+            the shape of CHIP_ID (Turin: 8 bytes) and the TCB layout of the mock hierarchy.
+        :param tcb: the TCB_VERSION word of every TCB field (default: one per product, in
+            its layout).
         """
         cls._check_kernel(kernel)
         if not 0 <= vmpl <= _PRIVLEVEL_MAX:
@@ -490,6 +500,10 @@ class FakeSnpMachine(_GuestMachine[FakeSnpKernelIO, FakeSnpAgent]):
         seed = secrets.token_bytes(32) if seed is None else seed
         if len(seed) != 32:
             raise ValueError("seed must be 32 bytes")
+        if product not in MOCK_PRODUCTS:
+            raise ValueError(f"product must be one of {', '.join(MOCK_PRODUCTS)}")
+        chip_id = hashlib.sha512(b"fake-snp-chip-id" + seed).digest()
+        chip_id = chip_id[: MOCK_PRODUCTS[product].hwid_size].ljust(len(chip_id), b"\0")
         compose_text = _default_app_compose() if app_compose is None else app_compose
         if host_data is None:
             host_data = hashlib.sha256(compose_text.encode()).digest()
@@ -508,8 +522,9 @@ class FakeSnpMachine(_GuestMachine[FakeSnpKernelIO, FakeSnpAgent]):
             image_id=bytes(16).hex(),
             report_version=report_version,
             report_id=hashlib.sha256(b"fake-snp-report-id" + seed).hexdigest(),
-            chip_id=hashlib.sha512(b"fake-snp-chip-id" + seed).hexdigest(),
-            tcb=_SNP_DEFAULT_TCB,
+            chip_id=chip_id.hex(),
+            product=product,
+            tcb=_SNP_DEFAULT_TCBS[product] if tcb is None else tcb,
             sign=sign,
             certs=None,
             copyback="success-only",
@@ -528,9 +543,26 @@ class FakeSnpMachine(_GuestMachine[FakeSnpKernelIO, FakeSnpAgent]):
             return _snp_report(state, report_data, state["vmpl"] if vmpl is None else vmpl)
 
     def vcek_public_key(self) -> ec.EllipticCurvePublicKey:
-        """The fake VCEK's public key (P-384): what verifies this machine's signatures."""
+        """The mock VCEK's public key (P-384): what verifies this machine's signatures."""
         with self._store.transaction() as state:
-            return _fake_vcek(state["seed"]).public_key()
+            return _pki(state).vcek_key(bytes.fromhex(state["chip_id"]), state["tcb"]).public_key()
+
+    def trust_bundle(self) -> TrustBundle:
+        """What verifies this machine's reports: the mock ARK as the root, the VCEK (for
+        its chip and current TCB) and the ASK as SNP collateral."""
+        with self._store.transaction() as state:
+            return _pki(state).trust_bundle(bytes.fromhex(state["chip_id"]), state["tcb"])
+
+    @property
+    def chip_id(self) -> bytes:
+        with self._store.transaction() as state:
+            return bytes.fromhex(state["chip_id"])
+
+    @property
+    def tcb(self) -> int:
+        """The TCB_VERSION every report carries (current, reported, committed, launch)."""
+        with self._store.transaction() as state:
+            return int(state["tcb"])
 
     @property
     def measurement(self) -> bytes:

@@ -29,6 +29,7 @@ from dstack_core.ccel import (
 )
 from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog
 from dstack_core.mockpki import MOCK_XFAM, SEED_SIZE, MockIntelPki, mock_td_report
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.types import KeyProvider, Measurements, RootKey, TrustBundle
 
 from ._guest import (
@@ -451,6 +452,7 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
         sys_config: str | None = None,
         dstack_boot: bool = True,
         quote_version: int = 4,
+        event_log_version: int = 1,
     ) -> FakeTdxMachine:
         """Lay out a freshly booted TD under ``root`` (which may exist but must hold no tree).
 
@@ -464,6 +466,8 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
         :param sys_config: the sys-config text (default with a fake ``os_image_hash``).
         :param dstack_boot: extend dstack's boot events into RTMR3 and write the runtime log.
         :param quote_version: 4 or 5.
+        :param event_log_version: the boot's runtime-event digest version, 1 or 2 (upstream's
+            app-compose ``event_log_version``).
         """
         cls._check_kernel(kernel)
         profile = KERNEL_PROFILES[kernel]
@@ -519,13 +523,14 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
 
         machine = cls(root)
         if dstack_boot:
-            machine.boot_dstack()
+            machine.boot_dstack(version=event_log_version)
         return machine
 
     # --- what dstack-util does at boot ---
 
-    def boot_events(self) -> list[RuntimeEvent]:
-        """dstack's boot events for this tree's inputs, in the order dstack-util emits them."""
+    def boot_events(self, version: int = 1) -> list[RuntimeEvent]:
+        """dstack's boot events for this tree's inputs, in the order dstack-util emits them,
+        with digest ``version`` 1 or 2."""
         compose_hash = hashlib.sha256(self.paths.app_compose.read_bytes()).digest()
         root_key = RootKey.from_appkeys_json(self.paths.appkeys.read_bytes())
         sys_config = json.loads(self.paths.sys_config.read_text())
@@ -543,13 +548,15 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
             ("storage-fs", b"ext4"),
             ("system-ready", b""),
         ]
-        return [RuntimeEvent(event=name, payload=payload) for name, payload in events]
+        return [
+            RuntimeEvent(event=name, payload=payload, version=version) for name, payload in events
+        ]
 
-    def boot_dstack(self) -> None:
+    def boot_dstack(self, version: int = 1) -> None:
         """Extend dstack's boot events into RTMR3 and log them, as dstack-util does."""
         io = self.io()
         log = RuntimeEventLog(self.paths.runtime_log)
-        for event in self.boot_events():
+        for event in self.boot_events(version):
             log.begin(event)
             if self.profile.measurements:
                 io.write(self.paths.register_file(3), event.digest)
@@ -575,9 +582,27 @@ class FakeTdxMachine(_GuestMachine[FakeKernelIO, FakeTdxAgent]):
             return _pki(state["pki_seed"])
 
     def trust_bundle(self) -> TrustBundle:
-        """What a verifier must be given to accept this machine's quotes."""
+        """What a verifier must be given to accept this machine's quotes, with the OS image
+        policy of what it booted: its sys-config's ``os_image_hash`` for its MRTD and
+        RTMR0-2 (None when the sys-config names no image)."""
         pki = self.pki()
-        return TrustBundle(root_ca_pem=pki.root_ca_pem, collateral_json=pki.collateral_json())
+        sys_config = json.loads(self.paths.sys_config.read_text())
+        vm_config = json.loads(sys_config.get("vm_config") or "{}")
+        policy = None
+        if vm_config.get("os_image_hash"):
+            measured = self.registers()
+            image = OsImagePolicy.single(
+                bytes.fromhex(vm_config["os_image_hash"]),
+                measured.mrtd,
+                measured.rtmrs,
+                label="fake TDX image",
+            )
+            policy = json.dumps(image.to_json(), indent=2)
+        return TrustBundle(
+            root_ca_pem=pki.root_ca_pem,
+            collateral_json=pki.collateral_json(),
+            os_image_policy_json=policy,
+        )
 
     # --- failure switches ---
 

@@ -14,8 +14,10 @@ It talks to the Linux kernel of an SEV-SNP guest as the mainline interfaces defi
   raise :class:`~dstack_core.errors.PlatformUnsupported` (EmitEvent answers 501
   ``platform_unsupported``), and the boot event log is empty.
 
-What it does not do (VCEK certificate chain, the host's certificate table, SVSM reports,
-MrConfigV3 checks) is listed in its README and ``docs/platforms/sev-snp.md``.
+What it does not do (the host's certificate table, SVSM reports, MrConfigV3 checks) is
+listed in its README and ``docs/platforms/sev-snp.md``. Its reports are verified by
+:mod:`.verify` (VCEK -> ASK -> AMD's pinned ARK, with collateral from :mod:`.kds`);
+:meth:`SevSnpStubPlatform.trust_bundle` publishes the fake kernel's mock chain.
 
 All paths hang off one ``root`` (default ``/``) and every syscall goes through a
 :class:`~dstack_core.sysio.SysIO`, so the same code runs against the test-only fake kernel of
@@ -73,6 +75,7 @@ from dstack_core import (
     PlatformUnsupported,
     Quote,
     RootKey,
+    TrustBundle,
     __version__,
     certs,
     hookimpl,
@@ -217,6 +220,12 @@ def _fake_kernel(root: Path) -> SysIO:
     return FakeSnpKernelIO(root)
 
 
+def _fake_trust_bundle(root: Path) -> TrustBundle:
+    from dstack_core.testing.fake_tee import FakeSnpMachine
+
+    return FakeSnpMachine(root).trust_bundle()
+
+
 def _stable_ca(key: ec.EllipticCurvePrivateKey) -> certs.CertificateAuthority:
     """:func:`dstack_core.certs.new_app_ca` with a fixed validity, re-signed with
     deterministic ECDSA (RFC 6979), so the certificate's bytes depend on the key alone."""
@@ -295,7 +304,7 @@ class SevSnpStubPlatform:
             runtime_registers=False,
             description=(
                 "AMD SEV-SNP guest (stub): reports via configfs-tsm or /dev/sev-guest, keys via "
-                "SNP_GET_DERIVED_KEY; no runtime registers, no VCEK chain"
+                "SNP_GET_DERIVED_KEY; no runtime registers, no certificate table"
             ),
             version=__version__,
         )
@@ -459,6 +468,24 @@ class SevSnpStubPlatform:
             "SEV-SNP has no MRTD or RTMRs: the launch measurement is in the attestation "
             "report, and there are no runtime measurement registers"
         )
+
+    @hookimpl
+    def trust_bundle(self, state_dir: Path, options: Mapping[str, str]) -> TrustBundle | None:
+        """None on hardware (reports verify against AMD's ARKs, pinned in
+        :mod:`.amd`); on the test-only fake kernel (``sysio=fake``), the fake's mock AMD
+        chain: its ARK as the root, its VCEK and ASK as collateral.
+
+        :raises ConfigurationError: bad options, the fake kernel not allowed, or no fake
+            SNP tree under ``root``.
+        """
+        parsed = SevSnpStubOptions.parse(options)
+        if parsed.sysio != "fake":
+            return None
+        open_sysio(PLUGIN, parsed.sysio, parsed.root, _fake_kernel)
+        try:
+            return _fake_trust_bundle(parsed.root)
+        except FileNotFoundError as exc:
+            raise ConfigurationError(f"{PLUGIN} option sysio=fake: {exc}") from None
 
     @hookimpl
     def extend_rtmr(self, index: int, digest: bytes) -> None:

@@ -55,6 +55,7 @@ from dstack_core import (
 from dstack_core.eventlog import LogBatch, RuntimeEvent, RuntimeEventLog, TdxEvent, extend, replay
 from dstack_core.inputs import app_compose_document, document_text, sys_config_document
 from dstack_core.mockpki import SIMULATOR_USER_DATA, MockIntelPki, QuoteSigner, mock_td_report
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.statefile import (
     atomic_write,
     fsync_dir,
@@ -402,4 +403,15 @@ class SimulatorPlatform:
         except OSError as exc:
             raise ConfigurationError(f"cannot use state dir {state_dir}: {exc}") from None
         pki = MockIntelPki.from_seed(seed)
-        return TrustBundle(root_ca_pem=pki.root_ca_pem, collateral_json=pki.collateral_json())
+        boot = synthetic_boot_log()
+        policy = OsImagePolicy.single(
+            bytes.fromhex(SIMULATED_OS_IMAGE_HASH),
+            SIMULATED_MRTD,
+            [replay(boot, i) for i in range(3)],
+            label="dstack-core simulator",
+        )
+        return TrustBundle(
+            root_ca_pem=pki.root_ca_pem,
+            collateral_json=pki.collateral_json(),
+            os_image_policy_json=json.dumps(policy.to_json(), indent=2),
+        )

@@ -1,0 +1,278 @@
+"""Prometheus metrics of a running agent (``/metrics`` on the external port).
+
+One :class:`AgentMetrics` per agent, with its own registry (never the process-global one):
+
+* ``dstack_requests_total{listener,method}``, ``dstack_request_errors_total{listener,method,
+  status}`` and ``dstack_request_duration_seconds{listener,method}`` from a middleware on
+  every listener (``dstack``, ``tappd``, ``external``); ``method`` is the RPC method name,
+  or ``unknown`` for anything else, so scanners cannot inflate the label set;
+* ``dstack_quote_duration_seconds{hook}`` (``get_quote``, ``attest``) and
+  ``dstack_platform_call_duration_seconds{hook}`` / ``dstack_platform_call_failures_total``
+  from the platform façade;
+* ``dstack_runtime_events`` (the runtime event log's length) and ``dstack_agent_info``;
+* ``dstack_kms_requests_total{outcome}`` and ``dstack_kms_request_duration_seconds`` with
+  KMS-provisioned keys; ``dstack_watchdog_pings_total`` and
+  ``dstack_watchdog_probe_failures_total`` under systemd's watchdog;
+* with app-compose ``public_sysinfo``, upstream's system figures under upstream's names
+  (``system_memory_total``, ``system_load_average_1m``, ``disk_total_size{name,
+  mount_point}``, ...; see :class:`SystemCollector`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform as host_platform
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from ..service import AgentService
+
+__all__ = ["AgentMetrics", "SystemCollector", "CONTENT_TYPE", "MethodLabel"]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+UNKNOWN_METHOD: Final = "unknown"
+QUOTE_HOOKS: Final = frozenset({"get_quote", "attest"})
+PROC: Final = Path("/proc")
+OS_RELEASE: Final = Path("/etc/os-release")
+LOAD_SCALE: Final = 100  # upstream reports load averages as integers, times 100
+
+MethodLabel = Callable[[web.Request], str]
+"""Maps a request to its metrics label: an RPC method name or :data:`UNKNOWN_METHOD`."""
+
+
+class AgentMetrics:
+    """The agent's metrics and the registry that exposes them."""
+
+    def __init__(
+        self,
+        service: AgentService,
+        *,
+        public_sysinfo: bool = False,
+        data_disks: Sequence[Path] = (Path("/"),),
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "dstack_requests", "API requests answered, by listener and method",
+            ["listener", "method"], registry=r,
+        )
+        self.errors = Counter(
+            "dstack_request_errors", "API requests answered with an error status",
+            ["listener", "method", "status"], registry=r,
+        )
+        self.latency = Histogram(
+            "dstack_request_duration_seconds", "Time to answer an API request",
+            ["listener", "method"], registry=r,
+        )
+        self.quote_latency = Histogram(
+            "dstack_quote_duration_seconds", "Time the platform took to produce a quote",
+            ["hook"], registry=r,
+        )
+        self.platform_latency = Histogram(
+            "dstack_platform_call_duration_seconds", "Time of each platform hook call",
+            ["hook"], registry=r,
+        )
+        self.platform_failures = Counter(
+            "dstack_platform_call_failures", "Platform hook calls that failed", ["hook"],
+            registry=r,
+        )
+        self.kms_requests = Counter(
+            "dstack_kms_requests", "KMS SignCert calls by outcome (ok or an error code)",
+            ["outcome"], registry=r,
+        )
+        self.kms_latency = Histogram(
+            "dstack_kms_request_duration_seconds", "Time of KMS SignCert calls", registry=r
+        )
+        self.watchdog_pings = Counter(
+            "dstack_watchdog_pings", "WATCHDOG=1 notifications sent to systemd", registry=r
+        )
+        self.watchdog_failures = Counter(
+            "dstack_watchdog_probe_failures", "Watchdog self-probes that failed", registry=r
+        )
+        runtime = Gauge("dstack_runtime_events", "Events in the runtime (RTMR3) event log",
+                        registry=r)
+        runtime.set_function(lambda: service.runtime_event_count)
+        Gauge("dstack_agent_info", "The agent's version and platform",
+              ["version", "platform"], registry=r).labels(__version__, service.platform.name).set(1)
+        service.platform.add_call_observer(self._platform_call)
+        if service.kms_client is not None:
+            service.kms_client.observe = self._kms_call
+        if public_sysinfo:
+            r.register(SystemCollector(data_disks))
+
+    def _platform_call(self, hook: str, seconds: float, succeeded: bool) -> None:
+        self.platform_latency.labels(hook).observe(seconds)
+        if hook in QUOTE_HOOKS:
+            self.quote_latency.labels(hook).observe(seconds)
+        if not succeeded:
+            self.platform_failures.labels(hook).inc()
+
+    def _kms_call(self, outcome: str, seconds: float) -> None:
+        self.kms_requests.labels(outcome).inc()
+        self.kms_latency.observe(seconds)
+
+    def middleware(self, listener: str, label: MethodLabel) -> Middleware:
+        """Count and time every request of ``listener`` (install it outermost)."""
+
+        @web.middleware
+        async def measure(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            started = time.monotonic()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            finally:
+                method = label(request)
+                self.requests.labels(listener, method).inc()
+                self.latency.labels(listener, method).observe(time.monotonic() - started)
+                if status >= 400:
+                    self.errors.labels(listener, method, str(status)).inc()
+
+        return measure
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything registered."""
+        return generate_latest(self.registry)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _meminfo() -> dict[str, int]:
+    values: dict[str, int] = {}
+    for line in _read(PROC / "meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            values[key] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    return values
+
+
+def _os_release() -> dict[str, str]:
+    values = {}
+    for line in _read(OS_RELEASE).splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key] = value.strip().strip('"')
+    return values
+
+
+def _cpu_model() -> str:
+    model = mhz = ""
+    for line in _read(PROC / "cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "cpu MHz" and not mhz:
+            mhz = value.strip().split(".")[0]
+    return f"{model} @{mhz} MHz" if model else ""
+
+
+def _mounts() -> dict[str, str]:
+    """Mount point -> device, from /proc/mounts (the last mount on a point wins)."""
+    devices = {}
+    for line in _read(PROC / "mounts").splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            devices[fields[1].replace("\\040", " ")] = fields[0]
+    return devices
+
+
+class SystemCollector(Collector):
+    """Upstream's system figures (``templates/metrics.tpl``) under its metric names, read
+    from /proc and ``statvfs`` at scrape time; disks are the configured data disks that
+    are mount points."""
+
+    def __init__(self, data_disks: Iterable[Path]) -> None:
+        self._data_disks = tuple(data_disks)
+
+    def collect(self) -> Iterator[Metric]:
+        release = _os_release()
+        yield from (
+            _info("system_os_name", "Operating system name", "os_name", release.get("NAME", "")),
+            _info("system_os_version", "Operating system version", "os_version",
+                  release.get("VERSION_ID", "")),
+            _info("system_kernel_version", "Kernel version", "kernel_version",
+                  host_platform.release()),
+            _info("system_cpu_model", "CPU model information", "cpu_model", _cpu_model()),
+        )
+        memory = _meminfo()
+        total, available = memory.get("MemTotal", 0), memory.get("MemAvailable", 0)
+        swap_total, swap_free = memory.get("SwapTotal", 0), memory.get("SwapFree", 0)
+        uptime = _read(PROC / "uptime").split()
+        load = os.getloadavg()
+        for name, help_text, value in (
+            ("system_num_cpus", "Number of logical CPUs", os.cpu_count() or 0),
+            ("system_memory_total", "Total memory in bytes", total),
+            ("system_memory_available", "Available memory in bytes", available),
+            ("system_memory_used", "Used memory in bytes", total - available),
+            ("system_memory_free", "Free memory in bytes", memory.get("MemFree", 0)),
+            ("system_swap_total", "Total swap memory in bytes", swap_total),
+            ("system_swap_used", "Used swap memory in bytes", swap_total - swap_free),
+            ("system_swap_free", "Free swap memory in bytes", swap_free),
+            ("system_uptime", "System uptime in seconds",
+             int(float(uptime[0])) if uptime else 0),
+            ("system_load_average_1m", "System load average (1 minute)",
+             int(load[0] * LOAD_SCALE)),
+            ("system_load_average_5m", "System load average (5 minutes)",
+             int(load[1] * LOAD_SCALE)),
+            ("system_load_average_15m", "System load average (15 minutes)",
+             int(load[2] * LOAD_SCALE)),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        yield from self._disks()
+
+    def _disks(self) -> Iterator[Metric]:
+        labels = ["name", "mount_point"]
+        families = {
+            key: GaugeMetricFamily(f"disk_{key}", text, labels=labels)
+            for key, text in (
+                ("total_size", "Disk total size in bytes"),
+                ("free_size", "Disk free size in bytes"),
+                ("used_size", "Disk used size in bytes"),
+                ("usage_percentage", "Disk usage percentage"),
+            )
+        }
+        devices = _mounts()
+        for disk in sorted(self._data_disks):
+            point = os.fspath(disk)
+            if point not in devices:
+                continue
+            try:
+                stats = os.statvfs(point)
+            except OSError:
+                continue
+            total = stats.f_blocks * stats.f_frsize
+            free = stats.f_bavail * stats.f_frsize
+            values = {
+                "total_size": total,
+                "free_size": free,
+                "used_size": total - free,
+                "usage_percentage": (total - free) / total * 100 if total else 0,
+            }
+            for key, family in families.items():
+                family.add_metric([devices[point], point], values[key])
+        yield from families.values()
+
+
+def _info(name: str, help_text: str, label: str, value: str) -> Metric:
+    family = GaugeMetricFamily(name, help_text, labels=[label])
+    family.add_metric([value], 1)
+    return family
