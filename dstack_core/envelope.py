@@ -36,6 +36,7 @@ __all__ = [
     "AppInfo",
     "EncodedEvents",
     "Envelope",
+    "EnvelopeFields",
     "encode_envelope",
     "encode_envelope_hex",
     "encode_event",
@@ -121,7 +122,7 @@ class Envelope:
 
     def to_cbor(self) -> bytes:
         """Canonical CBOR bytes, starting with the self-describe tag ``d9 d9 f7``."""
-        return encode_envelope(
+        return encode_envelope(EnvelopeFields(
             platform=self.platform,
             evidence_format=self.evidence_format,
             quote=self.quote,
@@ -131,7 +132,7 @@ class Envelope:
             app_info=self.app_info,
             extra=self.extra,
             version=self.version,
-        )
+        ))
 
     @classmethod
     def from_cbor(cls, data: bytes) -> Envelope:
@@ -218,75 +219,51 @@ def encode_event(event: TdxEvent) -> bytes:
     return cbor2.dumps(_event_to_map(event), canonical=True)
 
 
-def encode_envelope(
-    *,
-    platform: str,
-    evidence_format: str,
-    quote: bytes,
-    events: EncodedEvents,
-    report_data: bytes,
-    vm_config: str,
-    app_info: AppInfo,
-    extra: Mapping[str, Any],
-    version: int = ENVELOPE_VERSION,
-) -> bytes:
+@attrs.frozen(kw_only=True)
+class EnvelopeFields:
+    """What an envelope says, with its events already encoded (:class:`EncodedEvents`);
+    the caller vouches for the values (an :class:`Envelope` validates them)."""
+
+    platform: str
+    evidence_format: str
+    quote: bytes
+    events: EncodedEvents
+    report_data: bytes
+    vm_config: str
+    app_info: AppInfo
+    extra: Mapping[str, Any]
+    version: int = ENVELOPE_VERSION
+
+
+def encode_envelope(fields: EnvelopeFields) -> bytes:
     """The canonical CBOR of an envelope (:meth:`Envelope.to_cbor`), with pre-encoded events.
 
     Written out rather than through ``cbor2.dumps(..., canonical=True)``: the keys and their
     canonical order are fixed, the big values (quote, events) are only copied once, and
     this runs for every attestation. Tests hold it to cbor2's encoding.
-    The caller vouches for the fields (an :class:`Envelope` validates them).
     """
-    return b"".join(_envelope_parts(
-        platform=platform, evidence_format=evidence_format, quote=quote, events=events,
-        report_data=report_data, vm_config=vm_config, app_info=app_info, extra=extra,
-        version=version, hexed=False,
-    ))
+    return b"".join(_envelope_parts(fields, hexed=False))
 
 
-def encode_envelope_hex(
-    *,
-    platform: str,
-    evidence_format: str,
-    quote: bytes,
-    events: EncodedEvents,
-    report_data: bytes,
-    vm_config: str,
-    app_info: AppInfo,
-    extra: Mapping[str, Any],
-    version: int = ENVELOPE_VERSION,
-) -> list[bytes | memoryview]:
-    """:func:`encode_envelope` in lower-case hex, as pieces to join (``events`` must keep
+def encode_envelope_hex(fields: EnvelopeFields) -> list[bytes | memoryview]:
+    """:func:`encode_envelope` in lower-case hex, as pieces to join (the events must keep
     ``hex_chunks``): the events go in as kept, so a large log is not hex-encoded again."""
-    return _envelope_parts(
-        platform=platform, evidence_format=evidence_format, quote=quote, events=events,
-        report_data=report_data, vm_config=vm_config, app_info=app_info, extra=extra,
-        version=version, hexed=True,
+    return _envelope_parts(fields, hexed=True)
+
+
+def _envelope_parts(fields: EnvelopeFields, *, hexed: bool) -> list[bytes | memoryview]:
+    quote, report_data, events, extra = (
+        fields.quote, fields.report_data, fields.events, fields.extra
     )
-
-
-def _envelope_parts(
-    *,
-    platform: str,
-    evidence_format: str,
-    quote: bytes,
-    events: EncodedEvents,
-    report_data: bytes,
-    vm_config: str,
-    app_info: AppInfo,
-    extra: Mapping[str, Any],
-    version: int,
-    hexed: bool,
-) -> list[bytes | memoryview]:
     values: dict[str, tuple[bytes | memoryview, ...]] = {
         "format": (_FORMAT,),
-        "version": (cbor2.dumps(version),),
-        "platform": (cbor2.dumps(platform),),
-        "evidence_format": (cbor2.dumps(evidence_format),),
+        "version": (cbor2.dumps(fields.version),),
+        "platform": (cbor2.dumps(fields.platform),),
+        "evidence_format": (cbor2.dumps(fields.evidence_format),),
         "quote": (_head(_BYTES, len(quote)), quote),
         "report_data": (_head(_BYTES, len(report_data)), report_data),
-        "vm_config": (cbor2.dumps(vm_config),),
-        "app_info": (app_info.to_cbor(),),
+        "vm_config": (cbor2.dumps(fields.vm_config),),
+        "app_info": (fields.app_info.to_cbor(),),
     }
     if extra:
         values["extra"] = (cbor2.dumps(dict(extra), canonical=True),)

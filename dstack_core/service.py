@@ -21,14 +21,14 @@ import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__, certs, keys, upstream
 from .appinfo import DEVICE_ID_UNVERIFIED, app_info_of, os_image_hash_from_vm_config
-from .envelope import AppInfo, encode_envelope, encode_envelope_hex
+from .envelope import AppInfo, EnvelopeFields, encode_envelope, encode_envelope_hex
 from .errors import (
     ConfigurationError,
     DstackError,
@@ -394,13 +394,13 @@ class AgentService:
         if self.options.attestation_format == "upstream":
             return EncodedJson.hex(await self.upstream_attestation(padded))
         fields, _ = await self._evidence(padded)
-        return EncodedJson.string(encode_envelope_hex(**fields))
+        return EncodedJson.string(encode_envelope_hex(fields))
 
     async def _attestation(self, report_data: bytes) -> bytes:
         if self.options.attestation_format == "upstream":
             return await self.upstream_attestation(report_data)
         fields, _ = await self._evidence(report_data)
-        return encode_envelope(**fields)
+        return encode_envelope(fields)
 
     async def upstream_attestation(self, report_data: bytes) -> bytes:
         """Upstream's ``VersionedAttestation`` (V0, or V1 with version-2 events) over 64 bytes
@@ -436,24 +436,23 @@ class AgentService:
             )
         return evidence, count
 
-    async def _evidence(self, report_data: bytes) -> tuple[dict[str, Any], AppInfo]:
-        """The fields of an envelope over ``report_data`` (for :func:`encode_envelope`)
-        and the app info among them."""
+    async def _evidence(self, report_data: bytes) -> tuple[EnvelopeFields, AppInfo]:
+        """The fields of an envelope over ``report_data`` and the app info among them."""
         evidence, count = await self._platform_evidence(report_data)
         app_info = AppInfo()
         if self._tdx:
             self._learn(report_body(evidence.quote.data))
             app_info = self._identity(count)
-        fields = {
-            "platform": self.platform.info.tag,
-            "evidence_format": self.platform.info.evidence_format,
-            "quote": evidence.quote.data,
-            "events": self._view.envelope_events(count),
-            "report_data": report_data,
-            "vm_config": self._vm_config,
-            "app_info": app_info,
-            "extra": evidence.extra,
-        }
+        fields = EnvelopeFields(
+            platform=self.platform.info.tag,
+            evidence_format=self.platform.info.evidence_format,
+            quote=evidence.quote.data,
+            events=self._view.envelope_events(count),
+            report_data=report_data,
+            vm_config=self._vm_config,
+            app_info=app_info,
+            extra=evidence.extra,
+        )
         return fields, app_info
 
     async def emit_event(self, *, event: str, payload: bytes) -> None:
@@ -629,7 +628,7 @@ class AgentService:
                 )
             else:
                 fields, info = await self._evidence(report_data)
-                attestation, app_info = encode_envelope(**fields), info.to_cbor()
+                attestation, app_info = encode_envelope(fields), info.to_cbor()
             attestation = attestation if request.usage_ra_tls else None
             app_info = app_info if request.with_app_info else None
         cert_request = attrs.evolve(cert_request, attestation=attestation, app_info=app_info)

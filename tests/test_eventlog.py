@@ -808,11 +808,11 @@ class TestRuntimeEventLog:
         assert log.read() == () and log.written_ahead() is None
 
 
-CHILD = textwrap.dedent(
+CHILD_REGISTER = textwrap.dedent(
     """
-    import os, sys
+    import os, random, sys
     from pathlib import Path
-    from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog, extend
+    from dstack_core.eventlog import LogBatch, RuntimeEvent, RuntimeEventLog, extend
 
     log_path, reg_path = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -824,7 +824,11 @@ CHILD = textwrap.dedent(
         tmp = reg_path.with_name("rtmr3.tmp")
         tmp.write_bytes(extend(read_register(), digest))
         os.replace(tmp, reg_path)
+    """
+)
 
+CHILD = CHILD_REGISTER + textwrap.dedent(
+    """
     log = RuntimeEventLog(log_path)
     log.recover(read_register())
     n = len(log.read())
@@ -839,22 +843,8 @@ CHILD = textwrap.dedent(
 )
 
 
-BATCH_CHILD = textwrap.dedent(
+BATCH_CHILD = CHILD_REGISTER + textwrap.dedent(
     """
-    import os, random, sys
-    from pathlib import Path
-    from dstack_core.eventlog import LogBatch, RuntimeEvent, RuntimeEventLog, extend
-
-    log_path, reg_path = Path(sys.argv[1]), Path(sys.argv[2])
-
-    def read_register():
-        return reg_path.read_bytes() if reg_path.exists() else bytes(48)
-
-    def extend_register(digest):
-        tmp = reg_path.with_name("rtmr3.tmp")
-        tmp.write_bytes(extend(read_register(), digest))
-        os.replace(tmp, reg_path)
-
     log = RuntimeEventLog(log_path)
     log.recover(read_register())
     n = len(log.read())

@@ -110,6 +110,21 @@ def gated(tmp_path: Path) -> Iterator[tuple[AgentService, Gated]]:
     yield build(tmp_path, plugin), plugin
 
 
+async def held_then_queued(
+    service: AgentService, plugin: Gated, names: list[str]
+) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
+    """One event whose extension is held, and ``names`` queued behind it (one batch)."""
+    plugin.hold.clear()
+    first = asyncio.create_task(service.emit_event(event="first", payload=b""))
+    await asyncio.to_thread(plugin.entered.wait, 10)
+    rest = [
+        asyncio.create_task(service.emit_event(event=name, payload=name.encode()))
+        for name in names
+    ]
+    await asyncio.sleep(0.1)
+    return first, rest
+
+
 class TestGroupCommit:
     def test_concurrent_events_share_batches(self, gated: tuple[AgentService, Gated]) -> None:
         """50 concurrent EmitEvents take fewer extension calls than events, all land once,
@@ -117,14 +132,7 @@ class TestGroupCommit:
         service, plugin = gated
 
         async def scenario() -> list[str]:
-            plugin.hold.clear()
-            first = asyncio.create_task(service.emit_event(event="first", payload=b""))
-            await asyncio.to_thread(plugin.entered.wait, 10)
-            rest = [
-                asyncio.create_task(service.emit_event(event=f"e{i}", payload=bytes([i])))
-                for i in range(49)
-            ]
-            await asyncio.sleep(0.1)
+            first, rest = await held_then_queued(service, plugin, [f"e{i}" for i in range(49)])
             plugin.hold.set()
             await asyncio.gather(first, *rest)
             return (await quote_log(service))[1]
@@ -166,14 +174,7 @@ class TestGroupCommit:
         service, plugin = gated
 
         async def scenario() -> list[Any]:
-            plugin.hold.clear()
-            first = asyncio.create_task(service.emit_event(event="first", payload=b""))
-            await asyncio.to_thread(plugin.entered.wait, 10)
-            batch = [
-                asyncio.create_task(service.emit_event(event=f"b{i}", payload=b""))
-                for i in range(4)
-            ]
-            await asyncio.sleep(0.1)
+            first, batch = await held_then_queued(service, plugin, [f"b{i}" for i in range(4)])
             plugin.hold.set()
             await first
             return await asyncio.gather(*batch, return_exceptions=True)
