@@ -27,6 +27,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..errors import NotFound, UnsupportedAlgorithm
+from ..jsonout import EncodedJson
 from ..service import AgentService
 from .app import SERVICE_KEY, Method, _call, _info, _quote_response, _version, trim_prefix
 from .codec import Field
@@ -147,7 +148,9 @@ async def _status_page(request: web.Request) -> web.Response:
         "</table>",
     ]
     if flags.public_tcbinfo:
-        body.append(f"<h2>TCB info</h2><textarea readonly>{html.escape(info['tcb_info'])}</textarea>")
+        tcb_info = info["tcb_info"]  # encoded JSON (a string) as Info sends it
+        tcb_text = tcb_info.decode() if isinstance(tcb_info, EncodedJson) else tcb_info
+        body.append(f"<h2>TCB info</h2><textarea readonly>{html.escape(tcb_text)}</textarea>")
     if flags.public_sysinfo:
         body.append('<p><a href="/metrics">system metrics</a></p>')
     body.append("</body></html>")
