@@ -29,7 +29,15 @@ from .. import __version__
 from ..errors import NotFound, UnsupportedAlgorithm
 from ..jsonout import EncodedJson
 from ..service import AgentService
-from .app import SERVICE_KEY, Method, _call, _info, _quote_response, _version, trim_prefix
+from .app import (
+    SERVICE_KEY,
+    Method,
+    _call,
+    _quote_response,
+    _version,
+    info_response,
+    trim_prefix,
+)
 from .codec import Field
 from .errors import error_middleware
 from .metrics import CONTENT_TYPE, AgentMetrics
@@ -74,7 +82,7 @@ METRICS_KEY: Final = web.AppKey("metrics", AgentMetrics)
 
 
 async def _worker_info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
-    doc = await _info(svc, a)
+    doc = info_response(await svc.info())
     if not AppComposeFlags.from_text(svc.app_compose).public_tcbinfo:
         doc.update(dict.fromkeys(HIDDEN_INFO_FIELDS, ""))
     return doc
