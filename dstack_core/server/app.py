@@ -323,18 +323,11 @@ async def _tappd(request: web.Request) -> web.Response:
     return await _dispatch(request, tappd_only=True)
 
 
-def _exact(name: str, method: Method) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def endpoint(request: web.Request) -> web.Response:
-        return await _call(request, name, method)
-
-    return endpoint
-
-
 def _add_routes(app: web.Application, *, tappd_only: bool) -> None:
     # Exact paths first, then the patterns (unknown names get 404, repeated Tappd. prefixes
     # are stripped). add_get also answers HEAD, as upstream's Rocket routes do.
     for path, (name, method) in EXACT_PATHS[tappd_only].items():
-        endpoint = _exact(name, method)
+        endpoint = functools.partial(_call, name=name, method=method)
         app.router.add_get(path, endpoint)
         app.router.add_post(path, endpoint)
     patterns = ("/prpc/{method}",) if tappd_only else ("/prpc/{method}", "/{method}")
