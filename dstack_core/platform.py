@@ -196,10 +196,20 @@ class Platform:
         return hook, time.monotonic() - started
 
     async def _call(self, hook: str, **kwargs: Any) -> Any:
-        with self._tracked(hook):
+        # As _tracked, written out: this is on every quote's path.
+        call_id = next(self._call_ids)
+        started = time.monotonic()
+        self._in_flight[call_id] = (hook, started)
+        succeeded = False
+        try:
             if hook in self._inline:
-                return _call_sync(self._pm, hook, **kwargs)
-            return await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+                result = _call_sync(self._pm, hook, **kwargs)
+            else:
+                result = await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+            succeeded = True
+            return result
+        finally:
+            self._finished(call_id, hook, started, succeeded)
 
     @contextlib.contextmanager
     def _tracked(self, hook: str) -> Iterator[None]:
@@ -212,10 +222,13 @@ class Platform:
             yield
             succeeded = True
         finally:
-            del self._in_flight[call_id]
-            elapsed = time.monotonic() - started
-            for observer in self._observers:
-                observer(hook, elapsed, succeeded)
+            self._finished(call_id, hook, started, succeeded)
+
+    def _finished(self, call_id: int, hook: str, started: float, succeeded: bool) -> None:
+        del self._in_flight[call_id]
+        elapsed = time.monotonic() - started
+        for observer in self._observers:
+            observer(hook, elapsed, succeeded)
 
     @classmethod
     def _check(cls, hook: str, value: Any, expected: type[T]) -> T:

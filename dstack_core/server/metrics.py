@@ -26,7 +26,7 @@ import platform as host_platform
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -101,6 +101,7 @@ class AgentMetrics:
         runtime.set_function(lambda: service.runtime_event_count)
         Gauge("dstack_agent_info", "The agent's version and platform",
               ["version", "platform"], registry=r).labels(__version__, service.platform.name).set(1)
+        self._hook_latency: dict[str, tuple[Any, Any]] = {}
         service.platform.add_call_observer(self._platform_call)
         if service.kms_client is not None:
             service.kms_client.observe = self._kms_call
@@ -108,9 +109,17 @@ class AgentMetrics:
             r.register(SystemCollector(data_disks))
 
     def _platform_call(self, hook: str, seconds: float, succeeded: bool) -> None:
-        self.platform_latency.labels(hook).observe(seconds)
-        if hook in QUOTE_HOOKS:
-            self.quote_latency.labels(hook).observe(seconds)
+        # Called on every quote's path, from any thread: the labelled children are looked
+        # up once (a race only looks one up twice; labels() returns the same child).
+        children = self._hook_latency.get(hook)
+        if children is None:
+            children = self._hook_latency[hook] = (
+                self.platform_latency.labels(hook),
+                self.quote_latency.labels(hook) if hook in QUOTE_HOOKS else None,
+            )
+        children[0].observe(seconds)
+        if children[1] is not None:
+            children[1].observe(seconds)
         if not succeeded:
             self.platform_failures.labels(hook).inc()
 
