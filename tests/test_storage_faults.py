@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from dstack_core.testing.faultfs import FaultControl
 
 HEAL_TIMEOUT = 30.0
 LOG_NAME = "runtime_events.log"
-TALLY: dict[str, int] = {"faults": 0, "requests": 0, "acknowledged": 0, "lost": 0}
+TALLY: dict[str, int] = {"faults": 0, "requests": 0, "acknowledged": 0, "lost": 0, "quotes": 0}
 """Figures for docs/reliability.md (printed with DSTACK_FAULT_TALLY=1)."""
 
 
@@ -175,14 +176,22 @@ def tally() -> Iterator[None]:
 # --- helpers ---
 
 
+_TALLY_LOCK = threading.Lock()
+
+
+def count(key: str, n: int = 1) -> None:
+    with _TALLY_LOCK:
+        TALLY[key] += n
+
+
 def call(agent: AgentProcess, method: str, args: dict[str, Any] | None = None) -> tuple[int, Any]:
-    TALLY["requests"] += 1
+    count("requests")
     return agent.call(method, args or {})
 
 
 def emit(agent: AgentProcess, name: str, payload: bytes = b"") -> tuple[int, Any]:
     status, body = call(agent, "EmitEvent", {"event": name, "payload": payload.hex()})
-    TALLY["acknowledged"] += status == 200
+    count("acknowledged", status == 200)
     return status, body
 
 
@@ -202,6 +211,44 @@ def consistent_quote(agent: AgentProcess) -> tuple[TdxQuote, list[str]]:
     events = events_from_json(body["event_log"])
     assert replay_rtmrs(events) == quote.report.rtmrs
     return quote, [e.event for e in events if e.imr == 3]
+
+
+class QuoteWatcher:
+    """Asks for quotes without pause from a second connection while a scenario runs, and
+    checks every one: served (200) and its log replaying to its registers."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        self.agent = agent
+        self.checked = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, body = self.agent.call("GetQuote", {"report_data": "03"})
+            except Exception as exc:  # a dead thread must not pass for a clean run
+                self.failures.append(f"GetQuote failed: {exc!r}")
+                return
+            if status != 200:
+                self.failures.append(f"GetQuote answered {status}: {body}")
+                continue
+            quote = TdxQuote.from_bytes(bytes.fromhex(body["quote"]))
+            if replay_rtmrs(events_from_json(body["event_log"])) != quote.report.rtmrs:
+                self.failures.append(f"quote {self.checked}: the log does not replay to RTMR3")
+            self.checked += 1
+
+    def __enter__(self) -> QuoteWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        count("quotes", self.checked)
+        assert not self.failures, self.failures[:3]
+        assert self.checked > 0
 
 
 def wait_healed(agent: AgentProcess, name: str) -> None:
@@ -253,42 +300,43 @@ class TestFullDisk:
         append succeeds, quotes consistent throughout, healed without a restart, the
         incident logged once, nothing acknowledged lost, and the agent restarts."""
         with running(disk) as agent:
-            acknowledged = []
-            for i in range(3):
-                assert emit(agent, f"before-{i}")[0] == 200
-                acknowledged.append(f"before-{i}")
-            disk.fill()
-            TALLY["faults"] += 1
-            failed = None
-            for i in range(5000):
-                status, body = emit(agent, f"during-{i}")
-                if status == 200:
-                    acknowledged.append(f"during-{i}")
-                    continue
-                assert_storage_error(status, body, disk)
-                assert "may still be recorded" in body["error"]
-                failed = f"during-{i}"
-                break
-            assert failed is not None, "the disk never filled up"
-            for i in range(20):
-                started = time.monotonic()
-                status, body = emit(agent, f"refused-{i}")
-                assert_storage_error(status, body, disk)
-                assert time.monotonic() - started < 5
-            _, names = consistent_quote(agent)
-            assert failed in names  # measured, written ahead: quotes carry it
-            for method in ("Info", "Attest"):
-                assert call(agent, method, {"report_data": "02"})[0] == 200
-            disk.repair()
-            wait_healed(agent, "after")
-            acknowledged.append("after")
-            _, names = consistent_quote(agent)
-            assert names.count(failed) == 1 and not any(n.startswith("refused") for n in names)
-            check_nothing_lost(disk, acknowledged)
-            output = agent.output()
-            assert output.count("cannot append to the runtime event log") == 1, output
-            assert output.count("writable again") == 1
-            assert "EmitEvent failed" not in output and "Traceback" not in output
+            with QuoteWatcher(agent):  # every quote, during the fault too
+                acknowledged = []
+                for i in range(3):
+                    assert emit(agent, f"before-{i}")[0] == 200
+                    acknowledged.append(f"before-{i}")
+                disk.fill()
+                TALLY["faults"] += 1
+                failed = None
+                for i in range(5000):
+                    status, body = emit(agent, f"during-{i}")
+                    if status == 200:
+                        acknowledged.append(f"during-{i}")
+                        continue
+                    assert_storage_error(status, body, disk)
+                    assert "may still be recorded" in body["error"]
+                    failed = f"during-{i}"
+                    break
+                assert failed is not None, "the disk never filled up"
+                for i in range(20):
+                    started = time.monotonic()
+                    status, body = emit(agent, f"refused-{i}")
+                    assert_storage_error(status, body, disk)
+                    assert time.monotonic() - started < 5
+                _, names = consistent_quote(agent)
+                assert failed in names  # measured, written ahead: quotes carry it
+                for method in ("Info", "Attest"):
+                    assert call(agent, method, {"report_data": "02"})[0] == 200
+                disk.repair()
+                wait_healed(agent, "after")
+                acknowledged.append("after")
+                _, names = consistent_quote(agent)
+                assert names.count(failed) == 1 and not any(n.startswith("refused") for n in names)
+                check_nothing_lost(disk, acknowledged)
+                output = agent.output()
+                assert output.count("cannot append to the runtime event log") == 1, output
+                assert output.count("writable again") == 1
+                assert "EmitEvent failed" not in output and "Traceback" not in output
             restart(agent)
             consistent_quote(agent)
             check_nothing_lost(disk, acknowledged)
@@ -296,7 +344,7 @@ class TestFullDisk:
     def test_failed_write_ahead_measures_nothing(self, disk: Disk) -> None:
         """When even the write-ahead record cannot be written, the event is refused with
         503 storage_error, RTMR3 does not move, and the next event works once healed."""
-        with running(disk) as agent:
+        with running(disk) as agent, QuoteWatcher(agent):
             before, names_before = consistent_quote(agent)
             if isinstance(disk, SeamDisk):
                 disk.fail(errno.ENOSPC, LOG_NAME + ".wal")
@@ -313,6 +361,64 @@ class TestFullDisk:
             wait_healed(agent, "healed")
             assert "doomed" not in logged(disk)
             check_nothing_lost(disk, ["healed"])
+
+
+    def test_concurrent_events_through_a_full_disk(self, disk: Disk) -> None:
+        """Sixteen clients emit events while the disk fills up and is repaired: every
+        event is acknowledged, refused with "nothing was measured", or refused with "may
+        still be recorded"; the acknowledged and the measured ones all end up in the log
+        (once each), the refused-unmeasured ones never; every quote replays throughout."""
+        outcomes: dict[str, str] = {}
+        stop = threading.Event()
+
+        def client(agent: AgentProcess, k: int) -> None:
+            i = 0
+            while not stop.is_set():
+                name = f"c{k}-{i}"
+                i += 1
+                status, body = emit(agent, name, b"\x02" * 200)
+                if status == 200:
+                    outcomes[name] = "acknowledged"
+                    continue
+                assert_storage_error(status, body, disk)
+                if "nothing was measured" in body["error"]:
+                    outcomes[name] = "unmeasured"
+                elif "may still be recorded" in body["error"]:
+                    outcomes[name] = "measured"
+                else:  # refused at once while a measured event waits for its append
+                    outcomes[name] = "refused"
+                time.sleep(0.01)
+
+        with running(disk) as agent:
+            with QuoteWatcher(agent):
+                threads = [threading.Thread(target=client, args=(agent, k), daemon=True)
+                           for k in range(16)]
+                for t in threads:
+                    t.start()
+                time.sleep(0.5)
+                disk.fill()
+                count("faults")
+                deadline = time.monotonic() + 20
+                while not {"measured", "unmeasured"} & set(outcomes.values()):
+                    assert time.monotonic() < deadline, "no event ever failed"
+                    time.sleep(0.05)
+                time.sleep(0.5)  # let the clients run into the fault for a while
+                disk.repair()
+                wait_healed(agent, "healed")
+                time.sleep(0.3)  # and again once it healed
+                stop.set()
+                for t in threads:
+                    t.join(30)
+                    assert not t.is_alive()
+                wait_healed(agent, "final")  # nothing measured still waits for its append
+            names = logged(disk)
+            _, quoted = consistent_quote(agent)
+        assert names == quoted  # the durable log is what quotes carry
+        acknowledged = [n for n, o in outcomes.items() if o == "acknowledged"]
+        check_nothing_lost(disk, [*acknowledged, "healed", "final"])
+        assert [n for n, o in outcomes.items() if o == "measured" and n not in names] == []
+        assert [n for n, o in outcomes.items() if o in ("unmeasured", "refused") and n in names] == []
+        assert len(acknowledged) > 16
 
 
 class TestReadOnly:
@@ -342,7 +448,7 @@ class TestSeamOnly:
     @pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS])
     def test_unwritable_state_dir(self, seam: SeamDisk, code: int) -> None:
         """An unwritable state dir refuses EmitEvent (nothing measured) and heals."""
-        with running(seam) as agent:
+        with running(seam) as agent, QuoteWatcher(agent):
             seam.fail(code)
             TALLY["faults"] += 1
             before, _ = consistent_quote(agent)
@@ -354,7 +460,7 @@ class TestSeamOnly:
 
     def test_io_error_on_append(self, seam: SeamDisk) -> None:
         """EIO while appending is repaired like a full disk."""
-        with running(seam) as agent:
+        with running(seam) as agent, QuoteWatcher(agent):
             seam.fail(errno.EIO, LOG_NAME)
             TALLY["faults"] += 1
             status, body = emit(agent, "eio")
@@ -366,13 +472,14 @@ class TestSeamOnly:
             check_nothing_lost(seam, ["healed"])
             assert logged(seam).count("eio") == 1
 
-    def test_simulator_register_save_fault(self, seam: SeamDisk) -> None:
+    @pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+    def test_simulator_register_save_fault(self, seam: SeamDisk, code: int) -> None:
         """The simulator cannot save its register: 503 storage_error, RTMR3 and the log
         unchanged; after a clean stop, with or without the fault, the agent starts."""
         with running(seam) as agent:
             assert emit(agent, "kept")[0] == 200
             before, names = consistent_quote(agent)
-            seam.fail(errno.EIO, "simulator-machine.bin")
+            seam.fail(code, "simulator-machine.bin")
             TALLY["faults"] += 1
             for i in range(5):
                 assert_storage_error(*emit(agent, f"unsaved-{i}"), seam)
