@@ -13,8 +13,9 @@ performance issue:
    ratios [min-max] (EmitEvent, durable, against the bare app);
 3. the 64-client mixed load (GetKey 30%, Sign, GetQuote, EmitEvent 20% each, Info 10%):
    p50 and p99 per method and errors;
-4. a 10,000-event runtime log: GetKey, Sign, Verify and EmitEvent against their short-log
-   ratios, and GetQuote, Info and Attest against a bare app sending a body as large;
+4. a 10,000-event runtime log: GetKey, Sign, Verify and EmitEvent against a fresh agent
+   in the same rounds, and GetQuote, Info and Attest against a bare app sending a body as
+   large;
 5. the agent's resident memory after 100,000 requests of an SDK-shaped mix (fresh agent).
 
 Benchmarks are scripts, not tests: they print figures and never fail a build. Absolute
@@ -173,22 +174,23 @@ class Bench:
     def _emit_rounds(
         self, servers: dict[str, Server], *, events: int = 0
     ) -> list[list[dict[str, Any]]]:
-        """EmitEvent, each round on a fresh machine with ``events`` already in its log
-        (a round records several thousand events; the log holds 20,000 lines).
+        return [self._emit_round(servers, events=events) for _ in range(self.args.rounds)]
+
+    def _emit_round(self, servers: dict[str, Server], *, events: int) -> list[dict[str, Any]]:
+        """One round of EmitEvent on a fresh machine with ``events`` already in its log
+        (a round records several thousand events; the log holds 20,000 lines):
+        ``[bare, floor, agent]``.
 
         The floor is not in the same slots: it appends to a file without syncing, and
         ext4's ordered journal flushes those dirty pages at the agent's next fsync,
         charging the agent for the floor's writes. It is measured beside the bare app on
         its own."""
-        rounds = []
-        for _ in range(self.args.rounds):
-            self.fresh(servers["agent"], events=events)
-            (base, agent), = self.sliced([servers["base"], servers["agent"]], "EmitEvent",
-                                         rounds=1, duration=min(self.args.duration, 0.5))
-            (_, floor), = self.sliced([servers["base"], servers["floor"]], "EmitEvent",
-                                      rounds=1, duration=min(self.args.duration, 0.5))
-            rounds.append([base, floor, agent])
-        return rounds
+        self.fresh(servers["agent"], events=events)
+        (base, agent), = self.sliced([servers["base"], servers["agent"]], "EmitEvent",
+                                     rounds=1, duration=min(self.args.duration, 0.5))
+        (_, floor), = self.sliced([servers["base"], servers["floor"]], "EmitEvent",
+                                  rounds=1, duration=min(self.args.duration, 0.5))
+        return [base, floor, agent]
 
     def mixed(self, agent: Server) -> None:
         self.fresh(agent)
@@ -208,24 +210,36 @@ class Bench:
                   f"{spread:8.2f}  {'<= 3.00, none':<14} {m['errors'] or 0}  {verdict(ok)}")
 
     def long_log(self, servers: dict[str, Server]) -> None:
+        """Each method with a 10,000-event log against itself with a short one, in the
+        same round: two agents (one fresh) in the same slots beside the bare app, and
+        EmitEvent's rounds alternating between a fresh machine and one with a long log."""
         agent, base = servers["agent"], servers["base"]
+        short = self.server("agent-short", self.agent_command("state-short") + " --reset-state")
+        short.start()
         self.fresh(agent, events=LONG_LOG)
         have = runtime_events(agent)
-        print(f"\n## Long log: {have} runtime events")
-        short = self.results.get("ratios", {})
+        print(f"\n## Long log: {have} runtime events, against a fresh agent in the same rounds")
         out: dict[str, Any] = {"events": have}
-        print(f"{'method':<10} {'agent/bare now':>18} {'at start':>9} {'kept':>6}  target")
-        for method in ("GetKey", "Sign", "Verify", "EmitEvent"):
-            if method == "EmitEvent":
-                now = [r[2]["rps"] / r[0]["rps"]
-                       for r in self._emit_rounds(servers, events=LONG_LOG)]
-            else:
-                now = [r[1]["rps"] / r[0]["rps"] for r in self.sliced([base, agent], method)]
-            before = median(short[method]["agent_base"]) if method in short else float("nan")
-            kept = median(now) / before
-            out[method] = {"agent_base": now, "short_log": before, "kept": kept}
-            print(f"{method:<10} {fmt_ratio(now):>18} {before:9.2f} {kept:6.2f}  "
-                  f">= 0.90: {verdict(kept >= 0.9)}")
+        print(f"{'method':<10} {'agent/bare, long':>18} {'agent/bare, short':>18} "
+              f"{'long/short':>18}  target")
+        try:
+            for method in ("GetKey", "Sign", "Verify", "EmitEvent"):
+                if method == "EmitEvent":
+                    pairs = [(self._emit_round(servers, events=0),
+                              self._emit_round(servers, events=LONG_LOG))
+                             for _ in range(self.args.rounds)]
+                    before = [s[2]["rps"] / s[0]["rps"] for s, _ in pairs]
+                    now = [n[2]["rps"] / n[0]["rps"] for _, n in pairs]
+                else:
+                    rounds = self.sliced([base, short, agent], method)
+                    before = [r[1]["rps"] / r[0]["rps"] for r in rounds]
+                    now = [r[2]["rps"] / r[0]["rps"] for r in rounds]
+                kept = [n / b for n, b in zip(now, before)]
+                out[method] = {"agent_base": now, "short_log": before, "kept": kept}
+                print(f"{method:<10} {fmt_ratio(now):>18} {fmt_ratio(before):>18} "
+                      f"{fmt_ratio(kept):>18}  >= 0.90: {verdict(median(kept) >= 0.9)}")
+        finally:
+            short.stop()
         print(f"{'method':<10} {'body KiB':>9} {'agent/bare sending as much':>28}  target")
         self.fresh(agent, events=LONG_LOG)
         for method in ("GetQuote", "Info", "Attest"):
@@ -242,9 +256,13 @@ class Bench:
                   f">= {FLOOR_TARGET:.2f}: {verdict(median(ratio) >= FLOOR_TARGET)}")
         self.results["long_log"] = out
 
+    def agent_command(self, state: str) -> str:
+        """The agent's command with its own state directory ``state`` (in the work dir)."""
+        return self.commands["agent"].replace(str(self.workdir / "state"),
+                                              str(self.workdir / state))
+
     def memory(self) -> None:
-        command = (self.commands["agent"].replace(str(self.workdir / "state"),
-                                                  str(self.workdir / "state-rss")))
+        command = self.agent_command("state-rss")
         agent, base = self.server("agent-rss", command), self.server("base-rss",
                                                                         self.commands["base"])
         agent.start()
@@ -331,7 +349,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=1.5,
                         help="seconds of each server's busy time per round and method")
     parser.add_argument("--mix-duration", type=float, default=8.0)
-    parser.add_argument("--startup-reps", type=int, default=5)
+    parser.add_argument("--startup-reps", type=int, default=9)
     parser.add_argument("--rss-requests", type=int, default=100_000)
     parser.add_argument("--phases", default="startup,ratios,mix,longlog,rss")
     parser.add_argument("--methods", default=",".join(METHODS), help="for the ratios phase")
