@@ -207,9 +207,6 @@ def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
-    from .server.run import bound_heap
-
-    bound_heap()
 
     flags = {
         "platform": args.platform,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -24,7 +23,6 @@ import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
 
 from aiohttp import web
 
@@ -112,32 +110,6 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-M_MMAP_THRESHOLD: Final = -3
-"""glibc's ``mallopt`` parameter for the size from which a block is mapped on its own."""
-MMAP_THRESHOLD: Final = 128 * 1024
-"""glibc's default threshold, kept fixed."""
-
-
-def bound_heap() -> bool:
-    """Keep the process's resident memory from growing with the largest answer ever sent.
-
-    glibc raises its mmap threshold every time a mapped block is freed (up to 32 MiB); from
-    then on, buffers of that size (GetQuote, Info and Attest answers carry the whole event
-    log, megabytes of it) come from the heap, whose freed holes are rarely given back.
-    Setting the threshold explicitly turns that adjustment off, so such buffers are mapped
-    and unmapped as they come and go: RSS after 100,000 requests of the SDK mix drops from
-    about 85 to 68 MB (docs/performance.md). Call it once, early in the process.
-
-    :returns: False where the C library is not glibc (nothing changed).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def _start_service(platform: Platform, settings: Settings) -> AgentService:
