@@ -41,6 +41,7 @@ from .connections import (
     raise_open_file_limit,
 )
 from .external import AppComposeFlags, create_external_app
+from .heaptrim import HeapTrimmer
 from .metrics import AgentMetrics
 from .watchdog import Watchdog
 
@@ -254,6 +255,7 @@ async def _serve_locked(
     raise_open_file_limit()
     listeners = _Listeners(ConnectionManager(settings.limits))
     watchdog: Watchdog | None = None
+    trimming: asyncio.Task[None] | None = None
     try:
         runner = await listeners.runner(
             create_app(service, max_body=settings.max_body_size, guard=guard, metrics=metrics)
@@ -306,12 +308,19 @@ async def _serve_locked(
                 on_failure=lambda _reason: metrics.watchdog_failures.inc(),
             )
             watchdog.start()
+        trimmer = HeapTrimmer.for_this_libc()
+        if trimmer is not None:
+            trimming = asyncio.create_task(trimmer.run(), name="heap-trim")
         if ready is not None:
             ready.set()
         await stop.wait()
         systemd.notify("STOPPING=1")
         log.warning("dstack-agent shutting down")
     finally:
+        if trimming is not None:
+            trimming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trimming
         if watchdog is not None:
             await asyncio.to_thread(watchdog.stop)
         await listeners.close()
