@@ -40,8 +40,9 @@ class Clock:
         self.now += seconds
 
 
-def trimmer(clock: Clock) -> HeapTrimmer:
-    return HeapTrimmer(lambda: 1, interval=0.5, idle_cpu=0.01, busy_cpu=0.2, clock=clock)
+def trimmer(clock: Clock, idle_checks: int = 1) -> HeapTrimmer:
+    return HeapTrimmer(lambda: 1, interval=0.5, idle_cpu=0.01, idle_checks=idle_checks,
+                       busy_cpu=0.2, clock=clock)
 
 
 class TestWhen:
@@ -53,6 +54,17 @@ class TestWhen:
         assert t.due()  # then an idle interval
         t.trimmed()
         assert not t.due() and not t.due()  # idle on: nothing new to give back
+
+    def test_only_after_idle_intervals_in_a_row(self):
+        """A pause within a burst does not trim; a long enough quiet does, once."""
+        clock = Clock()
+        t = trimmer(clock, idle_checks=3)
+        clock.spend(0.3)
+        assert [t.due(), t.due(), t.due()] == [False, False, False]  # busy, idle, idle
+        clock.spend(0.05)  # the burst goes on
+        assert [t.due(), t.due(), t.due(), t.due()] == [False, False, False, True]
+        t.trimmed()
+        assert not any(t.due() for _ in range(10))
 
     def test_never_while_busy(self):
         clock = Clock()

@@ -7,7 +7,7 @@ them; freed, they leave holes that glibc keeps, so resident memory stays at its 
 included. Fixing the mmap threshold instead would map and fault in every large answer
 afresh, which costs long-log answers most of their rate (docs/performance.md), so the
 heap is trimmed only when nobody is waiting: after the process has used CPU for a while
-and then stayed (nearly) idle for a whole check interval. Nothing on a request's path
+and then stayed (nearly) idle for a few check intervals in a row. Nothing on a request's path
 changes; the check is a ``process_time`` reading per interval on the event loop, the trim
 runs in a worker thread.
 
@@ -32,6 +32,10 @@ CHECK_INTERVAL: Final = 0.5
 """Seconds between idleness checks."""
 IDLE_CPU: Final = 0.01
 """CPU seconds within one interval below which the agent counts as idle (2%)."""
+IDLE_CHECKS: Final = 4
+"""Idle intervals in a row before a trim (2 s): a pause within a burst of requests is
+shorter, and a trim then would only make the burst's next large answers fault their
+pages in again."""
 BUSY_CPU: Final = 0.2
 """CPU seconds since the last trim after which the heap is worth trimming again: a few
 requests' worth of garbage is not, and an idle agent must not trim over and over."""
@@ -69,12 +73,15 @@ class HeapTrimmer:
         *,
         interval: float = CHECK_INTERVAL,
         idle_cpu: float = IDLE_CPU,
+        idle_checks: int = IDLE_CHECKS,
         busy_cpu: float = BUSY_CPU,
         clock: Callable[[], float] = time.process_time,
     ) -> None:
         self._trim = trim
         self.interval = interval
         self.idle_cpu = idle_cpu
+        self.idle_checks = idle_checks
+        self._idle_run = 0
         self.busy_cpu = busy_cpu
         self._clock = clock
         self._last_check = clock()
@@ -91,16 +98,17 @@ class HeapTrimmer:
         return cls(glibc_malloc_trim) if libc and libc.startswith("glibc") else None
 
     def due(self) -> bool:
-        """One check: True if the process was busy since the last trim and idle for the
-        interval since the last check."""
+        """One check: True if the process was busy since the last trim and has been idle
+        for ``idle_checks`` intervals in a row, this one included."""
         now = self._clock()
-        idle = now - self._last_check < self.idle_cpu
+        self._idle_run = self._idle_run + 1 if now - self._last_check < self.idle_cpu else 0
         self._last_check = now
-        return idle and now - self._since_trim >= self.busy_cpu
+        return self._idle_run >= self.idle_checks and now - self._since_trim >= self.busy_cpu
 
     def trimmed(self) -> None:
         """Note a trim: its own CPU time does not count as work to trim after."""
         self._last_check = self._since_trim = self._clock()
+        self._idle_run = 0
         self.trims += 1
 
     async def run(self) -> None:
