@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from .envelope import AppInfo
 from .eventlog import TdxEvent, replay
-from .quote import TdReport
 
 __all__ = [
     "SYSTEM_READY",
@@ -26,6 +25,7 @@ __all__ = [
     "mr_aggregated",
     "mr_system",
     "derive_app_info",
+    "SignedRegisters",
 ]
 
 SYSTEM_READY: Final = "system-ready"
@@ -74,12 +74,33 @@ def os_image_hash_from_vm_config(vm_config: str) -> bytes:
         return b""
 
 
-def _config_registers(report: TdReport) -> bytes:
+class SignedRegisters(Protocol):
+    """The registers identity is derived from: a TD report
+    (:class:`~dstack_core.quote.TdReport`) or a verifier plugin's
+    :class:`~dstack_core.verify.Registers`."""
+
+    @property
+    def mr_td(self) -> bytes: ...
+    @property
+    def rtmr0(self) -> bytes: ...
+    @property
+    def rtmr1(self) -> bytes: ...
+    @property
+    def rtmr2(self) -> bytes: ...
+    @property
+    def mr_config_id(self) -> bytes: ...
+    @property
+    def mr_owner(self) -> bytes: ...
+    @property
+    def mr_owner_config(self) -> bytes: ...
+
+
+def _config_registers(report: SignedRegisters) -> bytes:
     registers = report.mr_config_id + report.mr_owner + report.mr_owner_config
     return registers if any(registers) else b""
 
 
-def mr_aggregated(report: TdReport, runtime_events: Sequence[TdxEvent]) -> bytes:
+def mr_aggregated(report: SignedRegisters, runtime_events: Sequence[TdxEvent]) -> bytes:
     """``sha256(mrtd || rtmr0..2 || replay(runtime) [|| mr_config_id || mr_owner ||
     mr_owner_config when any is non-zero])``, as upstream computes it."""
     rtmr3 = replay(runtime_events, RUNTIME_IMR)
@@ -89,7 +110,7 @@ def mr_aggregated(report: TdReport, runtime_events: Sequence[TdxEvent]) -> bytes
     ).digest()
 
 
-def mr_system(report: TdReport, events: Sequence[TdxEvent]) -> bytes:
+def mr_system(report: SignedRegisters, events: Sequence[TdxEvent]) -> bytes:
     """``sha256(mrtd || rtmr0..2 || sha256(key-provider payload) or 32 zero bytes)``."""
     provider = boot_event_payload(events, "key-provider")
     mr_key_provider = hashlib.sha256(provider).digest() if provider is not None else bytes(32)
@@ -98,7 +119,7 @@ def mr_system(report: TdReport, events: Sequence[TdxEvent]) -> bytes:
     ).digest()
 
 
-def derive_app_info(report: TdReport, events: Sequence[TdxEvent], vm_config: str) -> AppInfo:
+def derive_app_info(report: SignedRegisters, events: Sequence[TdxEvent], vm_config: str) -> AppInfo:
     """Every identity value of the app, from the quote's TD report and the full event log."""
     runtime = [e for e in events if e.imr == RUNTIME_IMR]
     return AppInfo(

@@ -24,7 +24,7 @@ import cbor2
 
 from .errors import EvidenceError
 from .eventlog import TdxEvent
-from .types import REPORT_DATA_LENGTH
+from .types import REPORT_DATA_LENGTH, is_evidence_format
 
 __all__ = [
     "ENVELOPE_FORMAT",
@@ -85,7 +85,8 @@ class Envelope:
     """One attestation: hardware evidence, the full event log and what it binds.
 
     :ivar platform: the producing platform's tag (``simulator``, ``tdx``, ``sev-snp``, ...).
-    :ivar evidence_format: how to parse ``quote``: ``tdx`` or ``sev-snp``.
+    :ivar evidence_format: how to parse ``quote``: ``tdx``, ``sev-snp``, or a vendor's
+        format (the verifier plugin registered under that name parses it).
     :ivar quote: the raw hardware evidence.
     :ivar event_log: boot events (RTMR0..2) then runtime events (RTMR3), full payloads.
     :ivar report_data: the 64 bytes the quote binds.
@@ -95,7 +96,7 @@ class Envelope:
     """
 
     platform: str = attrs.field(validator=attrs.validators.min_len(1))
-    evidence_format: Literal["tdx", "sev-snp"]
+    evidence_format: str
     quote: bytes
     event_log: tuple[TdxEvent, ...] = ()
     report_data: bytes = attrs.field()
@@ -162,8 +163,11 @@ class Envelope:
         if len(events) > MAX_EVENTS:
             raise EvidenceError(f"event log has more than {MAX_EVENTS} events")
         evidence_format = _expect(doc["evidence_format"], str, "evidence_format")
-        if evidence_format not in ("tdx", "sev-snp"):
-            raise EvidenceError(f"unknown evidence_format {evidence_format!r}")
+        if not is_evidence_format(evidence_format):
+            raise EvidenceError(
+                f"evidence_format {evidence_format[:80]!r} is not a format name (lower-case "
+                "letters, digits, '.' and '-')"
+            )
         try:
             return cls(
                 platform=_expect(doc["platform"], str, "platform"),

@@ -10,6 +10,7 @@ The split follows who is at fault:
 * :class:`PlatformError` (5xx): the TEE, the kernel or the plugin failed.
 * :class:`ConfigurationError`: the agent cannot start as configured (never seen on the wire).
 * :class:`EvidenceError` (400): evidence handed to a parser or the verifier is malformed.
+* :class:`VerifierPluginError` (500): a verifier plugin broke its contract.
 * :class:`KmsError` (502/503): the KMS that issues the app's certificates failed or refused.
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "StateError",
     "KmsError",
     "KmsUnavailable",
+    "VerifierPluginError",
 ]
 
 
@@ -153,6 +155,15 @@ class PluginError(ConfigurationError):
     """A platform plugin is missing, duplicated, conflicting or broken."""
 
     code = "plugin_error"
+
+
+class VerifierPluginError(DstackError):
+    """A verifier plugin failed while verifying (a bug: it raised something other than a
+    :class:`DstackError`, or answered against the contract). The message names the plugin,
+    never the exception; the traceback is in the log (HTTP 500)."""
+
+    http_status = 500
+    code = "verifier_plugin_error"
 
 
 class EvidenceError(DstackError):

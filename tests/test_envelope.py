@@ -75,6 +75,14 @@ class TestEncoding:
 
 
 class TestStrictDecoding:
+    def test_any_well_formed_evidence_format_decodes(self):
+        """A vendor's evidence format decodes: which formats can be verified is the
+        verifier's business (its plugins), not the envelope's."""
+        doc = as_doc(sample())
+        doc["event_log"] = list(doc["event_log"])
+        doc["evidence_format"] = "acme-cc"
+        assert Envelope.from_cbor(reencode(doc)).evidence_format == "acme-cc"
+
     @pytest.mark.parametrize(
         ("mutate", "message"),
         [
@@ -84,7 +92,8 @@ class TestStrictDecoding:
             (lambda d: d.update(surprise=1), "unknown keys"),
             (lambda d: d.update(quote="text"), "quote must be bytes"),
             (lambda d: d.update(report_data=bytes(65)), "report_data"),
-            (lambda d: d.update(evidence_format="sgx"), "evidence_format"),
+            (lambda d: d.update(evidence_format="SGX quote!"), "evidence_format"),
+            (lambda d: d.update(evidence_format=""), "evidence_format"),
             (lambda d: d.update(event_log=[{"imr": True}]), "event_log"),
             (lambda d: d.update(event_log=[{"imr": 9, "type": 1, "digest": b"", "event": "", "payload": b""}]), "event_log"),
             (lambda d: d.update(platform=""), "platform"),
