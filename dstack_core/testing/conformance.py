@@ -137,13 +137,19 @@ def bound_report_data(quote: Quote) -> bytes:
 def decode_with_plugin(quote: Quote) -> PlatformReport:
     """The quote decoded by the verifier plugin of its format (skips when none is installed:
     :class:`TestVerifier` fails on that)."""
+    return _decode(quote.format, quote.data)
+
+
+def _decode(evidence_format: str, data: bytes) -> PlatformReport:
     from ..verify import default_host
 
     try:
-        verifier = default_host().get(quote.format)
+        verifier = default_host().get(evidence_format)
     except EvidenceError as exc:
-        pytest.skip(f"no verifier plugin decodes evidence format {quote.format!r}: {exc.message}")
-    return verifier.decode(quote.data, {})
+        if exc.code != "unsupported_evidence":
+            raise
+        pytest.skip(f"no verifier plugin decodes evidence format {evidence_format!r}")
+    return verifier.decode(data, {})
 
 
 def tdx_registers(quote: bytes) -> tuple[bytes, tuple[bytes, bytes, bytes, bytes]]:
@@ -383,11 +389,11 @@ class TestQuote:
                     len(parsed.signed_region), len(parsed.raw) // 2, len(parsed.raw) - 1)
             parse = TdxQuote.from_bytes
         else:
-            decode_with_plugin(Quote(format=evidence_format, data=data))
+            _decode(evidence_format, data)
             cuts = (0, 1, len(data) // 2, len(data) - 1)
 
             def parse(cut: bytes) -> object:
-                return decode_with_plugin(Quote(format=evidence_format, data=cut))
+                return _decode(evidence_format, cut)
         for cut in cuts:
             with pytest.raises(EvidenceError):
                 parse(data[:cut])

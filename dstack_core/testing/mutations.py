@@ -327,8 +327,12 @@ QUOTE_REGIONS = {"header": (0, 48), "td report": (48, 632), "signature data": (6
 
 
 def flip(data: st.DataObject, raw: bytes, start: int = 0, end: int | None = None) -> bytes:
-    """Flip one to three bits inside ``raw[start:end]``."""
+    """Flip one to three bits inside ``raw[start:end]`` (clamped to ``raw``: a region past
+    the end of short evidence means its last bytes)."""
+    if not raw:
+        return raw
     end = len(raw) if end is None else min(end, len(raw))
+    start = min(start, len(raw) - 1)
     out = bytearray(raw)
     for _ in range(data.draw(st.integers(1, 3))):
         position = data.draw(st.integers(start, max(start, end - 1)), label="offset")
