@@ -300,11 +300,11 @@ class TestVendorPlugin:
                                 {"acme": "dstack_acme_clone:AcmeClone"})
         listed = venv.agent("platforms", "--json", pythonpath=site)
         assert sorted(p["distribution"] for p in json.loads(listed.stdout)) == [
-            "acme-clone 0.1.0", "acme-dstack 0.1.0"]
+            "acme-clone 0.1.0", "dstack-acme 0.1.0"]
         result = venv.agent(*serve_args, "--platform", "acme", pythonpath=site)
         assert result.returncode == 2, result.stderr
         assert "conflicting plugins for platform 'acme', provided by:" in result.stderr
-        assert "from acme-dstack 0.1.0" in result.stderr
+        assert "from dstack-acme 0.1.0" in result.stderr
         assert "from acme-clone 0.1.0" in result.stderr
 
     def test_passes_the_conformance_suite(self, venv, tmp_path):
