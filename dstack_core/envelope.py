@@ -23,7 +23,7 @@ import attrs
 import cbor2
 
 from .errors import EvidenceError
-from .eventlog import TdxEvent
+from .eventlog import RUNTIME_EVENT_TYPE, RUNTIME_IMR, SHA384_DIGEST_SIZE, TdxEvent
 from .types import REPORT_DATA_LENGTH, is_evidence_format
 
 __all__ = [
@@ -223,6 +223,10 @@ def _require_canonical(doc: Any, data: bytes) -> None:
         )
 
 
+_MAPS: Final = (dict, cbor2.frozendict)
+"""What cbor2 decodes a map to (immutable inside a tag, such as the envelope's)."""
+
+
 def _first_difference(a: bytes, b: bytes) -> int:
     """The offset of the first byte where ``a`` and ``b`` differ (bisection over views, so
     a 10 MiB envelope costs a few comparisons, not a Python loop)."""
@@ -259,7 +263,47 @@ def _event_to_map(event: TdxEvent) -> dict[str, Any]:
     return doc
 
 
+_NEW_EVENT: Final = object.__new__
+_SET: Final = object.__setattr__
+_EVENT_FIELDS: Final = ("imr", "event_type", "digest", "event", "event_payload", "version")
+_FULL_EVENT: Final = frozenset(_EVENT_KEYS)
+_SHORT_EVENT: Final = _EVENT_KEYS - {"version"}
+
+
+def _fast_event(doc: Any) -> TdxEvent | None:
+    """The event of a well-formed map, without attrs' per-field validator calls: every
+    check of :func:`_event_from_map` and of :class:`TdxEvent`'s validators, inline. None
+    when any does not hold (the slow path then says which)."""
+    if type(doc) not in _MAPS or not (doc.keys() == _SHORT_EVENT or doc.keys() == _FULL_EVENT):
+        return None
+    imr, event_type, digest = doc["imr"], doc["type"], doc["digest"]
+    name, payload, version = doc["event"], doc["payload"], doc.get("version", 1)
+    if (
+        type(imr) is not int or not 0 <= imr <= RUNTIME_IMR
+        or type(event_type) is not int or not 0 <= event_type <= 0xFFFFFFFF
+        or type(digest) is not bytes or type(payload) is not bytes
+        or type(name) is not str or type(version) is not int or version not in (1, 2)
+    ):
+        return None
+    if len(digest) != SHA384_DIGEST_SIZE and not (
+        digest == b"" and imr == RUNTIME_IMR and event_type == RUNTIME_EVENT_TYPE
+    ):
+        return None
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+    event = _NEW_EVENT(TdxEvent)
+    for field, value in zip(_EVENT_FIELDS, (imr, event_type, digest, name, payload, version)):
+        _SET(event, field, value)
+    return event
+
+
 def _event_from_map(value: Any, index: int) -> TdxEvent:
+    fast = _fast_event(value)
+    if fast is not None:
+        return fast
     where = f"event_log[{index}]"
     doc = _expect_map(value, where, _EVENT_KEYS, required=_EVENT_KEYS - {"version"})
     try:

@@ -24,7 +24,6 @@ from .result import (
     SIMULATED_WARNING,
     BootEvent,
     VerificationResult,
-    VerifierIdentity,
     no_registers_warning,
 )
 from .types import CORE_CHECKS, PlatformVerification
@@ -186,12 +185,7 @@ def verify_evidence(
         boot_events=boot_events if authenticated else (),
         evidence_format=report.evidence_format,
         platform_details=report.details,
-        verifier=VerifierIdentity(
-            evidence_format=report.evidence_format,
-            plugin=verifier.installed.distribution,
-            version=verifier.installed.version,
-            checks=info.checks,
-        ),
+        verifier=verifier.identity,
         quote_verified=quote_verified and authenticated,
         tee_variant=info.tee_variant or f"dstack-{report.evidence_format}",
         warnings=tuple(warnings),

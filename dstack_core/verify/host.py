@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..plugins import VERIFIER_ENTRY_POINT_GROUP, InstalledVerifier, verifiers_summary
 from .options import VerifyOptions
+from .result import VerifierIdentity
 from .types import PlatformReport, PlatformVerification, TrustInputs, VerifierInfo
 
 __all__ = ["LoadedVerifier", "VerifierHost", "default_host"]
@@ -69,6 +70,13 @@ class LoadedVerifier:
                 f"{self.info.evidence_format!r}, but is registered for "
                 f"{installed.evidence_format!r}"
             )
+        self.identity = VerifierIdentity(
+            evidence_format=installed.evidence_format,
+            plugin=installed.distribution,
+            version=installed.version,
+            checks=self.info.checks,
+        )
+        """How results name this plugin (:attr:`VerificationResult.verifier`)."""
 
     @property
     def evidence_format(self) -> str:

@@ -45,6 +45,8 @@ class Replay:
         without one, the log is lite-stripped unless the quote's RTMR1 and RTMR2 are zero
         (:func:`boot_replayable`).
     :ivar foreign: RTMR3 entries that are not dstack runtime events, described.
+    :ivar computed: per ``event_log`` entry, the digest recomputed from its content for a
+        runtime event (computed once per verification), else None.
     """
 
     rtmrs: tuple[bytes, bytes, bytes, bytes]
@@ -52,6 +54,7 @@ class Replay:
     runtime: tuple[TdxEvent, ...]
     boot_present: bool
     foreign: tuple[str, ...]
+    computed: tuple[bytes | None, ...] = ()
 
 
 def _runtime_tdx_events(evidence: Evidence) -> tuple[TdxEvent, ...]:
@@ -67,31 +70,41 @@ def _event_type(event: TdxEvent) -> str:
 
 def replay(evidence: Evidence) -> Replay:
     """Replay the evidence's event log from zero under dstack's rules."""
-    boot = tuple(e for e in evidence.event_log if e.imr != RUNTIME_IMR)
-    runtime = _runtime_tdx_events(evidence)
+    log = evidence.event_log
+    computed = tuple(e.computed_digest if e.is_runtime else None for e in log)
+    boot = tuple(e for e in log if e.imr != RUNTIME_IMR)
+    if evidence.runtime_events is not None:
+        runtime = tuple(e.to_tdx_event() for e in evidence.runtime_events)
+        # to_tdx_event fills the digest computed from the event's content.
+        replayed = [e.digest for e in runtime]
+    else:
+        runtime = tuple(e for e in log if e.imr == RUNTIME_IMR)
+        replayed = [d if d is not None else e.digest
+                    for e, d in zip(log, computed, strict=True) if e.imr == RUNTIME_IMR]
     foreign = tuple(
         f"event {index} ({event.event!r}) in RTMR3 has type {_event_type(event)}"
-        for index, event in enumerate(evidence.event_log)
+        for index, event in enumerate(log)
         if event.imr == RUNTIME_IMR and event.event_type != RUNTIME_EVENT_TYPE
     )
     registers = [ZERO_REGISTER] * RTMR_COUNT
     for event in boot:
         if event.event_type != EV_NO_ACTION:
             registers[event.imr] = extend(registers[event.imr], event.digest)
-    for event in runtime:
-        if event.is_runtime:
-            # A runtime event binds its name, payload and version: replay the digest
-            # recomputed from them, never the recorded one.
-            registers[RUNTIME_IMR] = extend(registers[RUNTIME_IMR], event.computed_digest)
-        elif event.event_type != EV_NO_ACTION:
-            # Not allowed in RTMR3 (``foreign``); replayed as TCG would, for the report.
-            registers[RUNTIME_IMR] = extend(registers[RUNTIME_IMR], event.digest)
+    rtmr3 = ZERO_REGISTER
+    for event, digest in zip(runtime, replayed, strict=True):
+        # A runtime event binds its name, payload and version: replay the digest recomputed
+        # from them, never the recorded one. Anything else in RTMR3 is ``foreign`` (not
+        # allowed); it is replayed as TCG would, for the report.
+        if event.is_runtime or event.event_type != EV_NO_ACTION:
+            rtmr3 = extend(rtmr3, digest)
+    registers[RUNTIME_IMR] = rtmr3
     return Replay(
         rtmrs=(registers[0], registers[1], registers[2], registers[3]),
         boot=boot,
         runtime=runtime,
         boot_present=any(e.imr in (1, 2) and e.event_type != EV_NO_ACTION for e in boot),
         foreign=foreign,
+        computed=computed,
     )
 
 
@@ -169,12 +182,11 @@ def runtime_events_check(evidence: Evidence, replayed: Replay) -> Outcome:
     for event in replayed.runtime:
         if event.is_runtime:
             versions[event.version] += 1
-    for index, event in enumerate(evidence.event_log):
-        if (
-            event.is_runtime
-            and event.digest
-            and not hmac.compare_digest(event.digest, event.computed_digest)
-        ):
+    computed = replayed.computed or tuple(
+        e.computed_digest if e.is_runtime else None for e in evidence.event_log
+    )
+    for index, (event, digest) in enumerate(zip(evidence.event_log, computed, strict=True)):
+        if digest is not None and event.digest and not hmac.compare_digest(event.digest, digest):
             problems.append(
                 f"runtime event {index} ({event.event!r}): recorded digest does not match "
                 f"its name, payload and version {event.version}"
@@ -220,9 +232,10 @@ def runtime_events_check(evidence: Evidence, replayed: Replay) -> Outcome:
 class Binding:
     """What of the event log the replay binds to the signed registers.
 
-    :ivar runtime: RTMR3's runtime events (digests recomputed) when RTMR3 is bound: every
-        RTMR3 entry is a runtime event whose digest matches its content, and they replay
-        to the quote's RTMR3. None otherwise.
+    :ivar runtime: RTMR3's runtime events when RTMR3 is bound: every RTMR3 entry is a
+        runtime event whose recorded digest (where it has one) matches its content, and
+        the digests recomputed from their content replay to the quote's RTMR3. None
+        otherwise.
     :ivar boot_events: the extending events of each of RTMR0-2 that replayed to the quote.
     """
 
@@ -242,11 +255,9 @@ def bind(
         and runtime_check == "pass"
         and hmac.compare_digest(replayed.rtmrs[RUNTIME_IMR], quoted[RUNTIME_IMR])
     )
-    runtime = (
-        tuple(attrs.evolve(e, digest=e.computed_digest) for e in replayed.runtime)
-        if rtmr3_bound
-        else None
-    )
+    # Bound events' recorded digests equal their recomputed ones (runtime_events passed) or
+    # are empty (recomputed by every replay): they are used as they are.
+    runtime = replayed.runtime if rtmr3_bound else None
     boot = []
     if boot_replayable(registers, replayed):
         for event in replayed.boot:

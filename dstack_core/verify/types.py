@@ -63,13 +63,13 @@ def _check_status(_inst: object, _attr: attrs.Attribute[str], value: str) -> Non
         raise ValueError(f"check status must be pass, fail or skipped, not {value!r}")
 
 
-_DECLARED_CHECKS: Final[set[str]] = set(CORE_CHECKS)
+DECLARED_CHECKS: Final[set[str]] = set(CORE_CHECKS)
 """The core's check names and every name a :class:`VerifierInfo` declared: the closed set a
 :class:`CheckResult` may carry (a typo in a plugin is an error, not a new check)."""
 
 
 def _check_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
-    if value not in _DECLARED_CHECKS:
+    if value not in DECLARED_CHECKS:
         raise ValueError(
             f"unknown check name {value!r}: neither the core's nor declared by a verifier "
             "plugin's VerifierInfo"
@@ -285,7 +285,7 @@ class VerifierInfo:
         ):
             if not names or not set(names) <= set(self.checks):
                 raise ValueError(f"{field} must be a non-empty subset of checks")
-        _DECLARED_CHECKS.update(self.checks)
+        DECLARED_CHECKS.update(self.checks)
 
 
 @attrs.frozen(kw_only=True)
