@@ -172,3 +172,41 @@ class TestCanonical:
         doc["version"] = version
         with pytest.raises(EvidenceError, match="version"):
             Envelope.from_cbor(reencode(doc))
+
+
+class TestFastEventPath:
+    """The envelope decodes events without attrs' validator calls; it must accept exactly
+    what the validating constructor accepts, and build the same event."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.fixed_dictionaries(
+            {
+                "imr": st.sampled_from([0, 1, 2, 3, 4, -1, True, 3.0, "3"]),
+                "type": st.sampled_from([0, 1, 0x08000001, 0xFFFFFFFF, 1 << 32, -1, False]),
+                "digest": st.sampled_from([b"", b"\x01" * 48, b"\x01" * 47, "ab" * 48, None]),
+                "event": st.sampled_from(["", "app-id", "\udcff", "é", b"x"]),
+                "payload": st.sampled_from([b"", b"\x00" * 20, "text", 5]),
+            },
+            optional={"version": st.sampled_from([1, 2, 3, 0, True, "1"]),
+                      "extra": st.just(1)},
+        )
+    )
+    def test_accepts_exactly_what_the_constructor_accepts(self, doc):
+        """_fast_event answers None or the very event the validating path builds."""
+        import cbor2
+
+        from dstack_core.envelope import _event_from_map, _fast_event
+
+        for container in (doc, cbor2.frozendict(doc)):
+            fast = _fast_event(container)
+            try:
+                slow = _event_from_map(dict(container), 0) if fast is None else None
+            except EvidenceError:
+                continue
+            if fast is None:
+                pytest.fail(f"the fast path refused what the constructor accepts: {slow}")
+            expected = TdxEvent(imr=doc["imr"], event_type=doc["type"], digest=doc["digest"],
+                                event=doc["event"], event_payload=doc["payload"],
+                                version=doc.get("version", 1))
+            assert fast == expected and type(fast) is TdxEvent
