@@ -100,10 +100,16 @@ def _config_registers(report: SignedRegisters) -> bytes:
     return registers if any(registers) else b""
 
 
-def mr_aggregated(report: SignedRegisters, runtime_events: Sequence[TdxEvent]) -> bytes:
+def mr_aggregated(
+    report: SignedRegisters, runtime_events: Sequence[TdxEvent], rtmr3: bytes | None = None
+) -> bytes:
     """``sha256(mrtd || rtmr0..2 || replay(runtime) [|| mr_config_id || mr_owner ||
-    mr_owner_config when any is non-zero])``, as upstream computes it."""
-    rtmr3 = replay(runtime_events, RUNTIME_IMR)
+    mr_owner_config when any is non-zero])``, as upstream computes it.
+
+    :param rtmr3: the replay of ``runtime_events``, when the caller has it already.
+    """
+    if rtmr3 is None:
+        rtmr3 = replay(runtime_events, RUNTIME_IMR)
     return hashlib.sha256(
         report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + rtmr3
         + _config_registers(report)
@@ -119,15 +125,21 @@ def mr_system(report: SignedRegisters, events: Sequence[TdxEvent]) -> bytes:
     ).digest()
 
 
-def derive_app_info(report: SignedRegisters, events: Sequence[TdxEvent], vm_config: str) -> AppInfo:
-    """Every identity value of the app, from the quote's TD report and the full event log."""
+def derive_app_info(
+    report: SignedRegisters, events: Sequence[TdxEvent], vm_config: str,
+    rtmr3: bytes | None = None,
+) -> AppInfo:
+    """Every identity value of the app, from the quote's TD report and the full event log.
+
+    :param rtmr3: the replay of the log's RTMR3 events, when the caller has it already.
+    """
     runtime = [e for e in events if e.imr == RUNTIME_IMR]
     return AppInfo(
         app_id=boot_event_payload(runtime, "app-id") or b"",
         compose_hash=boot_event_payload(runtime, "compose-hash") or b"",
         instance_id=boot_event_payload(runtime, "instance-id") or b"",
         device_id=DEVICE_ID_UNVERIFIED,
-        mr_aggregated=mr_aggregated(report, runtime),
+        mr_aggregated=mr_aggregated(report, runtime, rtmr3),
         mr_system=mr_system(report, runtime),
         os_image_hash=os_image_hash_from_vm_config(vm_config),
         key_provider_info=boot_event_payload(runtime, "key-provider") or b"",

@@ -50,7 +50,8 @@ def bound_identity(
 ) -> BoundIdentity:
     """The identity and OS image the replay binds to ``registers``."""
     runtime = binding.runtime
-    derived = None if runtime is None else derive_app_info(registers, runtime, "")
+    # Bound runtime events replay to the signed RTMR3: no need to replay them again.
+    derived = None if runtime is None else derive_app_info(registers, runtime, "", registers.rtmr3)
     measured = None if runtime is None else boot_event_payload(runtime, OS_IMAGE_HASH_EVENT)
     try:
         stated, unreadable = stated_os_image_hash(evidence.vm_config), None

@@ -32,6 +32,8 @@ from .types import Registers
 
 __all__ = ["Binding", "Replay", "bind", "event_log_check", "replay", "runtime_events_check"]
 
+_sha384 = hashlib.sha384
+
 
 @attrs.frozen(kw_only=True)
 class Replay:
@@ -86,10 +88,12 @@ def replay(evidence: Evidence) -> Replay:
         for index, event in enumerate(log)
         if event.imr == RUNTIME_IMR and event.event_type != RUNTIME_EVENT_TYPE
     )
+    # Every digest here is 48 bytes (TdxEvent allows no other but a runtime event's empty
+    # one, which is recomputed), so extending is the bare SHA-384 of register || digest.
     registers = [ZERO_REGISTER] * RTMR_COUNT
     for event in boot:
         if event.event_type != EV_NO_ACTION:
-            registers[event.imr] = extend(registers[event.imr], event.digest)
+            registers[event.imr] = _sha384(registers[event.imr] + event.digest).digest()
     rtmr3 = ZERO_REGISTER
     for event, digest in zip(runtime, replayed, strict=True):
         # A runtime event binds its name, payload and version: replay the digest recomputed
