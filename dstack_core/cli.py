@@ -20,7 +20,7 @@ from pathlib import Path
 from . import __version__, cli_audit, cli_eventlog
 from .cli_verify import BUNDLE_COLLATERAL, BUNDLE_OS_IMAGE_POLICY, BUNDLE_ROOT
 from .cli_verify import register as register_verify
-from .config import PLATFORM_ENV, load_settings
+from .config import PLATFORM_ENV, ConnectionLimits, load_settings
 from .errors import ConfigurationError, DstackError
 from .platform import Platform
 from .plugins import installed_platforms, load_platform
@@ -85,7 +85,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--kms-timeout", type=float, metavar="SECONDS",
         help="bound on one KMS SignCert exchange (default 10)",
     )
-    serve.add_argument("--max-body-size", type=int, help="request body limit in bytes")
+    serve.add_argument(
+        "--max-body-size", type=int, help="request body limit in bytes (default 10 MiB)"
+    )
+    limits = ConnectionLimits()
+    serve.add_argument(
+        "--max-connections", type=int, metavar="N",
+        help=f"client connections open at once (default {limits.max_connections}, "
+        "lowered to fit the open-file limit)",
+    )
+    for key, what in (
+        ("idle_timeout", "a connection may wait for its next request"),
+        ("header_timeout", "a client may take to send a request head"),
+        ("body_timeout", "a client may take to send a request body"),
+        ("send_timeout", "an answer may wait for a client that reads none of it"),
+    ):
+        serve.add_argument(
+            f"--{key.replace('_', '-')}", type=float, metavar="SECONDS",
+            help=f"seconds {what} (default {getattr(limits, key):g})",
+        )
     serve.add_argument(
         "--platform-option",
         action="append",
@@ -220,6 +238,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "attestation_format": args.attestation_format,
         "kms_timeout": args.kms_timeout,
         "max_body_size": args.max_body_size,
+        "max_connections": args.max_connections,
+        "idle_timeout": args.idle_timeout,
+        "header_timeout": args.header_timeout,
+        "body_timeout": args.body_timeout,
+        "send_timeout": args.send_timeout,
         "platform_options": dict(args.platform_option),
         "reset_state": args.reset_state,
         "policy": args.policy,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ from .errors import ConfigurationError
 from .types import PlatformConfig
 
 __all__ = [
+    "ConnectionLimits",
     "Settings",
     "load_settings",
     "translate_upstream_config",
@@ -68,7 +70,37 @@ _KEY_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
     "kms_timeout": (int, float),
     "data_disks": list,
     "allow_missing_verifier": bool,
+    "idle_timeout": (int, float),
+    "header_timeout": (int, float),
+    "body_timeout": (int, float),
+    "send_timeout": (int, float),
+    "max_connections": int,
 }
+_TIMEOUT_KEYS: Final = ("idle_timeout", "header_timeout", "body_timeout", "send_timeout")
+MAX_TIMEOUT: Final = 86400.0
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionLimits:
+    """How long a client connection may take and how many may be open at once.
+
+    The server's defence against idle, slow and too many connections (docs/api.md,
+    "Connections"); every value has a ``serve`` flag and a config file key of its name.
+
+    :ivar idle_timeout: seconds a connection may wait for its first or next request.
+    :ivar header_timeout: seconds from a request's first byte to the end of its head.
+    :ivar body_timeout: seconds from the end of the head to the end of the body.
+    :ivar send_timeout: seconds an answer may wait for a client that reads none of it.
+    :ivar max_connections: connections open at once; the agent lowers it further to fit
+        its open-file limit (RLIMIT_NOFILE).
+    """
+
+    idle_timeout: float = 30.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
+    max_connections: int = 1024
+
 
 # Upstream's dstack.toml: figment profiles. [default] applies to every listener, each
 # listener reads its own profile over it, [global] overrides all.
@@ -114,6 +146,7 @@ class Settings:
     data_disks: tuple[Path, ...] = DEFAULT_DATA_DISKS
     allow_missing_verifier: bool = False
     """Start even when no verifier plugin for the platform's evidence format is installed."""
+    limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
 
     def platform_config(self) -> PlatformConfig:
         """Paths for the platform; unset inputs default to files in the state dir."""
@@ -148,6 +181,29 @@ def _parse_mode(value: Any) -> int:
     if not 0 <= mode <= 0o777:
         raise ConfigurationError(f"socket mode out of range: {oct(mode)}")
     return mode
+
+
+def _parse_limits(merged: Mapping[str, Any]) -> ConnectionLimits:
+    values: dict[str, Any] = {}
+    for key in _TIMEOUT_KEYS:
+        if key in merged:
+            value = merged[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not 0 < value <= MAX_TIMEOUT
+            ):
+                raise ConfigurationError(
+                    f"{key} must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {value!r}"
+                )
+            values[key] = float(value)
+    if "max_connections" in merged:
+        count = merged["max_connections"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigurationError(f"max_connections must be a positive integer, got {count!r}")
+        values["max_connections"] = count
+    return ConnectionLimits(**values)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -339,6 +395,7 @@ def load_settings(
         values["kms_timeout"] = float(timeout)
     if merged.get("data_disks") is not None:
         values["data_disks"] = tuple(Path(d) for d in merged["data_disks"])
+    values["limits"] = _parse_limits(merged)
     settings = Settings(**values)
     for socket_path in (settings.socket, settings.tappd_socket):
         if socket_path is not None and len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:

@@ -25,7 +25,14 @@ __all__ = [
     "ReportDataTooLong",
     "NotFound",
     "PayloadTooLarge",
+    "MalformedHttp",
+    "MethodNotAllowed",
     "RequestTimeout",
+    "UriTooLong",
+    "HeaderTooLarge",
+    "UnsupportedContentEncoding",
+    "InvalidContentEncoding",
+    "ExpectationFailed",
     "Forbidden",
     "AuditUnavailable",
     "PlatformError",
@@ -94,11 +101,62 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
-class RequestTimeout(InvalidRequest):
-    """The request body did not arrive in time (HTTP 408)."""
+class MalformedHttp(InvalidRequest):
+    """The request is not well-formed HTTP/1.1 (framing, request line, headers) (HTTP 400)."""
+
+    code = "malformed_http"
+
+
+class MethodNotAllowed(InvalidRequest):
+    """An HTTP verb other than GET, HEAD or POST (HTTP 405)."""
+
+    http_status = 405
+    code = "method_not_allowed"
+
+
+class RequestTimeout(InvalidRequest, TimeoutError):
+    """The client did not send its request head or body in time (HTTP 408).
+
+    Also a :class:`TimeoutError`, which is what aiohttp's server expects from a request body
+    that will never complete.
+    """
 
     http_status = 408
     code = "request_timeout"
+
+
+class UriTooLong(InvalidRequest):
+    """A request line over the server's limit (HTTP 414)."""
+
+    http_status = 414
+    code = "uri_too_long"
+
+
+class HeaderTooLarge(InvalidRequest):
+    """A header field over the server's limit, or too many of them (HTTP 431)."""
+
+    http_status = 431
+    code = "header_too_large"
+
+
+class UnsupportedContentEncoding(InvalidRequest):
+    """A request body in a ``Content-Encoding`` the agent does not decode (HTTP 415)."""
+
+    http_status = 415
+    code = "unsupported_content_encoding"
+
+
+class InvalidContentEncoding(InvalidRequest):
+    """A body that does not decode as its ``Content-Encoding`` says (HTTP 400)."""
+
+    code = "invalid_content_encoding"
+
+
+class ExpectationFailed(InvalidRequest):
+    """An ``Expect`` header other than ``100-continue`` (HTTP 417)."""
+
+    http_status = 417
+    code = "expectation_failed"
 
 
 class Forbidden(InvalidRequest):

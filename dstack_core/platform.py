@@ -4,6 +4,11 @@ It gives the rest of the core a typed, async API over the synchronous hooks, run
 hook in a worker thread, checks what comes back, and turns foreign exceptions into
 :class:`~dstack_core.errors.PlatformError` so a plugin bug becomes a clean 500 with its
 traceback in the log rather than an unexplained crash.
+
+What a client sees of a plugin bug is generic: the hook's name and a stable code, never the
+exception's text (a driver message may carry paths or secrets). A hook that returns the
+wrong type is described in the log by type and size only, never by value: the value may be
+key material (``derive_root_key``).
 """
 
 from __future__ import annotations
@@ -176,11 +181,20 @@ class Platform:
 
     @staticmethod
     def _bad_result(hook: str, value: Any, expected: str) -> PlatformError:
-        log.error("platform hook %s returned %r, expected %s", hook, value, expected)
+        log.error("platform hook %s returned %s, expected %s", hook, _describe(value), expected)
         return PlatformError(
             f"platform hook {hook} returned {type(value).__name__}, expected {expected}",
             code="platform_contract_violation",
         )
+
+
+def _describe(value: Any) -> str:
+    """A value's type and size, never its content."""
+    try:
+        size = f" of length {len(value)}"
+    except TypeError:
+        size = ""
+    return f"a {type(value).__name__}{size}"
 
 
 def _check_report_data(report_data: bytes) -> None:
@@ -194,10 +208,9 @@ def _call_sync(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
     except DstackError:
         raise
     except Exception as exc:
+        # The text stays in the log: a driver's message may hold paths or secrets.
         log.exception("platform hook %s raised an unexpected exception", hook)
-        raise PlatformError(
-            f"platform hook {hook} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise PlatformError(f"platform hook {hook} failed") from exc
     if inspect.isawaitable(result):
         # pluggy has no async hooks; a coroutine would be silently taken as the answer.
         if inspect.iscoroutine(result):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
 import attrs
 import pluggy
@@ -126,8 +128,7 @@ def load_platform(name: str | None) -> pluggy.PluginManager:
             f"platform plugin {where} does not implement required hooks: {', '.join(missing)}"
         )
     if os.environ.get(TRACE_ENV) == "1":
-        pm.trace.root.setwriter(lambda msg: log.debug("pluggy: %s", msg.rstrip()))
-        pm.enable_tracing()
+        pm.add_hookcall_monitoring(_trace_call, _trace_result)
     return pm
 
 
@@ -210,3 +211,19 @@ def require_verifier(evidence_format: str, *, platform: str = "") -> InstalledVe
             f"by: {providers}"
         )
     return matches[0]
+# Hooks whose results are key material: traced by type only, whatever the plugin returns.
+_SECRET_RESULTS = frozenset({"derive_root_key"})
+
+
+def _trace_call(hook_name: str, hook_impls: Sequence[Any], kwargs: Mapping[str, object]) -> None:
+    log.debug("pluggy: %s(%s)", hook_name, ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
+
+
+def _trace_result(outcome: pluggy.Result[Any], hook_name: str, hook_impls: Sequence[Any],
+                  kwargs: Mapping[str, object]) -> None:
+    if outcome.exception is not None:
+        log.debug("pluggy: %s raised %s", hook_name, type(outcome.exception).__name__)
+    elif hook_name in _SECRET_RESULTS:
+        log.debug("pluggy: %s --> a %s", hook_name, type(outcome.get_result()).__name__)
+    else:
+        log.debug("pluggy: %s --> %r", hook_name, outcome.get_result())

@@ -83,6 +83,8 @@ KIT_SURFACE: Final[Mapping[str, tuple[str, ...]]] = {
     "dstack_core.testing.conformance": ("bound_report_data", "TestAgent"),
     "dstack_core.testing.fake_tee": ("FakeTdxMachine", "FakeSnpMachine", "open_machine"),
     "dstack_core.testing.fake_kms": ("FakeKms",),
+    "dstack_core.testing.abuse": ("ConnectionFlood", "Prober", "MALFORMED_REQUESTS"),
+    "dstack_core.testing.logscan": ("register_secret", "log_file", "record_output"),
 }
 """The test kit's documented surface (docs/plugins/testing.md)."""
 

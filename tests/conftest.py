@@ -15,7 +15,11 @@ import pytest
 
 from dstack_core.osimage import OsImagePolicy
 from dstack_core.testing import AgentProcess, short_tempdir
+from dstack_core.testing.logscan import record_output
 from dstack_core.verify import VerifyOptions
+
+# Every log of the session is scanned for the test keys at the end (docs/reliability.md).
+pytest_plugins = ["dstack_core.testing.logscan_plugin"]
 
 DATA = Path(__file__).parent / "data"
 UPSTREAM_APPKEYS = DATA / "upstream_simulator_appkeys.json"
@@ -69,12 +73,17 @@ def input_path(agent: AgentProcess, name: str) -> Path:
 
 
 def run_cli(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``dstack-agent ARGS`` as a subprocess, capturing text output."""
-    return subprocess.run(
+    """Run ``dstack-agent ARGS`` as a subprocess, capturing text output (stderr is kept
+    for the log scan)."""
+    result = subprocess.run(
         [sys.executable, "-m", "dstack_core.cli", *args],
-        capture_output=True, text=True, check=check, timeout=120,
+        capture_output=True, text=True, check=False, timeout=120,
         input=input.decode() if input is not None else None,
     )
+    record_output("cli", result.stderr)
+    if check:
+        result.check_returncode()
+    return result
 
 
 def trust_bundle_for(state_dir: Path) -> Bundle:

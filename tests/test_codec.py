@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from dstack_core.errors import InvalidRequest
+from dstack_core.errors import (
+    InvalidContentEncoding,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedContentEncoding,
+)
 from dstack_core.server.codec import (
     U64_MAX,
     Field,
     decode_args,
+    decode_content,
     parse_json_body,
     parse_query,
     to_json_bytes,
@@ -275,3 +283,59 @@ class TestJsonOutput:
         out = to_json_bytes({"a": "é€\ud800", "b": [1, True, None]})
         assert out == b'{"a":"\\u00e9\\u20ac\\ud800","b":[1,true,null]}'
         assert json.loads(out) == {"a": "é€\ud800", "b": [1, True, None]}
+
+
+class TestContentEncoding:
+    BODY = b'{"path": "a", "purpose": "b"}'
+
+    @pytest.mark.parametrize(
+        ("coding", "encoded"),
+        [
+            ("gzip", gzip.compress(BODY)),
+            ("x-gzip", gzip.compress(BODY)),
+            (" GZip ", gzip.compress(BODY)),
+            ("deflate", zlib.compress(BODY)),
+            ("deflate", zlib.compress(BODY)[2:-4]),  # raw deflate, as some clients send it
+            ("identity", BODY),
+            ("", BODY),
+            ("identity, gzip", gzip.compress(BODY)),
+            ("gzip, deflate", zlib.compress(gzip.compress(BODY))),
+            ("gzip", gzip.compress(BODY[:10]) + gzip.compress(BODY[10:])),
+        ],
+        ids=["gzip", "x-gzip", "spaced", "zlib", "raw-deflate", "identity", "empty", "list",
+             "in-order", "members"],
+    )
+    def test_decodes(self, coding, encoded):
+        """Supported codings, lists of them (applied in order), gzip members, raw deflate."""
+        assert decode_content(encoded, coding, 1024) == self.BODY
+
+    @pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br", "x-foo", "*"])
+    def test_unsupported(self, coding):
+        """Any other coding is 415, named in no message (nothing echoed)."""
+        with pytest.raises(UnsupportedContentEncoding) as raised:
+            decode_content(self.BODY, coding, 1024)
+        assert raised.value.http_status == 415 and coding.strip() not in raised.value.message
+
+    @pytest.mark.parametrize(
+        ("coding", "encoded"),
+        [
+            ("gzip", BODY),
+            ("gzip", gzip.compress(BODY)[:-5]),
+            ("gzip", gzip.compress(BODY) + b"junk"),
+            ("deflate", b"\xff" * 16),
+            ("deflate", zlib.compress(BODY) + b"x"),
+            ("gzip", b""),
+        ],
+        ids=["plain", "truncated", "trailing", "garbage", "trailing-zlib", "empty"],
+    )
+    def test_invalid(self, coding, encoded):
+        """A body that is not what its coding says is 400 invalid_content_encoding."""
+        with pytest.raises(InvalidContentEncoding):
+            decode_content(encoded, coding, 1024)
+
+    def test_decoded_size_limit(self):
+        """The limit holds for the decoded size (a bomb stops at limit + 1 bytes)."""
+        bomb = gzip.compress(b"0" * 10_000_000)
+        with pytest.raises(PayloadTooLarge):
+            decode_content(bomb, "gzip", 1 << 20)
+        assert decode_content(gzip.compress(b"0" * 1024), "gzip", 1024) == b"0" * 1024

@@ -6,7 +6,9 @@ module) written to a temporary directory and put on the agent's ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,12 +17,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import attrs
+import pluggy
 import pytest
 
-from dstack_core import PluginError
+from dstack_core import PlatformError, PlatformInfo, PluginError, hookimpl, hookspecs
 from dstack_core.hookspecs import REQUIRED_HOOKS
+from dstack_core.platform import Platform
 from dstack_core.plugins import ENTRY_POINT_GROUP, installed_platforms, load_platform
-from dstack_core.testing import AgentProcess, short_tempdir
+from dstack_core.testing import AgentProcess, short_tempdir, uds_request
+from dstack_core.testing.logscan import Needles, record_output, scan_text, secrets_of_key_file
+
+from .conftest import UPSTREAM_APPKEYS
 
 BROKEN_IMPORT = """\
 raise ImportError("libtdx_attest.so.1: cannot open shared object file")
@@ -59,6 +66,40 @@ class BadQuotePlatform(SimulatorPlatform):
 """
 
 
+DRIVER_MESSAGE = "TDX_CMD_GET_QUOTE on /dev/tdx_guest failed: attestation token 5ec2e7"
+
+RAISING_QUOTE = f"""\
+from dstack_core import hookimpl
+from dstack_simulator import SimulatorPlatform
+
+
+class RaisingPlatform(SimulatorPlatform):
+    @hookimpl
+    def get_quote(self, report_data):
+        raise RuntimeError({DRIVER_MESSAGE!r})
+"""
+
+# derive_root_key breaking its contract with the real root key in the wrong type.
+LEAKY_ROOT = """\
+import os
+
+from dstack_core import hookimpl
+from dstack_simulator import SimulatorPlatform
+
+
+class LeakyRootPlatform(SimulatorPlatform):
+    @hookimpl
+    def derive_root_key(self):
+        key = super().derive_root_key().k256_key
+        return {
+            "dict": {"k256_key": key},
+            "bytes": key,
+            "hex": key.hex(),
+            "list": [key, b""],
+        }[os.environ["LEAKY_ROOT_SHAPE"]]
+"""
+
+
 def fake_distribution(
     root: Path, name: str, entry_points: Mapping[str, str], modules: Mapping[str, str]
 ) -> None:
@@ -91,6 +132,10 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> FakePlugins:
                       {"fake_misspelled": MISSPELLED_HOOK})
     fake_distribution(zoo, "fake-badquote", {"badquote": "fake_badquote:BadQuotePlatform"},
                       {"fake_badquote": BAD_QUOTE})
+    fake_distribution(zoo, "fake-raising", {"raising": "fake_raising:RaisingPlatform"},
+                      {"fake_raising": RAISING_QUOTE})
+    fake_distribution(zoo, "fake-leakyroot", {"leakyroot": "fake_leakyroot:LeakyRootPlatform"},
+                      {"fake_leakyroot": LEAKY_ROOT})
     duplicate = tmp_path_factory.mktemp("dup")
     fake_distribution(duplicate, "fake-dup", {"simulator": "fake_dup:Platform"},
                       {"fake_dup": "class Platform:\n    pass\n"})
@@ -106,11 +151,13 @@ def pythonpath(*dirs: Path) -> dict[str, str]:
 def agent_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``dstack-agent ARGS`` with extra environment; never raises on failure."""
     full_env = {k: v for k, v in os.environ.items() if k != "DSTACK_PLATFORM"}
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "dstack_core.cli", *args],
         capture_output=True, text=True, timeout=60, env={**full_env, **(env or {})},
         check=False,
     )
+    record_output("agent-cli", result.stderr)
+    return result
 
 
 @pytest.fixture
@@ -281,10 +328,79 @@ class TestBrokenPlugins:
             assert proc.call("GetQuote", {"report_data": "01"})[0] == 500
             assert proc.get("Version")[0] == 200
             assert proc.stop() == 0
-            assert "platform hook get_quote returned {'quote'" in proc.output()
+            # Described by type and size: a wrong-typed result may be key material.
+            assert "platform hook get_quote returned a dict of length 1, expected Quote" in (
+                proc.output()
+            )
+            assert "'quote'" not in proc.output()
         finally:
             proc.stop()
             shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+class TestForeignExceptions:
+    """A plugin's own exceptions and broken results: generic bodies, no secret in any log."""
+
+    def test_exception_text_stays_in_the_log(self, fakes):
+        """A RuntimeError from get_quote is a generic 500; its text is only in the log."""
+        proc = AgentProcess("raising", env=pythonpath(fakes.zoo))
+        try:
+            proc.start()
+            status, _, raw = uds_request(proc.socket, "POST", "/GetQuote", b'{"report_data":"00"}')
+            assert status == 500
+            assert json.loads(raw) == {"error": "platform hook get_quote failed",
+                                       "code": "platform_error"}
+            for fragment in ("/dev/", "5ec2e7", "RuntimeError", "TDX_CMD"):
+                assert fragment.encode() not in raw
+            assert proc.get("Version")[0] == 200
+            assert proc.stop() == 0
+            assert DRIVER_MESSAGE in proc.output()  # for the operator, with the traceback
+            assert "Traceback" in proc.output()
+        finally:
+            proc.stop()
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+
+    @pytest.mark.parametrize("shape", ["dict", "bytes", "hex", "list"])
+    def test_root_key_contract_violation_logs_no_key(self, fakes, shape):
+        """derive_root_key returning the key in a wrong type stops start-up without logging
+        the key in any form (the kit registered it: the session's scan checks too)."""
+        proc = AgentProcess("leakyroot", extra_args=["--appkeys", str(UPSTREAM_APPKEYS)],
+                            env={**pythonpath(fakes.zoo), "LEAKY_ROOT_SHAPE": shape})
+        try:
+            proc.start(wait=False)
+            assert proc.proc is not None and proc.proc.wait(30) == 2
+            output = proc.output()
+            assert "platform hook derive_root_key returned a " in output
+            assert "expected RootKey" in output
+            secrets = dict(secrets_of_key_file(UPSTREAM_APPKEYS))
+            assert scan_text(output, Needles.of({v: k for k, v in secrets.items()})) == []
+        finally:
+            proc.stop()
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+
+    def test_facade_wraps_without_text(self, caplog):
+        """In-process: the façade's PlatformError carries no exception text but chains it."""
+
+        class Exploding:
+            @hookimpl
+            def platform_info(self):
+                return PlatformInfo(name="exploding", tag="x", evidence_format="tdx",
+                                    simulated=True)
+
+            @hookimpl
+            def get_quote(self, report_data):
+                raise OSError(13, "Permission denied", "/secret/path/key.pem")
+
+        pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        pm.add_hookspecs(hookspecs)
+        pm.register(Exploding())
+        platform = Platform.from_plugin_manager(pm)
+        with caplog.at_level(logging.ERROR), pytest.raises(PlatformError) as raised:
+            asyncio.run(platform.get_quote(bytes(64)))
+        assert raised.value.to_json() == {"error": "platform hook get_quote failed",
+                                          "code": "platform_error"}
+        assert isinstance(raised.value.__cause__, OSError)
+        assert "/secret/path/key.pem" in caplog.text
 
 
 class DebugAgent(AgentProcess):

@@ -8,11 +8,13 @@ serving (and logs no traceback) after the whole barrage. :class:`TestStillServin
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 import socket
 import threading
 import time
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from dstack_core import errors, keys
 from dstack_core.server.app import DEFAULT_MAX_BODY, create_app
 from dstack_core.testing import AgentProcess, uds_request
+from dstack_core.testing.abuse import MALFORMED_REQUESTS, read_answer, send_raw
 from dstack_core.types import RootKey
 
 CODE = re.compile(r"[a-z]+(_[a-z]+)*")
@@ -94,9 +97,11 @@ def post(agent: AgentProcess, path: str, args: Any) -> Reply:
     return send(agent, "POST", path, json.dumps(args).encode())
 
 
-def send_large(agent: AgentProcess, path: str, body: bytes, *, chunked: bool = False) -> Reply:
-    """POST a body the server may stop reading part way; the reply is still read."""
-    head = f"POST {path} HTTP/1.1\r\nHost: dstack\r\nConnection: close\r\n"
+def send_large(
+    agent: AgentProcess, path: str, body: bytes, *, chunked: bool = False, verb: str = "POST"
+) -> Reply:
+    """Send a body the server may stop reading part way; the reply is still read."""
+    head = f"{verb} {path} HTTP/1.1\r\nHost: dstack\r\nConnection: close\r\n"
     head += "Content-Type: application/json\r\n"
     if chunked:
         head += "Transfer-Encoding: chunked\r\n\r\n"
@@ -252,10 +257,16 @@ class TestBodies:
         """Every method with arguments rejects malformed or non-object JSON bodies with 400."""
         assert_error(send(agent, "POST", path, body), 400, code, fragment)
 
-    @pytest.mark.parametrize("path", FIELDS)
+    @pytest.mark.parametrize("path", [*FIELDS, *NO_ARGS])
     def test_body_over_limit(self, agent, path):
-        """An 11 MiB body is 400 payload_too_large (the default limit is 10 MiB)."""
+        """An 11 MiB body is 400 payload_too_large on every method, also those without
+        arguments (the default limit is 10 MiB)."""
         assert_error(send_large(agent, path, BIG), 400, "payload_too_large", "payload too large")
+
+    @pytest.mark.parametrize("path", ["/Info", "/Version", "/GpuInfo", "/GetKey"])
+    def test_body_over_limit_on_get(self, agent, path):
+        """A GET with an 11 MiB body is refused too: the limit does not depend on the verb."""
+        assert_error(send_large(agent, path, BIG, verb="GET"), 400, "payload_too_large")
 
     def test_chunked_body_over_limit(self, agent):
         """A chunked body is held to the same limit."""
@@ -838,6 +849,102 @@ class TestErrorMiddleware:
         assert_error(reply, 400, "payload_too_large")
 
 
+GZIP_KEY_REQUEST = {"path": "gz", "purpose": "encoding"}
+
+
+def raw_reply(agent: AgentProcess, data: bytes) -> Reply:
+    return Reply(*read_answer(send_raw(agent.socket, data)))
+
+
+class TestHttpLayer:
+    """What aiohttp's parser rejects before any handler runs is our JSON error too."""
+
+    @pytest.mark.parametrize("case", MALFORMED_REQUESTS, ids=lambda c: c.name)
+    def test_malformed_request(self, agent, case):
+        """Each malformed request gets its status and stable code as {error, code} JSON."""
+        reply = raw_reply(agent, case.request)
+        assert_error(reply, case.status, case.code)
+        if case.status == 405:
+            assert reply.headers["allow"] == "GET, HEAD, POST"
+
+    def test_nothing_is_echoed(self, agent):
+        """Parser errors do not echo the client's bytes (header names, values, the line)."""
+        reply = raw_reply(agent, b"GET /Version HTTP/1.1\r\nHost: x\r\nSecret Header: v\r\n\r\n")
+        assert_error(reply, 400, "malformed_http")
+        assert b"Secret" not in reply.body
+
+    def test_expect_100_continue(self, agent):
+        """Expect: 100-continue gets the interim answer, then the request is served."""
+        body = json.dumps(GZIP_KEY_REQUEST).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(agent.socket))
+            sock.sendall(b"POST /GetKey HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        assert ok(Reply(*read_answer(raw))) == ok(post(agent, "/GetKey", GZIP_KEY_REQUEST))
+
+
+def _gzip_members(data: bytes) -> bytes:
+    half = len(data) // 2
+    return gzip.compress(data[:half]) + gzip.compress(data[half:])
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+class TestContentEncoding:
+    @pytest.mark.parametrize(
+        ("coding", "encode"),
+        [
+            ("gzip", gzip.compress),
+            ("x-gzip", gzip.compress),
+            ("GZIP", gzip.compress),
+            ("deflate", zlib.compress),
+            ("deflate", _raw_deflate),
+            ("identity", lambda b: b),
+            ("gzip, identity", gzip.compress),
+            ("gzip", _gzip_members),
+        ],
+        ids=["gzip", "x-gzip", "upper-case", "zlib", "raw-deflate", "identity", "list",
+             "gzip-members"],
+    )
+    def test_supported_codings(self, agent, coding, encode):
+        """gzip and deflate bodies decode to the same request as the plain body."""
+        plain = json.dumps(GZIP_KEY_REQUEST).encode()
+        reply = send(agent, "POST", "/GetKey", encode(plain), headers={"Content-Encoding": coding})
+        assert ok(reply) == ok(post(agent, "/GetKey", GZIP_KEY_REQUEST))
+
+    def test_decoded_size_is_limited(self, agent):
+        """A gzip bomb (11 MiB of JSON in a small body) is payload_too_large, not a blow-up."""
+        bomb = gzip.compress(BIG)
+        assert len(bomb) < 100_000
+        reply = send(agent, "POST", "/GetKey", bomb, headers={"Content-Encoding": "gzip"})
+        assert_error(reply, 400, "payload_too_large")
+
+    @pytest.mark.parametrize("path", ["/Info", "/Version", "/GpuInfo"])
+    def test_encoding_checked_on_methods_without_arguments(self, agent, path):
+        """Methods that ignore their body still refuse an unknown coding (415)."""
+        reply = send(agent, "POST", path, b"{}", headers={"Content-Encoding": "br"})
+        assert_error(reply, 415, "unsupported_content_encoding")
+
+    def test_garbage_gzip_logs_no_traceback(self, fresh_agent):
+        """gzip that is not gzip is a 400 and leaves no traceback (it was a 500 with two)."""
+        fresh_agent.start()
+        reply = send(fresh_agent, "POST", "/GetKey", b'{"path": "x"}',
+                     headers={"Content-Encoding": "gzip"})
+        assert_error(reply, 400, "invalid_content_encoding")
+        ok(send(fresh_agent, "GET", "/Version"))
+        assert fresh_agent.stop() == 0
+        assert "Traceback" not in fresh_agent.output()
+
+
 class TestStillServing:
     def test_concurrent_barrage(self, agent):
         """Bad and good requests from many threads at once: every good one is answered."""
@@ -868,8 +975,8 @@ class TestStillServing:
             sock.connect(str(agent.socket))
             sock.sendall(b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
             answer = sock.recv(65536)
-        # aiohttp answers unparseable HTTP itself (text/plain), before any middleware runs.
-        assert re.match(rb"HTTP/1\.[01] 400 ", answer)
+        # The parser refuses it before any middleware runs; the answer is still our JSON.
+        assert_error(Reply(*read_answer(answer)), 400, "malformed_http")
         ok(send(agent, "GET", "/Version"))
 
     @pytest.mark.parametrize(
@@ -922,6 +1029,34 @@ class TestMalformedHttp:
             sock.settimeout(10)
             sock.connect(str(fresh_agent.socket))
             sock.sendall(request_bytes)
-            assert re.match(rb"HTTP/1\.[01] 400 ", sock.recv(65536))
+            assert_error(Reply(*read_answer(sock.recv(65536))), 400, "malformed_http")
         ok(send(fresh_agent, "GET", "/Version"))
+        assert "Traceback" not in fresh_agent.output()
+
+    @pytest.mark.parametrize(
+        ("head", "rest"),
+        [
+            (b"Transfer-Encoding: chunked\r\n\r\n", b"ZZ\r\n"),
+            (b"Transfer-Encoding: chunked\r\n\r\n", b"2\r\n{}XX"),
+        ],
+        ids=["bad-chunk-size", "bad-chunk-end"],
+    )
+    def test_framing_error_inside_the_body(self, fresh_agent, head, rest):
+        """Broken framing that arrives after the head (the handler is reading the body) is
+        one JSON 400 that closes the connection, and no traceback."""
+        fresh_agent.start()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(fresh_agent.socket))
+            sock.sendall(b"POST /GetKey HTTP/1.1\r\nHost: x\r\n" + head)
+            time.sleep(0.2)
+            sock.sendall(rest)
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        reply = Reply(*read_answer(raw))
+        assert_error(reply, 400, "malformed_http")
+        assert raw.count(b"HTTP/1.1 ") == 1, raw
+        ok(send(fresh_agent, "GET", "/Version"))
+        assert fresh_agent.stop() == 0
         assert "Traceback" not in fresh_agent.output()

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from dstack_core.testing import AgentProcess, short_tempdir, uds_request
+from dstack_core.testing.logscan import log_file
 
 
 def recv_states(sock: socket.socket, want: str, timeout: float = 30) -> list[str]:
@@ -66,7 +67,8 @@ class TestSocketActivation:
         workdir = short_tempdir()
         activated = workdir / "run-dstack.sock"
         own_path = workdir / "unused.sock"
-        log = (workdir / "agent.log").open("wb")
+        log_path = log_file("agent-activated")
+        log = log_path.open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-c", ACTIVATE, str(activated), "serve", "--platform", "simulator",
              "--socket", str(own_path), "--state-dir", str(workdir / "state")],
@@ -80,7 +82,7 @@ class TestSocketActivation:
                     break
                 except OSError:
                     if time.monotonic() > deadline or proc.poll() is not None:
-                        pytest.fail((workdir / "agent.log").read_text())
+                        pytest.fail(log_path.read_text())
                     time.sleep(0.1)
             assert status == 200 and len(bytes.fromhex(json.loads(body)["key"])) == 32
             assert not own_path.exists()
@@ -90,7 +92,7 @@ class TestSocketActivation:
             assert proc.wait(15) == 0
             log.close()
         assert activated.exists(), "the socket file belongs to systemd, not to the agent"
-        assert "systemd-activated socket" in (workdir / "agent.log").read_text()
+        assert "systemd-activated socket" in log_path.read_text()
         shutil.rmtree(workdir, ignore_errors=True)
 
     def test_activation_for_another_process_is_ignored(self):

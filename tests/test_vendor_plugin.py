@@ -51,6 +51,7 @@ import pytest
 
 from dstack_core.envelope import Envelope
 from dstack_core.testing import AgentProcess, short_tempdir
+from dstack_core.testing.logscan import record_output
 from dstack_core.testing.pytest_plugin import PlatformEnv
 
 pytestmark = pytest.mark.network
@@ -116,8 +117,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run(cmd: list[str], *, timeout: float = RUN_TIMEOUT,
         **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` to completion, capturing text output (the caller checks the status)."""
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                            **kwargs)
+    record_output("vendor", result.stderr)
+    return result
 
 
 def write_package(root: Path, name: str, module: str, source: str,
@@ -412,12 +415,9 @@ class TestVendorVerifier:
         result = venv.agent(*serve_args, "--platform", "acme-trial", pythonpath=site)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1, result.stderr
-        for part in (
-            "platform 'acme-trial' produces evidence format 'acme-trial', but no verifier "
-            "plugin for it is installed",
-            "installed: acme-cc (dstack_acme.verifier:AcmeVerifier, from dstack-acme 0.1.0)",
-            "--allow-missing-verifier",
-        ):
+        named = "platform 'acme-trial' produces evidence format 'acme-trial', but no verifier"
+        installed = "installed: acme-cc (dstack_acme.verifier:AcmeVerifier, from dstack-acme"
+        for part in (named, installed, "--allow-missing-verifier"):
             assert part in result.stderr
 
 

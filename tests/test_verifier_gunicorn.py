@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dstack_core.testing import short_tempdir
+from dstack_core.testing.logscan import log_file
 
 from .conftest import trust_bundle_for
 
@@ -53,7 +54,8 @@ def gunicorn_verifier(agent):
         # The simulator's OS image: without a policy, is_valid stays false (upstream's rule).
         "DSTACK_VERIFIER_OS_IMAGE_POLICY": str(bundle_dir / "os_image_policy.json"),
     }
-    log = (bundle_dir / "gunicorn.log").open("wb")
+    log_path = log_file("gunicorn")
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("gunicorn")), "dstack_core.server.verifier:app_from_env",
          "--worker-class", "aiohttp.GunicornWebWorker", "--workers", "2",
@@ -69,7 +71,7 @@ def gunicorn_verifier(agent):
             time.sleep(0.1)
     else:
         proc.kill()
-        pytest.fail((bundle_dir / "gunicorn.log").read_text())
+        pytest.fail(log_path.read_text())
     yield port
     proc.terminate()
     proc.wait(15)

@@ -28,6 +28,7 @@ from dstack_core.server.verifier import (
 )
 from dstack_core.snp import build_report
 from dstack_core.testing import short_tempdir
+from dstack_core.testing.logscan import record_output
 from dstack_core.verify import CHECK_NAMES
 
 from .conftest import Bundle
@@ -330,4 +331,6 @@ def test_cli_serves_verify(bundle, sample):
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stderr is not None:
+            record_output("verifier", proc.stderr.read())
         shutil.rmtree(out, ignore_errors=True)

@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ..errors import NotFound
 from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
-from .codec import Field, Schema, decode_args, parse_json_body, parse_query
+from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
 from .errors import error_middleware, json_response
 from .guard import Guard
 
@@ -214,9 +214,25 @@ API_METHODS: Final = frozenset(DSTACK_METHODS) | frozenset(TAPPD_METHODS)
 """Every method name the API serves (what a caller policy may name)."""
 
 
+async def _read_body(request: web.Request) -> bytes:
+    """The decoded body, empty when there is none.
+
+    Read for every method and verb, also where it is ignored, so that the size limit and
+    the ``Content-Encoding`` rules hold on every path.
+    """
+    if not request.body_exists:
+        return b""
+    body = await request.read()
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+    if encoding is not None:
+        body = decode_content(body, encoding, request.client_max_size)
+    return body
+
+
 async def _call(request: web.Request, name: str, method: Method) -> web.Response:
+    body = await _read_body(request)
     if request.method == "POST":
-        doc = parse_json_body(await request.read()) if method.schema else {}
+        doc = parse_json_body(body) if method.schema else {}
     else:
         doc = parse_query(request.query, method.schema)
     args = decode_args(method.schema, doc)
@@ -281,7 +297,12 @@ def _application(
     metrics: AgentMetrics | None,
 ) -> web.Application:
     outer = [] if metrics is None else [metrics.middleware(listener, _method_label(tappd_only))]
-    app = web.Application(middlewares=[*outer, error_middleware], client_max_size=max_body)
+    app = web.Application(
+        middlewares=[*outer, error_middleware],
+        client_max_size=max_body,
+        # Bodies are decoded by _read_body, which knows the limit and our error codes.
+        handler_args={"auto_decompress": False},
+    )
     app[SERVICE_KEY] = service
     if guard is not None:
         app[GUARD_KEY] = guard
@@ -295,7 +316,8 @@ def create_app(
     guard: Guard | None = None,
     metrics: AgentMetrics | None = None,
 ) -> web.Application:
-    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes get 400.
+    """The aiohttp application serving ``service``; bodies over ``max_body`` bytes (as sent,
+    and once decoded) get 400.
 
     :param guard: caller policy and audit log for every call; it opens its audit log
         when the app starts (before any socket is bound) and closes it at cleanup.

@@ -8,6 +8,9 @@ Rules (agent-api.md section 2.3, our deliberate differences in docs/api.md):
 * Types are checked: strings must be strings, booleans booleans, integers non-negative
   integers. ``bytes`` fields are hex strings; a leading ``0x`` and upper case are accepted.
 * Anything else is :class:`~dstack_core.errors.InvalidRequest` naming the field.
+* A body may be sent with ``Content-Encoding: gzip`` or ``deflate`` (or ``identity``); other
+  codings are 415, a body that does not decode is 400, and the size limit holds for the
+  decoded body too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import binascii
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
@@ -22,9 +26,23 @@ import attrs
 from multidict import MultiMapping
 
 from .. import strictjson
-from ..errors import InvalidRequest
+from ..errors import (
+    InvalidContentEncoding,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedContentEncoding,
+)
 
-__all__ = ["Field", "Schema", "parse_json_body", "parse_query", "decode_args", "to_json_bytes"]
+__all__ = [
+    "CONTENT_CODINGS",
+    "Field",
+    "Schema",
+    "decode_args",
+    "decode_content",
+    "parse_json_body",
+    "parse_query",
+    "to_json_bytes",
+]
 
 Kind = Literal["str", "bytes", "bool", "u64", "str_list"]
 U64_MAX: Final = 2**64 - 1
@@ -113,6 +131,60 @@ _DECODERS: Final = {
     "u64": _decode_u64,
     "str_list": _decode_str_list,
 }
+
+
+# zlib window bits: gzip wrapper, zlib wrapper (RFC 9110 "deflate"), and raw deflate, which
+# some clients send as "deflate" too.
+_GZIP: Final = 16 + zlib.MAX_WBITS
+_ZLIB: Final = zlib.MAX_WBITS
+_RAW_DEFLATE: Final = -zlib.MAX_WBITS
+CONTENT_CODINGS: Final = {"gzip": _GZIP, "x-gzip": _GZIP, "deflate": _ZLIB}
+"""The ``Content-Encoding`` codings a request body may use, besides ``identity``."""
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    out = bytearray()
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        out += inflater.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            raise PayloadTooLarge(f"decoded request body is larger than {limit} bytes")
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise zlib.error("truncated stream")
+        data = inflater.unused_data
+        # gzip allows several members back to back; anything else after the end is junk.
+        if not data or wbits != _GZIP:
+            break
+    if data:
+        raise zlib.error("data after the end of the stream")
+    return bytes(out)
+
+
+def decode_content(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """Undo ``Content-Encoding`` (a comma-separated list, applied in order) on ``body``.
+
+    :raises UnsupportedContentEncoding: a coding other than gzip, deflate or identity.
+    :raises InvalidContentEncoding: the body is not what its coding says.
+    :raises PayloadTooLarge: the decoded body is over ``limit`` bytes.
+    """
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if any(c not in CONTENT_CODINGS for c in codings):
+        raise UnsupportedContentEncoding(
+            "unsupported Content-Encoding; use gzip, deflate or identity"
+        )
+    for coding in reversed(codings):
+        wbits = CONTENT_CODINGS[coding]
+        try:
+            try:
+                body = _inflate(body, wbits, limit)
+            except zlib.error:
+                if wbits != _ZLIB:
+                    raise
+                body = _inflate(body, _RAW_DEFLATE, limit)
+        except zlib.error:
+            raise InvalidContentEncoding(f"request body is not valid {coding} data") from None
+    return body
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:

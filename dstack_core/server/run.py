@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
 from ..errors import ConfigurationError, PluginError
@@ -35,6 +34,12 @@ from ..policy import Policy, load_policy
 from ..service import AgentService, ServiceFiles, ServiceOptions
 from . import systemd
 from .app import API_METHODS, create_app, create_tappd_app
+from .connections import (
+    LISTEN_BACKLOG,
+    ConnectionManager,
+    listening_sockets,
+    raise_open_file_limit,
+)
 from .external import AppComposeFlags, create_external_app
 from .guard import Guard, tcp_notice
 from .metrics import AgentMetrics
@@ -104,17 +109,6 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-class _MalformedHttpFilter(logging.Filter):
-    """aiohttp logs a client's malformed HTTP with a traceback; it is the client's error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            log.info("rejected malformed HTTP from a client: %s", exc)
-            return False
-        return True
-
-
 def _start_service(platform: Platform, settings: Settings) -> AgentService:
     options = ServiceOptions(
         attestation_format="upstream" if settings.attestation_format == "upstream" else "dstack-core",
@@ -168,39 +162,48 @@ def _check_verifier(platform: Platform, settings: Settings) -> None:
     log.info("evidence format %s is verified by %s", evidence_format, found.describe())
 
 
-async def _bind_unix(runner: web.AppRunner, path: Path, mode: int) -> None:
+def _bind_unix(path: Path, mode: int) -> socket.socket:
+    """A Unix socket at ``path``, bound with its final mode and listening."""
     prepare_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind under a umask that already gives the final mode: no window in which the
     # socket is more open than configured.
     old_umask = os.umask(0o777 & ~mode)
     try:
-        await web.UnixSite(runner, os.fspath(path)).start()
+        sock.bind(os.fspath(path))
     except OSError as exc:
+        sock.close()
         raise ConfigurationError(f"cannot bind {path}: {exc}") from None
     finally:
         os.umask(old_umask)
     try:
         os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
+        sock.close()
         path.unlink(missing_ok=True)
         raise ConfigurationError(f"cannot set the mode of {path}: {exc}") from None
-
-
-async def _listen_tcp(runner: web.AppRunner, address: tuple[str, int]) -> None:
-    host, port = address
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
+    return sock
 
 
 class _Listeners:
-    """The runners and socket files of one agent, for an orderly cleanup."""
+    """The runners and socket files of one agent, for an orderly cleanup; every socket is
+    served through one :class:`~dstack_core.server.connections.ConnectionManager`."""
 
-    def __init__(self) -> None:
+    def __init__(self, connections: ConnectionManager) -> None:
+        self.connections = connections
         self.runners: list[web.AppRunner] = []
         self.bound: list[Path] = []
         self.described: list[str] = []
+
+    async def tcp(self, runner: web.AppRunner, address: tuple[str, int]) -> None:
+        host, port = address
+        try:
+            sockets = listening_sockets(host, port)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
+        for sock in sockets:
+            await self.connections.site(runner, sock).start()
 
     async def runner(self, app: web.Application) -> web.AppRunner:
         runner = web.AppRunner(app, access_log=None)
@@ -215,12 +218,13 @@ class _Listeners:
         """Serve on systemd's socket if passed, else bind ``path``; the path to probe."""
         if activated is not None:
             # systemd owns the socket file and its mode; we only serve on it.
-            await web.SockSite(runner, activated).start()
+            await self.connections.site(runner, activated).start()
             name = activated.getsockname()
             self.described.append(f"{what} on the systemd-activated socket {name}")
             return Path(name) if isinstance(name, str) and name.startswith("/") else None
-        await _bind_unix(runner, path, mode)
+        sock = _bind_unix(path, mode)
         self.bound.append(path)
+        await self.connections.site(runner, sock).start()
         self.described.append(f"{what} on {path}")
         return path
 
@@ -246,7 +250,6 @@ async def _serve_locked(
         policy = policy or Policy()
         guard = Guard(policy=policy, tcp_guarded=tcp_guarded, audit_path=settings.audit_log,
                       platform=service.platform.name)
-    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpFilter())
     # From here on a signal must not kill us between binding and unlinking the socket.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -256,7 +259,8 @@ async def _serve_locked(
     metrics = AgentMetrics(
         service, public_sysinfo=flags.public_sysinfo, data_disks=settings.data_disks
     )
-    listeners = _Listeners()
+    raise_open_file_limit()
+    listeners = _Listeners(ConnectionManager(settings.limits))
     watchdog: Watchdog | None = None
     try:
         runner = await listeners.runner(
@@ -266,7 +270,7 @@ async def _serve_locked(
             runner, activated.dstack, settings.socket, settings.socket_mode, "the dstack API"
         )
         if settings.listen is not None:
-            await _listen_tcp(runner, settings.listen)
+            await listeners.tcp(runner, settings.listen)
             address = "{}:{}".format(*settings.listen)
             listeners.described.append(f"the dstack API on {address}")
             log.warning(tcp_notice(policy or Policy(), simulated=service.platform.info.simulated,
@@ -282,11 +286,11 @@ async def _serve_locked(
         if activated.external is not None or settings.external_listen is not None:
             external = await listeners.runner(create_external_app(service, metrics))
             if activated.external is not None:
-                await web.SockSite(external, activated.external).start()
+                await listeners.connections.site(external, activated.external).start()
                 host, port = activated.external.getsockname()[:2]
             else:
                 assert settings.external_listen is not None
-                await _listen_tcp(external, settings.external_listen)
+                await listeners.tcp(external, settings.external_listen)
                 host, port = settings.external_listen
             listeners.described.append(f"the external port on {host}:{port}")
         log.warning(

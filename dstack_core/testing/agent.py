@@ -6,6 +6,7 @@ the behaviour of the whole house: socket, handler, façade, plugin, crypto.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,9 +16,11 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from . import logscan
 
 __all__ = ["AgentProcess", "TEMP_BASE_ENV", "short_tempdir", "uds_request"]
 
@@ -68,6 +71,7 @@ def uds_request(
         parsed[key.strip().lower()] = value.strip()
     if parsed.get("transfer-encoding") == "chunked":
         payload = _dechunk(payload)
+    logscan.register_answer(payload)  # keys the agent answered are secrets for a log scan
     return int(status_line.split()[1]), parsed, payload
 
 
@@ -90,6 +94,8 @@ class AgentProcess:
     :param workdir: where the socket and (by default) the state dir live.
     :param extra_args: more ``serve`` flags.
     :param env: extra environment variables.
+    :param preexec_fn: run in the child before the agent starts (e.g. to lower its
+        RLIMIT_NOFILE with :func:`resource.setrlimit`).
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class AgentProcess:
         state_dir: Path | None = None,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.workdir = workdir or short_tempdir()
         self.socket = self.workdir / "dstack.sock"
@@ -107,7 +114,13 @@ class AgentProcess:
         self.platform = platform
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
-        self.log_path = self.workdir / "agent.log"
+        self.preexec_fn = preexec_fn
+        # With a log scan on, the log outlives the workdir (which tests remove).
+        self.log_path = (
+            logscan.log_file(f"agent-{self.workdir.name}")
+            if os.environ.get(logscan.LOG_DIR_ENV)
+            else self.workdir / "agent.log"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -118,11 +131,18 @@ class AgentProcess:
             cmd += ["--platform", self.platform]
         return cmd + self.extra_args
 
+    def _register_key_files(self) -> None:
+        """Let a log scan know this agent's keys (its inputs and its state dir)."""
+        keyfiles = [Path(a) for a in self.command if a.endswith((".json", ".seed"))]
+        logscan.register_key_files(*keyfiles, self.state_dir)
+
     def start(self, *, wait: bool = True) -> AgentProcess:
+        self._register_key_files()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env},
+            # The caller's preexec_fn must be async-signal-safe (setrlimit is).
+            env={**os.environ, **self.env}, preexec_fn=self.preexec_fn,  # noqa: PLW1509
         )
         log.close()
         if wait:
@@ -142,6 +162,7 @@ class AgentProcess:
             try:
                 status, _, _ = uds_request(self.socket, "GET", "/Version", timeout=2)
                 if status in (200, 403):
+                    self._register_key_files()  # the agent has made its keys by now
                     return
             except OSError:
                 pass
@@ -157,6 +178,7 @@ class AgentProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal the agent and wait for it; returns its exit code."""
         assert self.proc is not None
+        self._register_key_files()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -164,7 +186,16 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._keep_audit_log()
         return self.proc.returncode
+
+    def _keep_audit_log(self) -> None:
+        """An audit log is a log too: a log scan gets a copy (the workdir may be removed)."""
+        command = self.command
+        if "--audit-log" in command[:-1]:
+            path = Path(command[command.index("--audit-log") + 1])
+            with contextlib.suppress(OSError):
+                logscan.record_output("audit", path.read_bytes())
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

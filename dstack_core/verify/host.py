@@ -32,6 +32,8 @@ from ..errors import (
     VerifierPluginError,
 )
 from ..plugins import VERIFIER_ENTRY_POINT_GROUP, InstalledVerifier, verifiers_summary
+from ..plugins import _trace_call as trace_call
+from ..plugins import _trace_result as trace_result
 from .options import VerifyOptions
 from .result import VerifierIdentity
 from .types import PlatformReport, PlatformVerification, TrustInputs, VerifierInfo
@@ -217,8 +219,7 @@ def _load(installed: InstalledVerifier, obj: object) -> LoadedVerifier:
             f"verifier plugin {where} does not implement required hooks: {', '.join(missing)}"
         )
     if os.environ.get(TRACE_ENV) == "1":
-        pm.trace.root.setwriter(lambda msg: log.debug("pluggy: %s", msg.rstrip()))
-        pm.enable_tracing()
+        pm.add_hookcall_monitoring(trace_call, trace_result)
     try:
         return LoadedVerifier(pm, installed)
     except (ValueError, TypeError, VerifierPluginError) as exc:
