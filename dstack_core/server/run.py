@@ -159,7 +159,7 @@ def _check_verifier(platform: Platform, settings: Settings) -> None:
             evidence_format,
         )
         return
-    log.info("evidence format %s is verified by %s", evidence_format, found.describe())
+    log.debug("evidence format %s is verified by %s", evidence_format, found.describe())
 
 
 def _bind_unix(path: Path, mode: int) -> socket.socket:
