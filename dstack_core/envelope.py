@@ -139,14 +139,17 @@ class Envelope:
             raise EvidenceError(f"envelope is larger than {MAX_ENVELOPE_SIZE} bytes")
         if not data.startswith(ENVELOPE_MAGIC):
             raise EvidenceError("not a dstack-core envelope (expected CBOR tag 55799)")
+        # The magic is the self-describe tag's whole head: decode what it tags (whose maps
+        # and arrays cbor2 then hands back as plain, mutable ones).
         stream = io.BytesIO(data)
+        stream.seek(len(ENVELOPE_MAGIC))
         try:
             tagged = cbor2.CBORDecoder(stream).decode()
         except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
             raise EvidenceError(f"envelope is not valid CBOR: {exc}") from None
         if stream.tell() != len(data):
             raise EvidenceError(f"{len(data) - stream.tell()} trailing bytes after the envelope")
-        # cbor2 strips the self-describe tag itself; accept either shape.
+        # cbor2 strips a nested self-describe tag itself; accept either shape.
         doc = tagged.value if isinstance(tagged, cbor2.CBORTag) else tagged
         _require_canonical(doc, data)
         if not isinstance(doc, Mapping) or doc.get("format") != ENVELOPE_FORMAT:
@@ -209,7 +212,12 @@ def _require_canonical(doc: Any, data: bytes) -> None:
     lengths and unsorted keys, and keeps the last of duplicate map keys. Re-encoding the
     value canonically gives the one encoding; any difference (a duplicate key shortens the
     map) means the input was something else, which two decoders might read differently.
+
+    A value of the envelope's own shape takes a quicker road to the same answer
+    (:func:`_canonical_in_order`); anything else is re-encoded canonically.
     """
+    if _canonical_in_order(doc, data):
+        return
     try:
         canonical = cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True)
     except (cbor2.CBOREncodeError, ValueError, TypeError, RecursionError):
@@ -225,6 +233,57 @@ def _require_canonical(doc: Any, data: bytes) -> None:
 
 _MAPS: Final = (dict, cbor2.frozendict)
 """What cbor2 decodes a map to (immutable inside a tag, such as the envelope's)."""
+_SCALARS: Final = (int, str, bytes)
+_KEY_ORDERS: dict[tuple[str, ...], bool] = {}
+"""Whether a tuple of the schema's map keys is in canonical order (bounded: only tuples of
+schema keys are remembered, at most a few hundred)."""
+_SCHEMA_KEYS: Final = _TOP_KEYS | _EVENT_KEYS | _APP_INFO_KEYS
+
+
+def _in_order(doc: dict[Any, Any]) -> bool:
+    """Whether a map's keys are text in canonical order: shorter encodings first, then
+    bytewise (cbor2's canonical map order)."""
+    keys = tuple(doc)
+    known = _KEY_ORDERS.get(keys)
+    if known is not None:
+        return known
+    if not all(type(k) is str for k in keys):
+        return False
+    encoded = [k.encode("utf-8", "surrogatepass") for k in keys]
+    ordered = encoded == sorted(encoded, key=lambda e: (len(e), e))
+    if all(k in _SCHEMA_KEYS for k in keys):
+        _KEY_ORDERS[keys] = ordered
+    return ordered
+
+
+def _canonical_in_order(doc: Any, data: bytes) -> bool:
+    """Whether ``data`` is the canonical encoding of ``doc``, decided without sorting: true
+    when every map has text keys in canonical order, every other value is an integer
+    (not a boolean), text or bytes, and encoding ``doc`` in its own order gives ``data``.
+    cbor2 always writes shortest heads and definite lengths, so for such a value the
+    in-order encoding *is* the canonical one. False means "not decided here".
+    """
+    if type(doc) is not dict or not _in_order(doc):
+        return False
+    for key, value in doc.items():
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if key == "event_log" and kind is list:
+            for event in value:
+                if type(event) is not dict or not _in_order(event):
+                    return False
+                if not all(type(v) in _SCALARS for v in event.values()):
+                    return False
+        elif key == "app_info" and kind is dict and _in_order(value):
+            if not all(type(v) is bytes for v in value.values()):
+                return False
+        else:
+            return False
+    try:
+        return cbor2.dumps(doc) == data[len(ENVELOPE_MAGIC):]
+    except (cbor2.CBOREncodeError, ValueError, TypeError, RecursionError):
+        return False
 
 
 def _first_difference(a: bytes, b: bytes) -> int:

@@ -210,3 +210,47 @@ class TestFastEventPath:
                                 event=doc["event"], event_payload=doc["payload"],
                                 version=doc.get("version", 1))
             assert fast == expected and type(fast) is TdxEvent
+
+
+class TestCanonicalFastPath:
+    """The canonical check's quick road decides only what the full re-encoding would."""
+
+    keys = st.sampled_from(["format", "version", "quote", "event_log", "imr", "type", "app_id",
+                            "app_info", "x", "é", "zz"])
+    scalars = st.one_of(st.integers(-(2**70), 2**70), st.booleans(), st.binary(max_size=30),
+                        st.text(max_size=10), st.none(), st.floats(allow_nan=False))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.dictionaries(keys, st.one_of(
+        scalars,
+        st.lists(st.dictionaries(keys, scalars, max_size=4), max_size=3),
+        st.dictionaries(keys, scalars, max_size=3),
+    ), max_size=6))
+    def test_agrees_with_the_canonical_encoding(self, doc):
+        """For any value, a yes from the quick road means the in-order bytes are the
+        canonical ones; it never says yes to a non-canonical encoding."""
+        from dstack_core.envelope import ENVELOPE_MAGIC, _canonical_in_order
+
+        in_order = cbor2.dumps(doc)
+        canonical = cbor2.dumps(doc, canonical=True)
+        if _canonical_in_order(doc, ENVELOPE_MAGIC + in_order):
+            assert in_order == canonical
+        assert not _canonical_in_order(doc, ENVELOPE_MAGIC + in_order + b"\x00")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.sampled_from(["format", "version", "quote", "platform", "vm_config"]),
+                           st.one_of(st.integers(0, 2**64), st.binary(max_size=30),
+                                     st.text(max_size=10)), min_size=1),
+           st.lists(st.dictionaries(st.sampled_from(["imr", "type", "digest", "event"]),
+                                    st.integers(0, 9), min_size=1), max_size=3))
+    def test_says_yes_to_canonical_envelopes(self, top, events):
+        """Maps of the envelope's shape in canonical key order are decided here, rightly."""
+        from dstack_core.envelope import ENVELOPE_MAGIC, _canonical_in_order
+
+        def ordered(d):
+            return dict(sorted(d.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode())))
+
+        doc = ordered({**top, "event_log": [ordered(e) for e in events]})
+        data = ENVELOPE_MAGIC + cbor2.dumps(doc)
+        assert _canonical_in_order(doc, data)
+        assert data == cbor2.dumps(cbor2.CBORTag(55799, doc), canonical=True)
