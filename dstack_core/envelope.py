@@ -273,8 +273,9 @@ def _canonical_in_order(doc: Any, data: bytes) -> bool:
             for event in value:
                 if type(event) is not dict or not _in_order(event):
                     return False
-                if not all(type(v) in _SCALARS for v in event.values()):
-                    return False
+                for item in event.values():
+                    if type(item) not in _SCALARS:
+                        return False
         elif key == "app_info" and kind is dict and _in_order(value):
             if not all(type(v) is bytes for v in value.values()):
                 return False
@@ -324,7 +325,6 @@ def _event_to_map(event: TdxEvent) -> dict[str, Any]:
 
 _NEW_EVENT: Final = object.__new__
 _SET: Final = object.__setattr__
-_EVENT_FIELDS: Final = ("imr", "event_type", "digest", "event", "event_payload", "version")
 _FULL_EVENT: Final = frozenset(_EVENT_KEYS)
 _SHORT_EVENT: Final = _EVENT_KEYS - {"version"}
 
@@ -354,8 +354,12 @@ def _fast_event(doc: Any) -> TdxEvent | None:
         except UnicodeEncodeError:
             return None
     event = _NEW_EVENT(TdxEvent)
-    for field, value in zip(_EVENT_FIELDS, (imr, event_type, digest, name, payload, version)):
-        _SET(event, field, value)
+    _SET(event, "imr", imr)
+    _SET(event, "event_type", event_type)
+    _SET(event, "digest", digest)
+    _SET(event, "event", name)
+    _SET(event, "event_payload", payload)
+    _SET(event, "version", version)
     return event
 
 
