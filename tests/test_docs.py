@@ -5,10 +5,9 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-
-from types import ModuleType
 
 from dstack_core import hookspecs, verifier_hookspecs
 

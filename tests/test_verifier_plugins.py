@@ -132,11 +132,13 @@ class TestAgentStartUp:
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        installed = (
+            "installed: sev-snp (dstack_sev_snp_stub.verifier:SnpVerifier, from "
+            "dstack-sev-snp-stub 0.1.0), tdx (dstack_tdx.verifier:TdxVerifier, from "
+            "dstack-tdx 0.1.0)"
+        )
         for part in ("platform 'nover' produces evidence format 'acme-cc'",
-                     "no verifier plugin for it is installed",
-                     "installed: sev-snp (dstack_sev_snp_stub.verifier:SnpVerifier, from "
-                     "dstack-sev-snp-stub 0.1.0), tdx (dstack_tdx.verifier:TdxVerifier, from "
-                     "dstack-tdx 0.1.0)",
+                     "no verifier plugin for it is installed", installed,
                      "--allow-missing-verifier"):
             assert part in lines[0], lines[0]
         assert not (workdir / "dstack.sock").exists() and not (workdir / "state").exists()
