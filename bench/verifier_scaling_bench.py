@@ -6,9 +6,11 @@ services side by side, each gunicorn with aiohttp's worker as docs/verify.md dep
 generator (this process: asyncio, raw keep-alive HTTP/1.1 connections, a pre-built request)
 drives one service at a time for a slot, alternating, for several rounds, so both see the
 same machine; every answer is checked (200, verdict pass). It prints the rate of each slot,
-the medians, their ratio, the load average around the run and the share of a core the load
-generator itself used (on a 2-core machine it competes with the two workers, so the ratio
-it prints is a lower bound of the service's scaling).
+the medians, their ratio, how many cores the workers actually got (their CPU time over the
+slot: on a machine shared with other work, the second core may not be free), the work per
+worker CPU-second (what must not change with the number of workers: no lock or shared
+state between processes), the load average around the run and the share of a core the load
+generator itself used.
 
 Run: ``.venv/bin/python bench/verifier_scaling_bench.py [--seconds 4] [--rounds 4]``.
 """
@@ -152,6 +154,7 @@ def main() -> None:
         load_before = os.getloadavg()
         rates: dict[int, list[float]] = {1: [], 2: []}
         per_cpu: dict[int, list[float]] = {1: [], 2: []}
+        cores: dict[int, list[float]] = {1: [], 2: []}
         with service(out, 1) as one, service(out, 2) as two:
             services = {1: one, 2: two}
             for workers in (1, 2):
@@ -166,6 +169,7 @@ def main() -> None:
                     used = workers_cpu(master) - cpu
                     rates[workers].append(rate)
                     per_cpu[workers].append(rate * args.seconds / used if used else 0.0)
+                    cores[workers].append(used / args.seconds)
             own = resource.getrusage(resource.RUSAGE_SELF)
             wall = time.monotonic() - wall
         load_after = os.getloadavg()
@@ -179,7 +183,8 @@ def main() -> None:
         listed = " ".join(f"{r:6.0f}" for r in rates[workers])
         print(f"{workers} worker{'s' if workers > 1 else ' '}: {listed}   median "
               f"{statistics.median(rates[workers]):6.0f} /s, "
-              f"{statistics.median(per_cpu[workers]):6.0f} per worker CPU-second")
+              f"{statistics.median(per_cpu[workers]):6.0f} per worker CPU-second, the "
+              f"workers got {statistics.median(cores[workers]):.2f} cores")
     ratio = statistics.median(rates[2]) / statistics.median(rates[1])
     efficiency = statistics.median(per_cpu[2]) / statistics.median(per_cpu[1])
     print(f"2 workers / 1 worker: {ratio:.2f}x throughput, {efficiency:.2f}x work per CPU-second "
