@@ -234,6 +234,10 @@ def _trust(args: argparse.Namespace) -> _Trust:
         parse_verifier_options,
     )
 
+    from .verify import default_host
+
+    # Every installed verifier plugin loads, or the command stops naming the broken one.
+    default_host().load_all()
     root_path: Path | None = args.root_ca
     collateral_path: Path | None = args.collateral
     policy_path: Path | None = args.os_image_policy

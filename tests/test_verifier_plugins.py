@@ -195,6 +195,15 @@ class TestListing:
             info = host.get(fmt).info
             assert ("evidence", *info.checks, *CORE_CHECKS[1:]) == names
 
+    def test_conflicting_verifiers_stop_the_verifier(self, second_tdx, tmp_path):
+        """``dstack-agent verify`` with two plugins for one format: exit 2, both named."""
+        evidence = tmp_path / "e"
+        evidence.write_bytes(b"x")
+        result = agent_cli("verify", str(evidence), env=pythonpath(second_tdx))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "conflicting verifier plugins for evidence format 'tdx'" in result.stderr
+        assert "fake-tdx-verifier 0.1" in result.stderr
+
     def test_unknown_verifier_option_is_refused(self, tmp_path):
         """A --verifier-option key its plugin does not take: exit 2 listing the accepted."""
         evidence = tmp_path / "e"
