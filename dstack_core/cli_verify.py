@@ -233,7 +233,6 @@ def _trust(args: argparse.Namespace) -> _Trust:
         load_root_ca,
         parse_verifier_options,
     )
-
     from .verify import default_host
 
     # Every installed verifier plugin loads, or the command stops naming the broken one.

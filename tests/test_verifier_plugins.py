@@ -9,11 +9,8 @@ for platforms.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ import pytest
 
 from dstack_core import EvidenceError, PluginError, hookimpl
 from dstack_core.errors import VerifierPluginError
-from dstack_core.plugins import ENTRY_POINT_GROUP, VERIFIER_ENTRY_POINT_GROUP
+from dstack_core.plugins import VERIFIER_ENTRY_POINT_GROUP
 from dstack_core.testing import AgentProcess, short_tempdir
 from dstack_core.types import REPORT_DATA_LENGTH
 from dstack_core.verify import (
@@ -38,6 +35,8 @@ from dstack_core.verify import (
     load_evidence,
     verify_evidence,
 )
+
+from .test_plugins import agent_cli, fake_distribution, pythonpath, serve
 
 NOW = 1_800_000_000
 
@@ -64,39 +63,11 @@ class OtherTdxVerifier(TdxVerifier):
 """
 
 
-def fake_distribution(
-    root: Path, name: str, groups: Mapping[str, Mapping[str, str]], modules: Mapping[str, str]
-) -> None:
-    """Write an installed-looking distribution ``name`` 0.1 with ``modules`` into ``root``."""
-    info = root / f"{name.replace('-', '_')}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    lines = []
-    for group, entries in groups.items():
-        lines += [f"[{group}]", *(f"{k} = {v}" for k, v in entries.items())]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    for module, source in modules.items():
-        (root / f"{module}.py").write_text(source)
-
-
-def agent_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k != "DSTACK_PLATFORM"}
-    return subprocess.run(
-        [sys.executable, "-m", "dstack_core.cli", *args], capture_output=True, text=True,
-        timeout=60, env={**full_env, **(env or {})}, check=False,
-    )
-
-
-def pythonpath(*dirs: Path) -> dict[str, str]:
-    existing = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
-    return {"PYTHONPATH": os.pathsep.join([*map(str, dirs), *existing])}
-
-
 @pytest.fixture(scope="module")
 def nover(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A platform ``nover`` whose evidence format, ``acme-cc``, no installed plugin verifies."""
     site = tmp_path_factory.mktemp("nover")
-    fake_distribution(site, "fake-nover", {ENTRY_POINT_GROUP: {"nover": "fake_nover:NoVerifierPlatform"}},
+    fake_distribution(site, "fake-nover", {"nover": "fake_nover:NoVerifierPlatform"},
                       {"fake_nover": NOVER_PLATFORM})
     return site
 
@@ -106,8 +77,8 @@ def second_tdx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second distribution registering a ``tdx`` verifier."""
     site = tmp_path_factory.mktemp("tdx2")
     fake_distribution(site, "fake-tdx-verifier",
-                      {VERIFIER_ENTRY_POINT_GROUP: {"tdx": "fake_tdx2:OtherTdxVerifier"}},
-                      {"fake_tdx2": SECOND_TDX_VERIFIER})
+                      {"tdx": "fake_tdx2:OtherTdxVerifier"}, {"fake_tdx2": SECOND_TDX_VERIFIER},
+                      group=VERIFIER_ENTRY_POINT_GROUP)
     return site
 
 
@@ -116,12 +87,6 @@ def workdir() -> Iterator[Path]:
     path = short_tempdir("vpl")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def serve(workdir: Path, *args: str, env: Mapping[str, str] | None = None
-          ) -> subprocess.CompletedProcess[str]:
-    return agent_cli("serve", "--socket", str(workdir / "dstack.sock"),
-                     "--state-dir", str(workdir / "state"), *args, env=env)
 
 
 class TestAgentStartUp:
