@@ -873,7 +873,9 @@ class TestVerifier:
         dstack_platform_info: PlatformInfo,
     ) -> None:
         """Any one bit flipped in the platform evidence's signed part makes the verdict
-        ``fail`` (or the evidence malformed): the plugin checks a signature over it."""
+        ``fail`` (or the evidence malformed): the plugin checks a signature over it. The
+        envelope's report data is changed to match a flipped one in the evidence, so that
+        only the plugin's signature check can catch it, not the core's binding."""
         from ..verify import load_evidence, verify_evidence
 
         anchors = _anchors(dstack_agent, dstack_platform_env, dstack_plugin_manager,
@@ -885,7 +887,9 @@ class TestVerifier:
         for offset in (report_data_at, report_data_at + REPORT_DATA_LENGTH - 1, 0):
             quote = bytearray(envelope.quote)
             quote[offset] ^= 0x01
-            tampered = attrs.evolve(envelope, quote=bytes(quote)).to_cbor()
+            report_data = bytes(quote[report_data_at:report_data_at + REPORT_DATA_LENGTH])
+            tampered = attrs.evolve(envelope, quote=bytes(quote),
+                                    report_data=report_data).to_cbor()
             try:
                 evidence = load_evidence(tampered)
             except EvidenceError:
