@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from agent_bench import drive
+import aiohttp
 
 from dstack_core.testing import AgentProcess
 
@@ -50,6 +48,29 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(socket: Path, method: str, body: dict, seconds: float, concurrency: int) -> float:
+    """Requests/s of ``method`` over ``concurrency`` keep-alive connections for ``seconds``."""
+    connector = aiohttp.UnixConnector(path=str(socket), limit=concurrency)
+    payload = json.dumps(body).encode()
+    count = 0
+    async with aiohttp.ClientSession(connector=connector) as session:
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal count
+            while time.perf_counter() < deadline:
+                async with session.post(f"http://dstack/{method}", data=payload,
+                                        headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"{method}: HTTP {resp.status}")
+                count += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return count / (time.perf_counter() - start)
 
 
 def measure(agent: AgentProcess, method: str, n: int, seconds: float) -> tuple[float, float]:

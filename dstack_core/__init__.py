@@ -18,7 +18,9 @@ from .errors import (
     PlatformUnsupported,
     PluginError,
     StateError,
+    StorageError,
 )
+from .hookspecs import nonblocking
 from .types import (
     KeyProvider,
     Measurements,
@@ -38,6 +40,7 @@ hookimpl = pluggy.HookimplMarker("dstack_core")
 __all__ = [
     "__version__",
     "hookimpl",
+    "nonblocking",
     "ConfigurationError",
     "DstackError",
     "EvidenceError",
@@ -47,6 +50,7 @@ __all__ = [
     "PlatformUnsupported",
     "PluginError",
     "StateError",
+    "StorageError",
     "KeyProvider",
     "Measurements",
     "PlatformConfig",

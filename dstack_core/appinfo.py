@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Protocol
 
 from .envelope import AppInfo
@@ -25,6 +25,9 @@ __all__ = [
     "mr_aggregated",
     "mr_system",
     "derive_app_info",
+    "IDENTITY_EVENTS",
+    "identity_payloads",
+    "app_info_of",
     "SignedRegisters",
 ]
 
@@ -33,6 +36,8 @@ BOOT_MR_DONE: Final = "boot-mr-done"
 # Upstream reports sha256(ppid) only after verification; an unverified decode hashes nothing.
 DEVICE_ID_UNVERIFIED: Final = hashlib.sha256(b"").digest()
 RUNTIME_IMR: Final = 3
+IDENTITY_EVENTS: Final = ("app-id", "compose-hash", "instance-id", "key-provider")
+"""The runtime events whose first payload before ``system-ready`` is the app's identity."""
 
 
 def boot_event_payload(events: Iterable[TdxEvent], name: str) -> bytes | None:
@@ -100,6 +105,22 @@ def _config_registers(report: SignedRegisters) -> bytes:
     return registers if any(registers) else b""
 
 
+def _mr_aggregated(report: SignedRegisters, rtmr3: bytes) -> bytes:
+    return hashlib.sha256(
+        report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + rtmr3
+        + _config_registers(report)
+    ).digest()
+
+
+def _mr_system(report: SignedRegisters, key_provider: bytes | None) -> bytes:
+    mr_key_provider = (
+        hashlib.sha256(key_provider).digest() if key_provider is not None else bytes(32)
+    )
+    return hashlib.sha256(
+        report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + mr_key_provider
+    ).digest()
+
+
 def mr_aggregated(
     report: SignedRegisters, runtime_events: Sequence[TdxEvent], rtmr3: bytes | None = None
 ) -> bytes:
@@ -110,19 +131,44 @@ def mr_aggregated(
     """
     if rtmr3 is None:
         rtmr3 = replay(runtime_events, RUNTIME_IMR)
-    return hashlib.sha256(
-        report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + rtmr3
-        + _config_registers(report)
-    ).digest()
+    return _mr_aggregated(report, rtmr3)
 
 
 def mr_system(report: SignedRegisters, events: Sequence[TdxEvent]) -> bytes:
     """``sha256(mrtd || rtmr0..2 || sha256(key-provider payload) or 32 zero bytes)``."""
-    provider = boot_event_payload(events, "key-provider")
-    mr_key_provider = hashlib.sha256(provider).digest() if provider is not None else bytes(32)
-    return hashlib.sha256(
-        report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + mr_key_provider
-    ).digest()
+    return _mr_system(report, boot_event_payload(events, "key-provider"))
+
+
+def identity_payloads(events: Iterable[TdxEvent]) -> dict[str, bytes]:
+    """The first payload of each :data:`IDENTITY_EVENTS` name among the RTMR3 events before
+    the first ``system-ready``; names that do not occur there are absent."""
+    found: dict[str, bytes] = {}
+    for event in events:
+        if event.imr != RUNTIME_IMR:
+            continue
+        if event.event == SYSTEM_READY:
+            break
+        if event.event in IDENTITY_EVENTS:
+            found.setdefault(event.event, event.event_payload)
+    return found
+
+
+def app_info_of(
+    report: SignedRegisters, rtmr3: bytes, identity: Mapping[str, bytes], os_image_hash: bytes
+) -> AppInfo:
+    """Every identity value of the app, from the TD report, the RTMR3 the runtime log
+    replays to, :func:`identity_payloads` of that log and the OS image hash
+    (:func:`os_image_hash_from_vm_config`)."""
+    return AppInfo(
+        app_id=identity.get("app-id", b""),
+        compose_hash=identity.get("compose-hash", b""),
+        instance_id=identity.get("instance-id", b""),
+        device_id=DEVICE_ID_UNVERIFIED,
+        mr_aggregated=_mr_aggregated(report, rtmr3),
+        mr_system=_mr_system(report, identity.get("key-provider")),
+        os_image_hash=os_image_hash,
+        key_provider_info=identity.get("key-provider", b""),
+    )
 
 
 def derive_app_info(
@@ -134,13 +180,9 @@ def derive_app_info(
     :param rtmr3: the replay of the log's RTMR3 events, when the caller has it already.
     """
     runtime = [e for e in events if e.imr == RUNTIME_IMR]
-    return AppInfo(
-        app_id=boot_event_payload(runtime, "app-id") or b"",
-        compose_hash=boot_event_payload(runtime, "compose-hash") or b"",
-        instance_id=boot_event_payload(runtime, "instance-id") or b"",
-        device_id=DEVICE_ID_UNVERIFIED,
-        mr_aggregated=mr_aggregated(report, runtime, rtmr3),
-        mr_system=mr_system(report, runtime),
-        os_image_hash=os_image_hash_from_vm_config(vm_config),
-        key_provider_info=boot_event_payload(runtime, "key-provider") or b"",
+    return app_info_of(
+        report,
+        rtmr3 if rtmr3 is not None else replay(runtime, RUNTIME_IMR),
+        identity_payloads(runtime),
+        os_image_hash_from_vm_config(vm_config),
     )

@@ -24,7 +24,6 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import attrs
-from Crypto.Hash import keccak
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.exceptions import UnsupportedAlgorithm as _CryptoUnsupported
@@ -102,7 +101,12 @@ _GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 
 def _keccak(bits: int) -> Callable[[bytes], bytes]:
-    return lambda data: keccak.new(digest_bits=bits, data=data).digest()
+    def digest(data: bytes) -> bytes:
+        from Crypto.Hash import keccak  # on first use: its import is slow (see keys.keccak256)
+
+        return keccak.new(digest_bits=bits, data=data).digest()
+
+    return digest
 
 
 def _hashlib(name: str) -> Callable[[bytes], bytes]:
@@ -200,6 +204,10 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> str:
 def cert_pem(cert: x509.Certificate) -> str:
     """The certificate as PEM text (LF line endings, trailing newline)."""
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+_CN_MAX: Final = 64
+"""The longest commonName (ub-common-name) cryptography accepts without a warning."""
 
 
 def serial_number_for(public_key: ec.EllipticCurvePublicKey) -> int:
@@ -378,10 +386,15 @@ def new_app_ca(
     return CertificateAuthority(cert=cert, key=key)
 
 
+_IP_CHARACTERS: Final = "0123456789abcdefABCDEF.:"
+"""Every character of an IPv4 or IPv6 address (without a zone id)."""
+
+
 def _general_name(entry: str) -> x509.GeneralName:
     """An iPAddress SAN if ``entry`` parses as Rust's ``IpAddr`` would, else a dNSName."""
-    # Rust's IpAddr rejects IPv6 zone ids, which Python's ipaddress accepts.
-    if "%" not in entry:
+    # Rust's IpAddr rejects IPv6 zone ids, which Python's ipaddress accepts. A name with a
+    # character no address has is a DNS name: parsing it (and raising) would cost more.
+    if "%" not in entry and not entry.strip(_IP_CHARACTERS):
         try:
             return x509.IPAddress(ipaddress.ip_address(entry))
         except ValueError:
@@ -480,7 +493,10 @@ class TlsCertificateRequest:
 
 def _common_name(subject: str) -> x509.NameAttribute[str]:
     # Upstream writes any CN, including the empty default; cryptography only warns about
-    # lengths outside 1..64 when asked not to validate.
+    # lengths outside 1..64 when asked not to validate (and catching warnings costs more
+    # than the attribute).
+    if 1 <= len(subject.encode("utf-8")) <= _CN_MAX:
+        return x509.NameAttribute(NameOID.COMMON_NAME, subject, _validate=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return x509.NameAttribute(NameOID.COMMON_NAME, subject, _validate=False)

@@ -15,8 +15,10 @@ wrong types and trailing bytes are :class:`~dstack_core.errors.EvidenceError`.
 
 from __future__ import annotations
 
+import binascii
+import functools
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import attrs
@@ -32,7 +34,12 @@ __all__ = [
     "SELF_DESCRIBE_TAG",
     "MAX_ENVELOPE_SIZE",
     "AppInfo",
+    "EncodedEvents",
     "Envelope",
+    "EnvelopeFields",
+    "encode_envelope",
+    "encode_envelope_hex",
+    "encode_event",
     "sniff_envelope",
 ]
 
@@ -72,6 +79,10 @@ class AppInfo:
 
     def to_cbor(self) -> bytes:
         """Canonical CBOR map (the RA-TLS app-info extension's content)."""
+        return self._cbor
+
+    @functools.cached_property
+    def _cbor(self) -> bytes:
         return cbor2.dumps(self.to_cbor_map(), canonical=True)
 
     @classmethod
@@ -112,20 +123,17 @@ class Envelope:
 
     def to_cbor(self) -> bytes:
         """Canonical CBOR bytes, starting with the self-describe tag ``d9 d9 f7``."""
-        doc: dict[str, Any] = {
-            "format": ENVELOPE_FORMAT,
-            "version": self.version,
-            "platform": self.platform,
-            "evidence_format": self.evidence_format,
-            "quote": self.quote,
-            "event_log": [_event_to_map(e) for e in self.event_log],
-            "report_data": self.report_data,
-            "vm_config": self.vm_config,
-            "app_info": self.app_info.to_cbor_map(),
-        }
-        if self.extra:
-            doc["extra"] = dict(self.extra)
-        return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True)
+        return encode_envelope(EnvelopeFields(
+            platform=self.platform,
+            evidence_format=self.evidence_format,
+            quote=self.quote,
+            events=EncodedEvents.of(self.event_log),
+            report_data=self.report_data,
+            vm_config=self.vm_config,
+            app_info=self.app_info,
+            extra=self.extra,
+            version=self.version,
+        ))
 
     @classmethod
     def from_cbor(cls, data: bytes) -> Envelope:
@@ -189,6 +197,124 @@ class Envelope:
     def simulated(self) -> bool:
         """True when the producing platform says so by its tag (never trust it to say no)."""
         return self.platform == "simulator"
+
+
+@attrs.frozen(kw_only=True)
+class EncodedEvents:
+    """An event log already encoded for an envelope, so that an agent encodes each event
+    once in its life rather than once per envelope.
+
+    :ivar count: how many events.
+    :ivar chunks: their canonical CBOR maps (:func:`encode_event`), concatenated and split
+        anywhere into byte strings.
+    :ivar hex_chunks: the same bytes in lower-case hex, for :func:`encode_envelope_hex`;
+        None when not kept.
+    """
+
+    count: int
+    chunks: Sequence[bytes | memoryview]
+    hex_chunks: Sequence[bytes | memoryview] | None = None
+
+    @classmethod
+    def of(cls, events: Iterable[TdxEvent]) -> EncodedEvents:
+        items = [encode_event(e) for e in events]
+        return cls(count=len(items), chunks=items)
+
+
+def encode_event(event: TdxEvent) -> bytes:
+    """One event of an envelope's ``event_log``: a canonical CBOR map."""
+    return cbor2.dumps(_event_to_map(event), canonical=True)
+
+
+@attrs.frozen(kw_only=True)
+class EnvelopeFields:
+    """What an envelope says, with its events already encoded (:class:`EncodedEvents`);
+    the caller vouches for the values (an :class:`Envelope` validates them)."""
+
+    platform: str
+    evidence_format: str
+    quote: bytes
+    events: EncodedEvents
+    report_data: bytes
+    vm_config: str
+    app_info: AppInfo
+    extra: Mapping[str, Any]
+    version: int = ENVELOPE_VERSION
+
+
+def encode_envelope(fields: EnvelopeFields) -> bytes:
+    """The canonical CBOR of an envelope (:meth:`Envelope.to_cbor`), with pre-encoded events.
+
+    Written out rather than through ``cbor2.dumps(..., canonical=True)``: the keys and their
+    canonical order are fixed, the big values (quote, events) are only copied once, and
+    this runs for every attestation. Tests hold it to cbor2's encoding.
+    """
+    return b"".join(_envelope_parts(fields, hexed=False))
+
+
+def encode_envelope_hex(fields: EnvelopeFields) -> list[bytes | memoryview]:
+    """:func:`encode_envelope` in lower-case hex, as pieces to join (the events must keep
+    ``hex_chunks``): the events go in as kept, so a large log is not hex-encoded again."""
+    return _envelope_parts(fields, hexed=True)
+
+
+def _envelope_parts(fields: EnvelopeFields, *, hexed: bool) -> list[bytes | memoryview]:
+    quote, report_data, events, extra = (
+        fields.quote, fields.report_data, fields.events, fields.extra
+    )
+    values: dict[str, tuple[bytes | memoryview, ...]] = {
+        "format": (_FORMAT,),
+        "version": (cbor2.dumps(fields.version),),
+        "platform": (cbor2.dumps(fields.platform),),
+        "evidence_format": (cbor2.dumps(fields.evidence_format),),
+        "quote": (_head(_BYTES, len(quote)), quote),
+        "report_data": (_head(_BYTES, len(report_data)), report_data),
+        "vm_config": (cbor2.dumps(fields.vm_config),),
+        "app_info": (fields.app_info.to_cbor(),),
+    }
+    if extra:
+        values["extra"] = (cbor2.dumps(dict(extra), canonical=True),)
+    order = _ORDER_WITH_EXTRA if extra else _ORDER
+    before: list[bytes | memoryview] = [ENVELOPE_MAGIC, _head(_MAP, len(order))]
+    after: list[bytes | memoryview] = []
+    current = before
+    for key in order:
+        current.append(_KEYS[key])
+        if key == "event_log":
+            current.append(_head(_ARRAY, events.count))
+            current = after
+        else:
+            current.extend(values[key])
+    if not hexed:
+        return [*before, *events.chunks, *after]
+    if events.hex_chunks is None:
+        raise ValueError("encode_envelope_hex needs events that keep hex_chunks")
+    hexlify = binascii.hexlify
+    return [hexlify(b"".join(before)), *events.hex_chunks, hexlify(b"".join(after))]
+
+
+_BYTES: Final = 2
+_ARRAY: Final = 4
+_MAP: Final = 5
+_FORMAT: Final = cbor2.dumps(ENVELOPE_FORMAT)
+_KEYS: Final = {key: cbor2.dumps(key) for key in _TOP_KEYS}
+# RFC 7049 canonical order, as cbor2 sorts: shorter encoded keys first, then bytewise.
+_ORDER: Final = tuple(
+    sorted(_TOP_KEYS - {"extra"}, key=lambda key: (len(_KEYS[key]), _KEYS[key]))
+)
+_ORDER_WITH_EXTRA: Final = tuple(
+    sorted(_TOP_KEYS, key=lambda key: (len(_KEYS[key]), _KEYS[key]))
+)
+
+
+def _head(major: int, value: int) -> bytes:
+    """A CBOR head: major type and argument, in the shortest form."""
+    if value < 24:
+        return bytes([major << 5 | value])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + value.to_bytes(size, "big")
+    raise ValueError("value too large for a CBOR head")
 
 
 def sniff_envelope(data: bytes) -> Literal["dstack-core", "upstream-v0", "upstream-v1"] | None:

@@ -8,6 +8,8 @@ The split follows who is at fault:
 
 * :class:`InvalidRequest` (400): the caller sent something we cannot accept.
 * :class:`PlatformError` (5xx): the TEE, the kernel or the plugin failed.
+* :class:`StorageError` (503): the agent's durable state could not be written (disk full,
+  read-only, I/O error); the agent repairs itself once the fault is gone.
 * :class:`ConfigurationError`: the agent cannot start as configured (never seen on the wire).
 * :class:`EvidenceError` (400): evidence handed to a parser or the verifier is malformed.
 * :class:`VerifierPluginError` (500): a verifier plugin broke its contract.
@@ -38,6 +40,9 @@ __all__ = [
     "PlatformError",
     "PlatformUnsupported",
     "PlatformBusy",
+    "StorageError",
+    "EventTooLarge",
+    "EventLogFull",
     "ConfigurationError",
     "PluginError",
     "EvidenceError",
@@ -57,6 +62,8 @@ class DstackError(Exception):
 
     http_status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    logged: ClassVar[bool] = False
+    """Whoever raises it has logged the incident (once, not per request)."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -93,6 +100,24 @@ class NotFound(InvalidRequest):
 
     http_status = 404
     code = "not_found"
+
+
+class EventTooLarge(InvalidRequest):
+    """An EmitEvent payload over the documented limit (HTTP 413)."""
+
+    http_status = 413
+    code = "event_payload_too_large"
+
+
+class EventLogFull(InvalidRequest):
+    """The runtime event log reached its documented size limit (HTTP 409).
+
+    Nothing is dropped: the event is refused before anything is measured, and every event
+    already recorded stays in the log and in RTMR3.
+    """
+
+    http_status = 409
+    code = "event_log_full"
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -200,6 +225,18 @@ class PlatformBusy(PlatformError):
 
     http_status = 503
     code = "platform_busy"
+
+
+class StorageError(DstackError):
+    """Durable state could not be read or written: ENOSPC, EACCES, EROFS, EIO (HTTP 503).
+
+    The message never carries a path or the exception's text; the agent logs what failed
+    and where, once per incident. The caller may retry once the fault is repaired.
+    """
+
+    http_status = 503
+    code = "storage_error"
+    logged = True
 
 
 class ConfigurationError(DstackError):

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import os
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -40,6 +43,7 @@ import attrs
 
 from . import strictjson
 from .errors import EvidenceError, InvalidRequest, StateError
+from .statefile import fsync_dir
 
 __all__ = [
     "ACPI_DATA_EVENT_NAMES",
@@ -55,10 +59,15 @@ __all__ = [
     "SHA384_DIGEST_SIZE",
     "ZERO_REGISTER",
     "InvalidEvent",
+    "LogBatch",
     "RecoveryOutcome",
+    "RecoveryPlan",
     "RuntimeEvent",
     "RuntimeEventLog",
     "TdxEvent",
+    "WAL_HEADER",
+    "WAL_MAGIC",
+    "WAL_SUFFIX",
     "events_from_json",
     "events_to_json",
     "extend",
@@ -518,7 +527,7 @@ class RuntimeEvent:
     payload: bytes = attrs.field(validator=_validate_bytes)
     version: int = attrs.field(default=1, validator=_validate_version)
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         """The 48-byte digest RTMR3 is extended with (:func:`runtime_event_digest`)."""
         return runtime_event_digest(self.event, self.payload, self.version)
@@ -546,6 +555,10 @@ class RuntimeEvent:
 
     def to_log_line(self) -> bytes:
         """Return the event as one compact UTF-8 JSON line, newline included."""
+        return self._log_line
+
+    @functools.cached_property
+    def _log_line(self) -> bytes:
         text = json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False)
         return text.encode("utf-8") + b"\n"
 
@@ -589,40 +602,136 @@ class RuntimeEvent:
 RecoveryOutcome = Literal["committed", "discarded", "clean"]
 """What :meth:`RuntimeEventLog.recover` found and did."""
 
+WAL_SUFFIX: Final = ".wal"
+"""The write-ahead record lives next to the log, as ``<log>.wal``."""
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+WAL_MAGIC: Final = b"DSTKWAL1"
+"""First bytes of a write-ahead record (format version 1)."""
+
+WAL_HEADER: Final = struct.Struct("<8sQQII32s")
+"""magic, position (events before the batch), offset (bytes before it), event count, body
+length, SHA-256 over the header's first five fields and the body. The body is the batch's
+log lines exactly as they will be appended."""
+
+_WAL_CHECKED: Final = struct.Struct("<8sQQII")
+_LEGACY_PENDING_SUFFIX: Final = ".pending"
 
 
-def _write_all(fd: int, data: bytes) -> None:
+@attrs.frozen(kw_only=True)
+class LogBatch:
+    """Runtime events that enter the log together, and where in the log they go.
+
+    :ivar position: how many events the log holds before the batch.
+    :ivar offset: how many bytes the log holds before the batch (its complete lines).
+    :ivar events: the batch, in the order the register is extended.
+    :ivar lines: each event's log line (:meth:`RuntimeEvent.to_log_line`).
+    """
+
+    position: int
+    offset: int
+    events: tuple[RuntimeEvent, ...]
+    lines: tuple[bytes, ...] = attrs.field(repr=False)
+
+    @classmethod
+    def at(cls, position: int, offset: int, events: Sequence[RuntimeEvent]) -> LogBatch:
+        """The batch of ``events`` to be appended at ``position`` / ``offset``."""
+        events = tuple(events)
+        return cls(
+            position=position,
+            offset=offset,
+            events=events,
+            lines=tuple(e.to_log_line() for e in events),
+        )
+
+    @property
+    def data(self) -> bytes:
+        """The bytes appended to the log."""
+        return b"".join(self.lines)
+
+    @property
+    def end_position(self) -> int:
+        return self.position + len(self.events)
+
+    @property
+    def end_offset(self) -> int:
+        return self.offset + sum(map(len, self.lines))
+
+    def head(self, count: int) -> LogBatch:
+        """The first ``count`` events, at the same place."""
+        return attrs.evolve(self, events=self.events[:count], lines=self.lines[:count])
+
+    def tail(self, count: int) -> LogBatch:
+        """The events after the first ``count``, placed after them."""
+        skipped = sum(map(len, self.lines[:count]))
+        return LogBatch(
+            position=self.position + count,
+            offset=self.offset + skipped,
+            events=self.events[count:],
+            lines=self.lines[count:],
+        )
+
+    def to_record(self) -> bytes:
+        """The write-ahead record of this batch (:data:`WAL_HEADER` + body)."""
+        body = self.data
+        fields = (WAL_MAGIC, self.position, self.offset, len(self.events), len(body))
+        checked = _WAL_CHECKED.pack(*fields)
+        return WAL_HEADER.pack(*fields, hashlib.sha256(checked + body).digest()) + body
+
+    @classmethod
+    def from_record(cls, data: bytes) -> LogBatch | None:
+        """Parse a write-ahead record; None for an empty, torn or cleared one.
+
+        A record whose checksum holds but whose lines do not parse cannot come from a
+        torn write.
+
+        :raises StateError: such a record.
+        """
+        if len(data) < WAL_HEADER.size:
+            return None
+        magic, position, offset, count, length, digest = WAL_HEADER.unpack_from(data)
+        body = data[WAL_HEADER.size : WAL_HEADER.size + length]
+        if magic != WAL_MAGIC or count == 0 or len(body) != length:
+            return None
+        checked = _WAL_CHECKED.pack(magic, position, offset, count, length)
+        if not hmac.compare_digest(hashlib.sha256(checked + body).digest(), digest):
+            return None
+        lines = body.split(b"\n")[:-1]
+        try:
+            events = tuple(RuntimeEvent.from_log_line(line) for line in lines)
+        except EvidenceError as exc:
+            raise StateError(f"write-ahead record is corrupt: {exc.message}") from None
+        if len(events) != count:
+            raise StateError("write-ahead record is corrupt: wrong event count")
+        return cls.at(position, offset, events)
+
+
+_CLEARED_RECORD: Final = WAL_HEADER.pack(WAL_MAGIC, 0, 0, 0, 0, bytes(32))
+
+
+@attrs.frozen(kw_only=True)
+class RecoveryPlan:
+    """What start-up recovery found, and the repair that makes the log replay to RTMR3.
+
+    :ivar outcome: ``clean``, ``committed`` (written-ahead events the register holds are
+        to be appended) or ``discarded`` (written-ahead events it does not hold are dropped).
+    :ivar events: the log as it reads once repaired; it replays to the register.
+    :ivar size: the repaired log's size in bytes.
+    :ivar repair: the append still to be made durable (it may only cut a torn tail), or
+        None when the file is already right.
+    """
+
+    outcome: RecoveryOutcome
+    events: tuple[RuntimeEvent, ...]
+    size: int
+    repair: LogBatch | None
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
-
-
-def _truncate_torn_tail(fd: int) -> None:
-    """Cut everything after the last newline of the open file, durably."""
-    size = os.fstat(fd).st_size
-    end = size
-    chunk = 4096
-    while end > 0:
-        start = max(0, end - chunk)
-        block = os.pread(fd, end - start, start)
-        newline = block.rfind(b"\n")
-        if newline >= 0:
-            keep = start + newline + 1
-            break
-        end = start
-    else:
-        keep = 0
-    if keep != size:
-        os.ftruncate(fd, keep)
-        os.fsync(fd)
+        offset += written
 
 
 class RuntimeEventLog:
@@ -633,30 +742,35 @@ class RuntimeEventLog:
     (``system-preparing`` ... ``system-ready``) to the same file, so replaying *every* line
     from 48 zero bytes must give RTMR3. Files are created with mode 0600.
 
-    Emitting an event is a write-ahead protocol, so that a crash at any point leaves a state
-    :meth:`recover` can reconcile with the register::
+    Recording events is a write-ahead protocol over batches, so that a crash at any point
+    leaves a state :meth:`recover` can reconcile with the register::
 
-        log.begin(event)                 # durable <path>.pending
-        platform.extend_rtmr3(event.digest)   # on failure known not to have extended: log.abort()
-        log.commit(event)                # durable append, then pending removed
+        log.write_ahead(batch)           # durable <path>.wal: where the batch goes, and what
+        platform.extend(each digest)     # in order; a failure may leave a prefix extended
+        log.append(batch.head(m))        # durable append of what the register holds
+        log.clear_ahead()                # not durable: recovery ignores a stale record
 
-    If the extend fails in a way that leaves its effect unknown, call :meth:`recover` with
-    the register read back instead of :meth:`abort`.
+    :meth:`append` is idempotent (it first cuts the file to ``batch.offset``), so a failed
+    append is simply tried again. Recovery reads the record's position: the register says
+    how many of its events were extended, and exactly those end up in the log.
 
-    The class takes no locks: the caller must serialise ``begin``/extend/``commit``/
-    ``abort``/``recover`` across threads and processes (e.g. one asyncio lock in the agent,
-    which is the only writer after boot). Readers may call :meth:`read` at any time; a line
-    being appended is not visible until complete.
+    The class takes no locks: the caller serialises writers (the agent's committer task is
+    the only writer after boot). Readers may call :meth:`read` at any time; a line being
+    appended is not visible until complete.
     """
 
     def __init__(self, path: Path) -> None:
         """:param path: the log file; its directory must exist."""
         self.path = Path(path)
-        self.pending_path = self.path.with_name(self.path.name + ".pending")
-        self._pending_tmp = self.path.with_name(self.path.name + ".pending.tmp")
+        self.wal_path = self.path.with_name(self.path.name + WAL_SUFFIX)
+        # Written by dstack-core before 0.2 (one event, no position); still recovered.
+        self._legacy_pending = self.path.with_name(self.path.name + _LEGACY_PENDING_SUFFIX)
+        self._legacy_tmp = self.path.with_name(self.path.name + _LEGACY_PENDING_SUFFIX + ".tmp")
 
     def __repr__(self) -> str:
         return f"RuntimeEventLog({str(self.path)!r})"
+
+    # --- reading ---
 
     def read(self) -> tuple[RuntimeEvent, ...]:
         """Return the events of every complete line; a missing file is an empty log.
@@ -665,21 +779,27 @@ class RuntimeEventLog:
 
         :raises StateError: if a complete line is not a valid event (names the line).
         """
+        return self._load()[0]
+
+    def _load(self) -> tuple[tuple[RuntimeEvent, ...], list[int], int]:
+        """Events, the byte offset after each, and the file's size."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return ()
-        return self._parse(data)
-
-    def _parse(self, data: bytes) -> tuple[RuntimeEvent, ...]:
-        lines = data.split(b"\n")[:-1]  # the last piece is empty or a torn append
-        events = []
-        for number, line in enumerate(lines, start=1):
+            return (), [], 0
+        events: list[RuntimeEvent] = []
+        ends: list[int] = []
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
             try:
-                events.append(RuntimeEvent.from_log_line(line))
+                events.append(RuntimeEvent.from_log_line(data[start:end]))
             except EvidenceError as exc:
-                raise StateError(f"{self.path}: line {number} is corrupt: {exc.message}") from None
-        return tuple(events)
+                raise StateError(
+                    f"{self.path}: line {len(events) + 1} is corrupt: {exc.message}"
+                ) from None
+            start = end + 1
+            ends.append(start)
+        return tuple(events), ends, len(data)
 
     def replay(self) -> bytes:
         """Return RTMR3 as the complete lines of the log replay it."""
@@ -688,127 +808,239 @@ class RuntimeEventLog:
             register = extend(register, event.digest)
         return register
 
-    def pending(self) -> RuntimeEvent | None:
-        """Return the event of an unfinished :meth:`begin`, or None.
+    def written_ahead(self) -> LogBatch | None:
+        """The last write-ahead record, or None (none, cleared or torn).
 
-        :raises StateError: if the pending record is unreadable.
+        A pending record left by dstack-core before 0.2 counts as a batch of one at the
+        end of the log.
+
+        :raises StateError: a record that is corrupt though not torn.
         """
         try:
-            data = self.pending_path.read_bytes()
+            record = self.wal_path.read_bytes()
+        except FileNotFoundError:
+            record = b""
+        batch = LogBatch.from_record(record)
+        if batch is not None:
+            return batch
+        try:
+            legacy = self._legacy_pending.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return RuntimeEvent.from_log_line(data)
+            event = RuntimeEvent.from_log_line(legacy)
         except EvidenceError as exc:
-            raise StateError(f"{self.pending_path} is corrupt: {exc.message}") from None
+            raise StateError(f"{self._legacy_pending} is corrupt: {exc.message}") from None
+        events, ends, _ = self._load()
+        return LogBatch.at(len(events), ends[-1] if ends else 0, (event,))
 
-    def begin(self, event: RuntimeEvent) -> None:
-        """Durably record that ``event`` is about to be extended into RTMR3.
+    def pending(self) -> tuple[RuntimeEvent, ...]:
+        """The written-ahead events that are not in the log (empty when there are none).
 
-        Writes ``<path>.pending`` atomically (temporary file, fsync, rename, fsync of the
-        directory). Call before extending the register.
-
-        :raises StateError: if a pending record already exists (an earlier emission was not
-            finished: call :meth:`recover`).
+        :raises StateError: as :meth:`written_ahead` and :meth:`read`.
         """
-        if not isinstance(event, RuntimeEvent):
-            raise InvalidEvent("begin() takes a RuntimeEvent")
-        if self.pending_path.exists():
-            raise StateError(
-                f"{self.pending_path} exists: an earlier event was not committed; recover first"
-            )
-        fd = os.open(self._pending_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _write_all(fd, event.to_log_line())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self._pending_tmp, self.pending_path)
-        _fsync_dir(self.pending_path.parent)
+        batch = self.written_ahead()
+        if batch is None:
+            return ()
+        events = self.read()
+        in_log = _in_log(batch, events)
+        return () if in_log is None else batch.events[in_log:]
 
-    def commit(self, event: RuntimeEvent) -> None:
-        """Durably append ``event`` after the register was extended, then drop the pending record.
+    # --- writing ---
 
-        A torn tail left by an earlier failed append is cut first, so the new line never
-        follows garbage.
+    def write_ahead(self, batch: LogBatch) -> None:
+        """Durably record ``batch`` before any of it is extended (one write, one fdatasync).
 
-        :raises StateError: if there is no pending record for ``event``.
+        :raises OSError: the record could not be made durable; nothing was extended, so
+            the caller drops the batch.
         """
-        pending = self.pending()
-        if pending != event:
-            raise StateError(
-                "commit() without a matching begin(): no pending record for this event"
-            )
-        self._append(event)
-        self.pending_path.unlink()
-        _fsync_dir(self.pending_path.parent)
-
-    def abort(self) -> None:
-        """Drop a pending record; call only when the extend certainly did not happen."""
-        self._pending_tmp.unlink(missing_ok=True)
-        self.pending_path.unlink(missing_ok=True)
-        _fsync_dir(self.pending_path.parent)
-
-    def _append(self, event: RuntimeEvent) -> None:
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        created = not self.wal_path.exists()
+        fd = os.open(self.wal_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(fd).st_mode & 0o777 != 0o600:
-                os.fchmod(fd, 0o600)
-            _truncate_torn_tail(fd)
-            _write_all(fd, event.to_log_line())
-            os.fsync(fd)
+            _pwrite_all(fd, batch.to_record(), 0)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.wal_path.parent)
+
+    def append(self, batch: LogBatch) -> None:
+        """Durably append ``batch`` at ``batch.offset`` (one write, one fdatasync).
+
+        Whatever follows ``batch.offset`` (a torn line of an earlier failed attempt) is cut
+        first, so appending the same batch again is harmless.
+
+        :raises OSError: the append is not durable; try again later.
+        :raises StateError: the log is shorter than ``batch.offset`` (lines were lost).
+        """
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            if st.st_mode & 0o777 != 0o600:
+                os.fchmod(fd, 0o600)
+            if st.st_size < batch.offset:
+                raise StateError(
+                    f"runtime event log {self.path} holds {st.st_size} bytes, fewer than the "
+                    f"{batch.offset} already recorded: it was truncated behind our back"
+                )
+            if st.st_size > batch.offset:
+                os.ftruncate(fd, batch.offset)
+            _pwrite_all(fd, batch.data, batch.offset)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.path.parent)
+
+    def clear_ahead(self) -> None:
+        """Mark the write-ahead record done. Not durable, and best effort: recovery
+        recognises a stale record by its position, so losing this write is harmless."""
+        try:
+            fd = os.open(self.wal_path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.pwrite(fd, _CLEARED_RECORD, 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        for legacy in (self._legacy_pending, self._legacy_tmp):
+            with contextlib.suppress(OSError):
+                legacy.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Delete the log and its write-ahead record (a fresh machine boots)."""
+        for path in (self.path, self.wal_path, self._legacy_pending, self._legacy_tmp):
+            path.unlink(missing_ok=True)
+
+    # --- one event at a time (boot processes, tests) ---
+
+    def begin(self, event: RuntimeEvent) -> LogBatch:
+        """Write ``event`` ahead as a batch of one at the end of the log.
+
+        :raises StateError: written-ahead events are still pending (recover first).
+        """
+        if not isinstance(event, RuntimeEvent):
+            raise InvalidEvent("begin() takes a RuntimeEvent")
+        if self.pending():
+            raise StateError(
+                f"{self.wal_path} holds events not yet in the log; recover first"
+            )
+        events, ends, _ = self._load()
+        batch = LogBatch.at(len(events), ends[-1] if ends else 0, (event,))
+        self.write_ahead(batch)
+        return batch
+
+    def commit(self, event: RuntimeEvent) -> None:
+        """Append ``event`` after the register was extended with it, then clear the record.
+
+        :raises StateError: ``event`` is not the pending event written by :meth:`begin`.
+        """
+        batch = self.written_ahead()
+        if batch is None or self.pending() != (event,):
+            raise StateError("commit() without a matching begin(): this event is not pending")
+        self.append(batch)
+        self.clear_ahead()
+
+    def abort(self) -> None:
+        """Drop a pending record; call only when the extend certainly did not happen."""
+        self.clear_ahead()
+
+    # --- recovery ---
+
+    def plan_recovery(self, register_value: bytes) -> RecoveryPlan:
+        """Decide, without writing, what the log must hold to replay to ``register_value``.
+
+        A torn final line is cut. Then, with a write-ahead batch not (fully) in the log,
+        the register says how many of its events were extended: exactly those are
+        appended (``"committed"``), the rest dropped (``"discarded"``). Without one,
+        replaying the log must give the register (``"clean"``).
+
+        :raises InvalidEvent: if ``register_value`` is not 48 bytes.
+        :raises StateError: if no case matches (the message has the replays and the register
+            in hex), or a complete line or the record is corrupt.
+        """
+        if len(register_value) != REGISTER_SIZE:
+            raise InvalidEvent(f"RTMR3 must be {REGISTER_SIZE} bytes, got {len(register_value)}")
+        events, ends, size = self._load()
+        good = ends[-1] if ends else 0
+        logged = ZERO_REGISTER
+        for event in events:
+            logged = extend(logged, event.digest)
+        batch = self.written_ahead()
+        in_log = None if batch is None else _in_log(batch, events, ends)
+        if batch is None or in_log is None or in_log == len(batch.events):
+            if not hmac.compare_digest(logged, register_value):
+                raise StateError(
+                    f"runtime event log {self.path} does not replay to RTMR3: "
+                    f"replay(log)={logged.hex()} register={register_value.hex()}"
+                )
+            repair = LogBatch.at(len(events), good, ()) if size != good else None
+            return RecoveryPlan(outcome="clean", events=events, size=good, repair=repair)
+        value = logged
+        extended = None
+        for count in range(in_log, len(batch.events) + 1):
+            if hmac.compare_digest(value, register_value):
+                extended = count
+                break
+            if count < len(batch.events):
+                value = extend(value, batch.events[count].digest)
+        if extended is None:
+            raise StateError(
+                f"runtime event log {self.path} does not replay to RTMR3: "
+                f"replay(log)={logged.hex()} replay(log+written ahead)={value.hex()} "
+                f"register={register_value.hex()}"
+            )
+        missing = batch.head(extended).tail(in_log)
+        outcome: RecoveryOutcome = (
+            "committed" if missing.events else "discarded" if extended < len(batch.events)
+            else "clean"
+        )
+        repair = missing if missing.events or size != good else None
+        return RecoveryPlan(
+            outcome=outcome,
+            events=events + missing.events,
+            size=missing.end_offset,
+            repair=repair,
+        )
+
+    def apply(self, plan: RecoveryPlan) -> None:
+        """Make ``plan`` durable: the repair append, then clear the write-ahead record.
+
+        :raises OSError: the repair could not be written (try again later).
+        """
+        if plan.repair is not None:
+            self.append(plan.repair)
+        self.clear_ahead()
 
     def recover(self, register_value: bytes) -> RecoveryOutcome:
-        """Reconcile the log with RTMR3 at start-up; returns what was found.
-
-        ``register_value`` is RTMR3 read from the platform. A torn final line is cut. Then:
-
-        * with a pending record: if replaying log + pending gives the register, the extend
-          happened and the event is appended (``"committed"``); else if replaying the log
-          alone gives it, the extend did not happen, or the append had already completed,
-          and the record is dropped (``"discarded"``);
-        * without one: replaying the log must give the register (``"clean"``).
+        """Reconcile the log with RTMR3 (:meth:`plan_recovery`, then :meth:`apply`).
 
         Safe to call again after a crash inside it.
 
         :raises InvalidEvent: if ``register_value`` is not 48 bytes.
-        :raises StateError: if no case matches (the message has the replays and the register
-            in hex), or a complete line or the pending record is corrupt.
+        :raises StateError: as :meth:`plan_recovery`.
+        :raises OSError: the repair could not be written.
         """
-        if len(register_value) != REGISTER_SIZE:
-            raise InvalidEvent(f"RTMR3 must be {REGISTER_SIZE} bytes, got {len(register_value)}")
-        self._pending_tmp.unlink(missing_ok=True)
-        if self.path.exists():
-            fd = os.open(self.path, os.O_RDWR)
-            try:
-                _truncate_torn_tail(fd)
-            finally:
-                os.close(fd)
-        logged = self.replay()
-        pending = self.pending()
-        if pending is None:
-            if hmac.compare_digest(logged, register_value):
-                return "clean"
-            raise StateError(
-                f"runtime event log {self.path} does not replay to RTMR3: "
-                f"replay(log)={logged.hex()} register={register_value.hex()}"
-            )
-        with_pending = extend(logged, pending.digest)
-        if hmac.compare_digest(with_pending, register_value):
-            self._append(pending)
-            self.pending_path.unlink()
-            _fsync_dir(self.pending_path.parent)
-            return "committed"
-        if hmac.compare_digest(logged, register_value):
-            self.abort()
-            return "discarded"
-        raise StateError(
-            f"runtime event log {self.path} does not replay to RTMR3: "
-            f"replay(log)={logged.hex()} replay(log+pending)={with_pending.hex()} "
-            f"register={register_value.hex()}"
-        )
+        plan = self.plan_recovery(register_value)
+        self.apply(plan)
+        return plan.outcome
+
+
+def _in_log(
+    batch: LogBatch, events: Sequence[RuntimeEvent], ends: Sequence[int] | None = None
+) -> int | None:
+    """How many of ``batch``'s events the log already holds at its position, or None when
+    the log disagrees with the record there (a stale record of an earlier layout)."""
+    if batch.position > len(events):
+        return None
+    if ends is not None:
+        start = ends[batch.position - 1] if batch.position else 0
+        if start != batch.offset:
+            return None
+    present = min(len(events) - batch.position, len(batch.events))
+    if tuple(events[batch.position : batch.position + present]) != batch.events[:present]:
+        return None
+    return present

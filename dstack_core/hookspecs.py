@@ -18,7 +18,8 @@ as ``PlatformError`` and logged with its traceback.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import pluggy
 
@@ -40,6 +41,31 @@ if TYPE_CHECKING:
 PROJECT_NAME = "dstack_core"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
+NONBLOCKING_ATTR: Final = "dstack_core_nonblocking"
+"""The attribute :func:`nonblocking` sets on a hook implementation."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def nonblocking(function: _F) -> _F:
+    """Mark a hook implementation as quick and free of blocking I/O.
+
+    The core then calls it on its event loop instead of in a worker thread, which saves a
+    thread hand-off per call (for a software platform, most of a quote's cost). Only for
+    hooks that never wait for a device, a file or the network and finish in well under a
+    millisecond; everything else keeps the default. Thread safety is still required: other
+    hooks of the same plugin run in worker threads at the same time. Put it under
+    ``@hookimpl``::
+
+        @hookimpl
+        @nonblocking
+        def get_quote(self, report_data: bytes) -> Quote: ...
+
+    .. versionadded:: 0.2
+    """
+    setattr(function, NONBLOCKING_ATTR, True)
+    return function
+
 __all__ = [
     "PROJECT_NAME",
     "REQUIRED_HOOKS",
@@ -53,6 +79,8 @@ __all__ = [
     "boot_event_log",
     "read_measurements",
     "extend_rtmr",
+    "extend_rtmr_many",
+    "nonblocking",
     "trust_bundle",
 ]
 
@@ -178,6 +206,29 @@ def extend_rtmr(index: int, digest: bytes) -> None:
     :raises PlatformError: the kernel refused the extension.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec(firstresult=True)
+def extend_rtmr_many(index: int, digests: tuple[bytes, ...]) -> None:
+    """Extend a runtime measurement register by several digests, in order, in one call.
+
+    Optional: without it the core calls :func:`extend_rtmr` once per digest. The core
+    commits concurrent EmitEvents in batches; a platform whose extension costs a durable
+    write per call (the simulator saves its register) implements this hook to pay that once
+    per batch. Every extension must be durable when the hook returns. If it raises, any
+    prefix of ``digests`` may have been applied: the core reads the register back
+    (:func:`read_measurements`) and keeps exactly the events it holds.
+
+    :param index: the register, always 3.
+    :param digests: one or more 48-byte SHA-384 event digests, in extend order.
+    :raises InvalidRequest: an index other than 3 or a digest that is not 48 bytes.
+    :raises PlatformUnsupported: the platform has no runtime registers.
+    :raises StorageError: the platform's own durable state could not be written; the
+        register did not move.
+    :raises PlatformError: the kernel refused an extension.
+
+    .. versionadded:: 0.2
     """
 
 

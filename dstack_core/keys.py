@@ -24,9 +24,6 @@ import coincurve
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
-from Crypto.Hash import keccak
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import InvalidRequest, UnsupportedAlgorithm
 
@@ -36,6 +33,7 @@ __all__ = [
     "SIGN_KEY_PURPOSE",
     "KeyAlgorithm",
     "SignAlgorithm",
+    "AppKey",
     "DerivedKey",
     "Signature",
     "derive_key",
@@ -45,12 +43,15 @@ __all__ = [
     "public_key_for",
     "derive_app_key",
     "sign_with_app_key",
+    "sign_key_algorithm",
+    "SignKey",
     "verify_signature",
     "recover_public_key",
     "kms_message",
 ]
 
 KDF_SALT: Final = b"RATLS"
+HKDF_BLOCK: Final = 32
 SECRET_LENGTH: Final = 32
 RECOVERABLE_SIGNATURE_LENGTH: Final = 65
 COMPACT_SIGNATURE_LENGTH: Final = 64
@@ -105,13 +106,34 @@ class Signature:
 
 def derive_key(ikm: bytes, context: Sequence[bytes], length: int = SECRET_LENGTH) -> bytes:
     """HKDF-SHA256 with salt ``RATLS``; ``info`` is the concatenation of ``context``."""
-    return HKDF(
-        algorithm=hashes.SHA256(), length=length, salt=KDF_SALT, info=b"".join(context)
-    ).derive(ikm)
+    return _hkdf_expand(_hkdf_extract(ikm), b"".join(context), length)
+
+
+def _hkdf_extract(ikm: bytes) -> bytes:
+    # RFC 5869 2.2, with one-shot HMACs: building cryptography's HKDF object costs more
+    # than the hashing itself.
+    return hmac.digest(KDF_SALT, ikm, "sha256")
+
+
+def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    # RFC 5869 2.3.
+    if not 0 < length <= 255 * HKDF_BLOCK:
+        raise ValueError(f"HKDF-SHA256 output must be 1..{255 * HKDF_BLOCK} bytes")
+    output = block = b""
+    counter = 1
+    while len(output) < length:
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        output += block
+        counter += 1
+    return output[:length]
 
 
 def keccak256(data: bytes) -> bytes:
     """Ethereum's Keccak-256 (not SHA3-256)."""
+    # Imported on first use: pycryptodome's import parses C declarations (cffi), a tenth
+    # of the agent's start-up, and nothing at start-up needs Keccak.
+    from Crypto.Hash import keccak
+
     return keccak.new(digest_bits=256, data=data).digest()
 
 
@@ -141,12 +163,47 @@ def public_key_for(algorithm: KeyAlgorithm, secret: bytes) -> bytes:
     """The public key of a 32-byte secret: compressed SEC1 or raw Ed25519."""
     if algorithm == "ed25519":
         return bytes(nacl.signing.SigningKey(secret).verify_key)
-    return coincurve.PrivateKey(secret).public_key.format(compressed=True)
+    # PublicKey.from_secret: PrivateKey() would also build the x-only (Schnorr) key pair.
+    return coincurve.PublicKey.from_secret(secret).format(compressed=True)
 
 
-def _sign_recoverable(secret: bytes, digest: bytes) -> bytes:
-    # coincurve yields r || s || recid with recid in {0, 1} and low S: upstream's exact bytes.
-    return coincurve.PrivateKey(secret).sign_recoverable(digest, hasher=None)
+class AppKey:
+    """The app's secp256k1 key, ready to derive with.
+
+    The HKDF extract step and the key object depend only on the key, so they are computed
+    once; every derivation gives exactly what :func:`derive_app_key` gives.
+
+    :param secret: the app's 32-byte secp256k1 private key.
+    :param kms_signature: 65 bytes from the KMS, or empty without a KMS.
+    """
+
+    __slots__ = ("_key", "_kms_signature", "_prk")
+
+    def __init__(self, secret: bytes, kms_signature: bytes) -> None:
+        self._prk = _hkdf_extract(secret)
+        # coincurve yields r || s || recid, recid in {0, 1} and low S: upstream's exact bytes.
+        self._key = coincurve.PrivateKey(secret)
+        self._kms_signature = kms_signature
+
+    def __repr__(self) -> str:
+        return "AppKey(<secret>)"
+
+    def derive(self, *, path: str, purpose: str, algorithm: str) -> DerivedKey:
+        """GetKey (see :func:`derive_app_key`).
+
+        :raises UnsupportedAlgorithm: for an unknown algorithm.
+        """
+        alg = normalize_key_algorithm(algorithm)
+        secret = _hkdf_expand(self._prk, path.encode(), SECRET_LENGTH)
+        public_key = public_key_for(alg, secret)
+        message = f"{purpose}:{public_key.hex()}".encode()
+        app_signature = self._key.sign_recoverable(keccak256(message), hasher=None)
+        return DerivedKey(
+            algorithm=alg,
+            secret=secret,
+            public_key=public_key,
+            signature_chain=(app_signature, self._kms_signature),
+        )
 
 
 def derive_app_key(
@@ -161,17 +218,63 @@ def derive_app_key(
     :param kms_signature: 65 bytes from the KMS, or empty without a KMS.
     :raises UnsupportedAlgorithm: for an unknown algorithm.
     """
-    alg = normalize_key_algorithm(algorithm)
-    secret = derive_key(app_key, [path.encode()])
-    public_key = public_key_for(alg, secret)
-    message = f"{purpose}:{public_key.hex()}".encode()
-    app_signature = _sign_recoverable(app_key, keccak256(message))
-    return DerivedKey(
-        algorithm=alg,
-        secret=secret,
-        public_key=public_key,
-        signature_chain=(app_signature, kms_signature),
-    )
+    return AppKey(app_key, kms_signature).derive(path=path, purpose=purpose, algorithm=algorithm)
+
+
+def sign_key_algorithm(algorithm: SignAlgorithm) -> KeyAlgorithm:
+    """The algorithm of the key Sign uses for a (normalised) signature algorithm."""
+    return "ed25519" if algorithm == "ed25519" else "secp256k1"
+
+
+@attrs.frozen(kw_only=True)
+class SignKey:
+    """The key Sign uses for one key algorithm, ready to sign: GetKey(path="vms",
+    purpose="signing") derived once. It depends only on the app key and the algorithm, so a
+    caller may keep it for the life of the app key.
+    """
+
+    derived: DerivedKey = attrs.field(repr=False)
+    _ed25519: nacl.signing.SigningKey | None = attrs.field(repr=False, alias="ed25519")
+    _secp256k1: coincurve.PrivateKey | None = attrs.field(repr=False, alias="secp256k1")
+
+    @classmethod
+    def derive(cls, app_key: bytes, kms_signature: bytes, algorithm: KeyAlgorithm) -> SignKey:
+        derived = derive_app_key(
+            app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE,
+            algorithm=algorithm,
+        )
+        ed = nacl.signing.SigningKey(derived.secret) if algorithm == "ed25519" else None
+        k256 = coincurve.PrivateKey(derived.secret) if algorithm == "secp256k1" else None
+        return cls(derived=derived, ed25519=ed, secp256k1=k256)
+
+    def sign(self, algorithm: SignAlgorithm, data: bytes) -> Signature:
+        """Sign ``data`` (see :func:`sign_with_app_key`).
+
+        :raises InvalidRequest: prehashed data that is not 32 bytes long, or an algorithm
+            this key is not for.
+        """
+        if self._ed25519 is not None and algorithm == "ed25519":
+            signature = self._ed25519.sign(data).signature
+        elif self._secp256k1 is not None and algorithm != "ed25519":
+            if algorithm == "secp256k1_prehashed":
+                if len(data) != PREHASH_LENGTH:
+                    raise InvalidRequest(
+                        "Pre-hashed signing requires a 32-byte digest, "
+                        f"but received {len(data)} bytes",
+                        code="invalid_digest_length",
+                    )
+                digest = data
+            else:
+                digest = hashlib.sha256(data).digest()
+            signature = self._secp256k1.sign_recoverable(digest, hasher=None)
+            signature = signature[:COMPACT_SIGNATURE_LENGTH]
+        else:
+            raise InvalidRequest(f"a {self.derived.algorithm} key cannot make {algorithm} signatures")
+        return Signature(
+            signature=signature,
+            public_key=self.derived.public_key,
+            signature_chain=(signature, *self.derived.signature_chain),
+        )
 
 
 def sign_with_app_key(
@@ -187,29 +290,7 @@ def sign_with_app_key(
     :raises InvalidRequest: prehashed data that is not 32 bytes long.
     """
     alg = normalize_sign_algorithm(algorithm)
-    key_alg: KeyAlgorithm = "ed25519" if alg == "ed25519" else "secp256k1"
-    derived = derive_app_key(
-        app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE, algorithm=key_alg
-    )
-    if alg == "ed25519":
-        signature = nacl.signing.SigningKey(derived.secret).sign(data).signature
-    else:
-        if alg == "secp256k1_prehashed":
-            if len(data) != PREHASH_LENGTH:
-                raise InvalidRequest(
-                    "Pre-hashed signing requires a 32-byte digest, "
-                    f"but received {len(data)} bytes",
-                    code="invalid_digest_length",
-                )
-            digest = data
-        else:
-            digest = hashlib.sha256(data).digest()
-        signature = _sign_recoverable(derived.secret, digest)[:COMPACT_SIGNATURE_LENGTH]
-    return Signature(
-        signature=signature,
-        public_key=derived.public_key,
-        signature_chain=(signature, *derived.signature_chain),
-    )
+    return SignKey.derive(app_key, kms_signature, sign_key_algorithm(alg)).sign(alg, data)
 
 
 def _prehash_field(data: bytes) -> bytes | None:
@@ -236,13 +317,14 @@ def verify_signature(algorithm: str, data: bytes, signature: bytes, public_key: 
             raise InvalidRequest("invalid public key", code="invalid_public_key")
         if len(signature) != ED25519_SIGNATURE_LENGTH:
             raise InvalidRequest("invalid signature length", code="invalid_signature")
-        # PyNaCl does not check the point; upstream (dalek) refuses keys that are not one.
-        if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
-            raise InvalidRequest("invalid public key", code="invalid_public_key")
-        verify_key = nacl.signing.VerifyKey(public_key)
         try:
-            verify_key.verify(data, signature)
+            nacl.bindings.crypto_sign_open(signature + data, public_key)
         except nacl.exceptions.BadSignatureError:
+            # Upstream (dalek) refuses keys that are not a point; libsodium only fails to
+            # verify. The point check costs about as much as verifying, so it is made
+            # only when the answer is not already "valid".
+            if not nacl.bindings.crypto_core_ed25519_is_valid_point(public_key):
+                raise InvalidRequest("invalid public key", code="invalid_public_key") from None
             return False
         return True
     # SEC1 compressed or uncompressed only: libsecp256k1 also takes "hybrid" 06/07 keys,

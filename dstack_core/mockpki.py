@@ -11,8 +11,9 @@ Determinism is the contract that makes trust bundles work: :meth:`MockIntelPki.f
 the same 32-byte seed yields byte-identical root certificate, certificate chain, CRLs and
 collateral JSON in any process. Keys are derived from the seed with HKDF-SHA256 under distinct
 labels; certificates, CRLs and collateral are signed with deterministic ECDSA (RFC 6979) over
-fixed validity dates. Only the per-quote parts (attestation key, quote and QE report
-signatures) are random.
+fixed validity dates. Only the quoting enclave's parts are random: like a real QE, a PKI
+instance generates its attestation key (and signs its QE report) once, when it is made,
+and then signs every quote with it.
 
 The PKI's layout (names, extensions, collateral fields) is what dcap-qvl 0.7 checks; see
 ``formats.md`` sections 6 and 9 in the project notes.
@@ -23,8 +24,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 from cryptography import x509
@@ -38,12 +41,15 @@ from dstack_core.quote import (
     ATT_KEY_TYPE_ECDSA_P256,
     ECDSA_P256_SIGNATURE_SIZE,
     INTEL_QE_VENDOR_ID,
+    SIG_DATA_LEN,
+    TD_REPORT_OFFSETS,
     TEE_TYPE_TDX,
+    V4_BODY_OFFSET,
+    V5_BODY_OFFSET,
     QeReport,
     QuoteHeader,
     QuoteSignatureData,
     TdReport,
-    assemble_quote,
     encode_signed_region,
 )
 
@@ -63,6 +69,8 @@ __all__ = [
     "SEED_SIZE",
     "SIMULATOR_USER_DATA",
     "MockIntelPki",
+    "QUOTE_CACHE",
+    "QuoteSigner",
 ]
 
 SEED_SIZE = 32
@@ -364,9 +372,10 @@ def _qe_identity() -> dict[str, Any]:
 class MockIntelPki:
     """A seeded mock of Intel's DCAP PKI: root CA, PCK chain, collateral, and a quote signer.
 
-    Build it with :meth:`from_seed`; everything except :meth:`sign_quote`'s output is a pure
-    function of the seed. Certificates and collateral are computed once and cached, so signing
-    a quote costs one key generation and two ECDSA signatures.
+    Build it with :meth:`from_seed`; everything except the attestation key (one per instance,
+    as a QE has one) and :meth:`sign_quote`'s signatures is a pure function of the seed.
+    Certificates, collateral and the QE report are computed once, so signing a quote costs
+    one ECDSA signature.
     """
 
     root_ca_der: bytes = attrs.field(repr=False)
@@ -377,6 +386,43 @@ class MockIntelPki:
     """PCK leaf, platform CA and root, PEM, leaf first (as carried in quotes, minus the NUL)."""
     _pck_key: ec.EllipticCurvePrivateKey = attrs.field(repr=False, alias="pck_key")
     _collateral_json: str = attrs.field(repr=False, alias="collateral_json")
+    _attestation_key: ec.EllipticCurvePrivateKey = attrs.field(
+        repr=False, init=False, factory=lambda: ec.generate_private_key(_CURVE)
+    )
+    _qe: tuple[bytes, bytes, bytes] = attrs.field(repr=False, init=False)
+    """attestation public key (raw), QE report body, its PCK signature (raw)."""
+
+    @_qe.default
+    def _sign_qe_report(self) -> tuple[bytes, bytes, bytes]:
+        attestation_public = _raw_public_key(self._attestation_key)
+        qe_report = QeReport(
+            cpu_svn=bytes(16),
+            misc_select=0,
+            attributes=bytes(16),
+            mr_enclave=bytes(32),
+            mr_signer=MOCK_QE_MR_SIGNER,
+            isv_prod_id=MOCK_QE_ISV_PROD_ID,
+            isv_svn=MOCK_QE_ISV_SVN,
+            report_data=hashlib.sha256(attestation_public + MOCK_QE_AUTH_DATA).digest() + bytes(32),
+        ).to_bytes()
+        signature = _raw_signature(self._pck_key.sign(qe_report, _RANDOM_ECDSA))
+        return attestation_public, qe_report, signature
+
+    _signature_tail: bytes = attrs.field(repr=False, init=False)
+    """The signature data after the quote signature: the same in every quote."""
+
+    @_signature_tail.default
+    def _encode_signature_tail(self) -> bytes:
+        attestation_public, qe_report, qe_report_signature = self._qe
+        data = QuoteSignatureData(
+            signature=bytes(ECDSA_P256_SIGNATURE_SIZE),
+            attestation_key=attestation_public,
+            qe_report_body=qe_report,
+            qe_report_signature=qe_report_signature,
+            qe_auth_data=MOCK_QE_AUTH_DATA,
+            pck_cert_chain_data=self.pck_chain_pem + b"\0",
+        )
+        return data.to_bytes()[ECDSA_P256_SIGNATURE_SIZE:]
 
     @classmethod
     def from_seed(cls, seed: bytes) -> MockIntelPki:
@@ -473,8 +519,8 @@ class MockIntelPki:
 
         The caller owns every TD report field; for dcap-qvl to answer ``UpToDate`` the report
         needs td_attributes :data:`MOCK_TD_ATTRIBUTES` (debug clear, SEPT_VE_DISABLE set) and
-        zero tee_tcb_svn, mr_signer_seam (and mr_service_td). A fresh attestation key signs
-        each quote.
+        zero tee_tcb_svn, mr_signer_seam (and mr_service_td). The instance's attestation key
+        signs it.
 
         :param report: a TD 1.0 report for version 4; for version 5 a TD 1.0 report is
             extended to TD 1.5 with zero tee_tcb_svn2 and mr_service_td (body type 3).
@@ -484,38 +530,83 @@ class MockIntelPki:
         :raises ValueError: for another version, a TD 1.5 report with version 4, or
             user_data that is not 20 bytes.
         """
-        if version not in (4, 5):
-            raise ValueError(f"quote version must be 4 or 5, got {version}")
-        if version == 5 and not report.is_td15:
-            report = attrs.evolve(report, tee_tcb_svn2=bytes(16), mr_service_td=bytes(48))
-        header = QuoteHeader(
-            version=version,
-            att_key_type=ATT_KEY_TYPE_ECDSA_P256,
-            tee_type=TEE_TYPE_TDX,
-            qe_svn=0,
-            pce_svn=0,
-            qe_vendor_id=INTEL_QE_VENDOR_ID,
-            user_data=user_data,
-        )
-        signed_region = encode_signed_region(header, report)
-        attestation_key = ec.generate_private_key(_CURVE)
-        attestation_public = _raw_public_key(attestation_key)
-        qe_report = QeReport(
-            cpu_svn=bytes(16),
-            misc_select=0,
-            attributes=bytes(16),
-            mr_enclave=bytes(32),
-            mr_signer=MOCK_QE_MR_SIGNER,
-            isv_prod_id=MOCK_QE_ISV_PROD_ID,
-            isv_svn=MOCK_QE_ISV_SVN,
-            report_data=hashlib.sha256(attestation_public + MOCK_QE_AUTH_DATA).digest() + bytes(32),
-        ).to_bytes()
-        signature_data = QuoteSignatureData(
-            signature=_raw_signature(attestation_key.sign(signed_region, _RANDOM_ECDSA)),
-            attestation_key=attestation_public,
-            qe_report_body=qe_report,
-            qe_report_signature=_raw_signature(self._pck_key.sign(qe_report, _RANDOM_ECDSA)),
-            qe_auth_data=MOCK_QE_AUTH_DATA,
-            pck_cert_chain_data=self.pck_chain_pem + b"\0",
-        )
-        return assemble_quote(signed_region, signature_data)
+        return self._sign_region(_signed_region(report, user_data=user_data, version=version))
+
+    def quote_signer(self, report: TdReport, *, user_data: bytes, version: int = 4) -> QuoteSigner:
+        """A signer of quotes that differ from ``report``'s only in RTMR0-3 and report data:
+        everything else is encoded once (see :meth:`sign_quote` for the arguments)."""
+        region = _signed_region(report, user_data=user_data, version=version)
+        body = V4_BODY_OFFSET if version == 4 else V5_BODY_OFFSET
+        return QuoteSigner(pki=self, region=region, body=body)
+
+    def _sign_region(self, signed_region: bytes) -> bytes:
+        signature = _raw_signature(self._attestation_key.sign(signed_region, _RANDOM_ECDSA))
+        tail = self._signature_tail
+        return signed_region + SIG_DATA_LEN.pack(len(signature) + len(tail)) + signature + tail
+
+
+QUOTE_CACHE: Final = 64
+"""Quotes a :class:`QuoteSigner` keeps (about 5 KiB each)."""
+_RTMRS_AT: Final = TD_REPORT_OFFSETS["rtmr0"]
+_RTMRS_SIZE: Final = 4 * REGISTER_SIZE
+_REPORT_DATA_AT: Final = TD_REPORT_OFFSETS["report_data"]
+assert TD_REPORT_OFFSETS["rtmr3"] == _RTMRS_AT + 3 * REGISTER_SIZE
+
+
+@attrs.frozen(kw_only=True)
+class QuoteSigner:
+    """Quotes over one encoded TD report with RTMR0-3 and report data filled in per quote
+    (:meth:`MockIntelPki.quote_signer`): one ECDSA signature and a few copies each.
+
+    A quote is a signature over its signed region and nothing else, so one signed for the
+    same registers and report data is as good as a new one: the last :data:`QUOTE_CACHE`
+    quotes are kept, keyed on their whole signed region, and handed out again instead of
+    being signed twice. Thread-safe.
+    """
+
+    pki: MockIntelPki = attrs.field(repr=False)
+    region: bytes = attrs.field(repr=False)
+    body: int
+    _cache: OrderedDict[bytes, bytes] = attrs.field(init=False, factory=OrderedDict, repr=False)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock, repr=False)
+
+    def sign(self, *, rtmrs: Sequence[bytes], report_data: bytes) -> bytes:
+        """A quote with these registers and report data.
+
+        :raises ValueError: not four 48-byte registers and 64 bytes of report data.
+        """
+        registers = b"".join(rtmrs)
+        if len(rtmrs) != 4 or len(registers) != _RTMRS_SIZE or len(report_data) != 64:
+            raise ValueError("a quote takes four 48-byte RTMRs and 64 bytes of report data")
+        buffer = bytearray(self.region)
+        buffer[self.body + _RTMRS_AT : self.body + _RTMRS_AT + _RTMRS_SIZE] = registers
+        buffer[self.body + _REPORT_DATA_AT : self.body + _REPORT_DATA_AT + 64] = report_data
+        region = bytes(buffer)
+        with self._lock:
+            quote = self._cache.get(region)
+            if quote is not None:
+                self._cache.move_to_end(region)
+                return quote
+        quote = self.pki._sign_region(region)
+        with self._lock:
+            self._cache[region] = quote
+            if len(self._cache) > QUOTE_CACHE:
+                self._cache.popitem(last=False)
+        return quote
+
+
+def _signed_region(report: TdReport, *, user_data: bytes, version: int) -> bytes:
+    if version not in (4, 5):
+        raise ValueError(f"quote version must be 4 or 5, got {version}")
+    if version == 5 and not report.is_td15:
+        report = attrs.evolve(report, tee_tcb_svn2=bytes(16), mr_service_td=bytes(48))
+    header = QuoteHeader(
+        version=version,
+        att_key_type=ATT_KEY_TYPE_ECDSA_P256,
+        tee_type=TEE_TYPE_TDX,
+        qe_svn=0,
+        pce_svn=0,
+        qe_vendor_id=INTEL_QE_VENDOR_ID,
+        user_data=user_data,
+    )
+    return encode_signed_region(header, report)

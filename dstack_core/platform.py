@@ -1,7 +1,8 @@
 """The platform façade: the only code that calls ``pm.hook``.
 
 It gives the rest of the core a typed, async API over the synchronous hooks, runs each
-hook in a worker thread, checks what comes back, and turns foreign exceptions into
+hook in a worker thread (or inline on the event loop, for implementations marked
+:func:`~dstack_core.hookspecs.nonblocking`), checks what comes back, and turns foreign exceptions into
 :class:`~dstack_core.errors.PlatformError` so a plugin bug becomes a clean 500 with its
 traceback in the log rather than an unexplained crash.
 
@@ -14,18 +15,20 @@ key material (``derive_root_key``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import pluggy
 
 from .errors import DstackError, InvalidRequest, PlatformError
 from .eventlog import TdxEvent
+from .hookspecs import NONBLOCKING_ATTR
 from .types import (
     REPORT_DATA_LENGTH,
     RTMR_LENGTH,
@@ -48,6 +51,9 @@ T = TypeVar("T")
 CallObserver = Callable[[str, float, bool], None]
 """Told ``(hook, seconds, succeeded)`` after every request-time hook call."""
 
+_PLAIN_HOOKEXEC: Final = pluggy.PluginManager("probe")._inner_hookexec
+"""What a plugin manager runs hooks with until tracing or call monitoring wraps it."""
+
 
 class Platform:
     """Typed access to the one loaded platform plugin.
@@ -59,6 +65,11 @@ class Platform:
     def __init__(self, pm: pluggy.PluginManager, info: PlatformInfo) -> None:
         self._pm = pm
         self.info = info
+        self._inline = frozenset(
+            name
+            for name in pm.hook.__dict__
+            if _all_nonblocking(pm.hook.__dict__[name].get_hookimpls())
+        )
         self._observers: list[CallObserver] = []
         # Request-time hook calls now running: id -> (hook, monotonic start).
         self._in_flight: dict[int, tuple[str, float]] = {}
@@ -95,6 +106,9 @@ class Platform:
             "read_measurements", _call_sync(self._pm, "read_measurements"), Measurements
         )
 
+    def boot_event_log_sync(self) -> tuple[TdxEvent, ...]:
+        return self._check_events(_call_sync(self._pm, "boot_event_log"))
+
     def trust_bundle_sync(
         self, state_dir: Path, options: Mapping[str, str] | None = None
     ) -> TrustBundle | None:
@@ -123,12 +137,14 @@ class Platform:
         )
 
     async def boot_event_log(self) -> tuple[TdxEvent, ...]:
-        events = await self._call("boot_event_log")
+        return self._check_events(await self._call("boot_event_log"))
+
+    def _check_events(self, events: Any) -> tuple[TdxEvent, ...]:
         if not isinstance(events, tuple | list) or not all(
             isinstance(e, TdxEvent) for e in events
         ):
             raise self._bad_result("boot_event_log", events, "a tuple of TdxEvent")
-        return tuple(events)
+        return events if isinstance(events, tuple) else tuple(events)
 
     async def read_measurements(self) -> Measurements:
         return self._check(
@@ -140,6 +156,27 @@ class Platform:
         if len(digest) != RTMR_LENGTH:
             raise InvalidRequest(f"an RTMR digest is {RTMR_LENGTH} bytes, got {len(digest)}")
         await self._call("extend_rtmr", index=RUNTIME_RTMR, digest=digest)
+
+    def extend_rtmr_many_sync(self, digests: Sequence[bytes]) -> None:
+        """Extend RTMR3 by each digest in order: one ``extend_rtmr_many`` call when the
+        platform has it, else ``extend_rtmr`` per digest. Blocking (call it off the loop).
+
+        If it raises, a prefix of ``digests`` may have been applied; read the register.
+        """
+        for digest in digests:
+            if len(digest) != RTMR_LENGTH:
+                raise InvalidRequest(f"an RTMR digest is {RTMR_LENGTH} bytes, got {len(digest)}")
+        if not digests:
+            return
+        if self._pm.hook.extend_rtmr_many.get_hookimpls():
+            with self._tracked("extend_rtmr_many"):
+                _call_sync(
+                    self._pm, "extend_rtmr_many", index=RUNTIME_RTMR, digests=tuple(digests)
+                )
+            return
+        for digest in digests:
+            with self._tracked("extend_rtmr"):
+                _call_sync(self._pm, "extend_rtmr", index=RUNTIME_RTMR, digest=digest)
 
     # --- plumbing ---
 
@@ -159,19 +196,39 @@ class Platform:
         return hook, time.monotonic() - started
 
     async def _call(self, hook: str, **kwargs: Any) -> Any:
+        # As _tracked, written out: this is on every quote's path.
         call_id = next(self._call_ids)
         started = time.monotonic()
         self._in_flight[call_id] = (hook, started)
         succeeded = False
         try:
-            result = await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
+            if hook in self._inline:
+                result = _call_sync(self._pm, hook, **kwargs)
+            else:
+                result = await asyncio.to_thread(_call_sync, self._pm, hook, **kwargs)
             succeeded = True
             return result
         finally:
-            del self._in_flight[call_id]
-            elapsed = time.monotonic() - started
-            for observer in self._observers:
-                observer(hook, elapsed, succeeded)
+            self._finished(call_id, hook, started, succeeded)
+
+    @contextlib.contextmanager
+    def _tracked(self, hook: str) -> Iterator[None]:
+        """Shown by :meth:`stalled_call` while it runs, told to the observers after."""
+        call_id = next(self._call_ids)
+        started = time.monotonic()
+        self._in_flight[call_id] = (hook, started)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            self._finished(call_id, hook, started, succeeded)
+
+    def _finished(self, call_id: int, hook: str, started: float, succeeded: bool) -> None:
+        del self._in_flight[call_id]
+        elapsed = time.monotonic() - started
+        for observer in self._observers:
+            observer(hook, elapsed, succeeded)
 
     @classmethod
     def _check(cls, hook: str, value: Any, expected: type[T]) -> T:
@@ -188,6 +245,10 @@ class Platform:
         )
 
 
+def _all_nonblocking(impls: Sequence[pluggy.HookImpl]) -> bool:
+    return bool(impls) and all(getattr(i.function, NONBLOCKING_ATTR, False) for i in impls)
+
+
 def _describe(value: Any) -> str:
     """A value's type and size, never its content."""
     try:
@@ -202,9 +263,23 @@ def _check_report_data(report_data: bytes) -> None:
         raise InvalidRequest(f"report data must be {REPORT_DATA_LENGTH} bytes here")
 
 
+def _hook(pm: pluggy.PluginManager, hook: str) -> Callable[..., Any]:
+    """The hook, or its one plain implementation itself: pluggy's dispatch costs several
+    microseconds per call, a measurable part of a simulated quote. A plugin manager that
+    traces or monitors its calls (``DSTACK_TRACE_PLUGINS=1``, ``add_hookcall_monitoring``)
+    always goes through pluggy."""
+    caller = getattr(pm.hook, hook)
+    impls = caller.get_hookimpls()
+    plain = pm._inner_hookexec is _PLAIN_HOOKEXEC
+    if not plain or len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper:
+        return caller  # type: ignore[no-any-return]
+    function, names = impls[0].function, impls[0].argnames
+    return lambda **kwargs: function(**{name: kwargs[name] for name in names})
+
+
 def _call_sync(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> Any:
     try:
-        result = getattr(pm.hook, hook)(**kwargs)
+        result = _hook(pm, hook)(**kwargs)
     except DstackError:
         raise
     except Exception as exc:

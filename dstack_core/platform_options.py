@@ -25,6 +25,7 @@ __all__ = [
     "SYSIO_CHOICES",
     "check_known",
     "open_sysio",
+    "parse_count",
     "parse_flag",
     "parse_root",
     "parse_seconds",
@@ -89,6 +90,20 @@ def parse_seconds(plugin: str, name: str, value: str, *, maximum: float) -> floa
             f"{plugin} option {name} must be seconds in (0, {maximum:g}], got {value!r}"
         )
     return seconds
+
+
+def parse_count(plugin: str, name: str, value: str, *, maximum: int) -> int:
+    """A count option: a decimal integer.
+
+    :returns: a number in ``[0, maximum]``.
+    :raises ConfigurationError: not a decimal integer, or out of that range.
+    """
+    count = int(value) if value.isascii() and value.isdigit() else -1
+    if not 0 <= count <= maximum:
+        raise ConfigurationError(
+            f"{plugin} option {name} must be an integer in [0, {maximum}], got {value!r}"
+        )
+    return count
 
 
 def parse_sysio(plugin: str, value: str) -> str:

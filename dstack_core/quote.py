@@ -28,6 +28,7 @@ import attrs
 from dstack_core.errors import EvidenceError
 
 __all__ = [
+    "report_body",
     "ATT_KEY_TYPE_ECDSA_P256",
     "BODY_DESCRIPTOR",
     "BODY_TYPE_SGX",
@@ -590,6 +591,16 @@ def assemble_quote(signed_region: bytes, signature_data: QuoteSignatureData) -> 
     """Join a signed region and its signature data into a complete quote."""
     encoded = signature_data.to_bytes()
     return signed_region + SIG_DATA_LEN.pack(len(encoded)) + encoded
+
+
+def report_body(data: bytes) -> bytes:
+    """The TD report body of a TDX quote, found from the header alone: cheap, and no
+    validation (a short or malformed quote gives a short or meaningless result).
+
+    Fields are at :data:`TD_REPORT_OFFSETS` within it.
+    """
+    start = V5_BODY_OFFSET if data[:2] == b"\x05\x00" else V4_BODY_OFFSET
+    return data[start : start + TD_REPORT10_SIZE]
 
 
 def is_tdx_quote(data: bytes) -> bool:

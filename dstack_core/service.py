@@ -4,9 +4,12 @@
 of the platform façade, the durable runtime log and the pure crypto modules. The HTTP layer
 only parses requests into arguments and serialises the frozen results.
 
-Concurrency: quote generation, event emission and event-log reads share one lock, so that
-the RTMR values inside a quote always equal the replay of the log returned with it, and an
-EmitEvent is extended and durably appended before anyone else sees the register move.
+Measurements: EmitEvent goes through the :class:`~dstack_core.journal.EventJournal` (group
+commit, in-process repair). Quotes take no lock: each is matched to the runtime log that
+replays to it by the RTMR3 it carries (:meth:`MeasuredLog.count_of`), so a quote's RTMR3
+is the replay of the log returned with it at every moment, and quotes never wait for an
+fsync. Serialised event logs are kept and extended (:class:`MeasuredLog`), and Info is
+cached until something it shows changes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
@@ -25,20 +27,27 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__, certs, keys, upstream
-from .appinfo import DEVICE_ID_UNVERIFIED, derive_app_info
-from .envelope import AppInfo, Envelope
+from .appinfo import DEVICE_ID_UNVERIFIED, app_info_of, os_image_hash_from_vm_config
+from .envelope import AppInfo, EnvelopeFields, encode_envelope, encode_envelope_hex
 from .errors import (
     ConfigurationError,
     DstackError,
+    EventTooLarge,
     InvalidRequest,
+    PlatformError,
     PlatformUnsupported,
     ReportDataTooLong,
+    StateError,
 )
-from .eventlog import RuntimeEvent, RuntimeEventLog, TdxEvent, events_to_json
+from .eventlog import RuntimeEvent, RuntimeEventLog
+from .journal import EventJournal, EventLimits
+from .jsonout import EncodedJson, escaped
 from .kms import DEFAULT_KMS_TIMEOUT, KmsClient, KmsSettings, config_for
+from .measured import MeasuredLog
 from .platform import Platform
-from .quote import TdxQuote
-from .types import REPORT_DATA_LENGTH, PlatformConfig, RootKey
+from .quote import TD_REPORT_OFFSETS, TdReport, report_body
+from .statefile import is_storage_fault
+from .types import REPORT_DATA_LENGTH, RTMR_LENGTH, PlatformConfig, PlatformEvidence, RootKey
 
 __all__ = [
     "AgentService",
@@ -58,13 +67,10 @@ GPU_ATTESTATION_FILE: Final = Path("/run/nvidia-gpu-attestation/attestation.out"
 DMI_DIR: Final = Path("/sys/class/dmi/id")
 DEMO_CERT_SUBJECT: Final = "demo-cert"
 APP_DATA_TAG: Final = "app-data"
-MAX_EVENT_NAME: Final = 256
 INFO_CERT_WAIT: Final = 3.0
 """Seconds Info waits for a KMS-issued ``app_cert`` before answering without it."""
-
-AttestationFormat = Literal["dstack-core", "upstream"]
-"""What Attest, RA-TLS certificates and GetQuote's ``attestation`` carry: our CBOR envelope,
-or upstream's V0/V1 ``VersionedAttestation``."""
+_RTMR3_AT: Final = TD_REPORT_OFFSETS["rtmr3"]
+_EVENT_LOG_SLOT: Final = '"event_log": []'
 
 
 def pad_report_data(data: bytes) -> bytes:
@@ -87,6 +93,11 @@ class ServiceFiles:
     dmi_dir: Path = DMI_DIR
 
 
+AttestationFormat = Literal["dstack-core", "upstream"]
+"""What Attest, RA-TLS certificates and GetQuote's ``attestation`` carry: our CBOR envelope,
+or upstream's V0/V1 ``VersionedAttestation``."""
+
+
 @attrs.frozen(kw_only=True)
 class ServiceOptions:
     """Agent-wide choices (``serve`` flags).
@@ -101,11 +112,12 @@ class ServiceOptions:
 
 @attrs.frozen(kw_only=True)
 class QuoteResult:
-    """GetQuote's answer; ``attestation`` is set (and ``quote`` empty) on platforms whose
-    evidence is not a TDX quote, as upstream answers there."""
+    """GetQuote's answer; ``event_log`` is the JSON string, already encoded. ``attestation``
+    is set (and ``quote`` empty) on platforms whose evidence is not a TDX quote, as
+    upstream answers there."""
 
     quote: bytes
-    event_log: str
+    event_log: EncodedJson
     report_data: bytes
     vm_config: str
     attestation: bytes = b""
@@ -133,10 +145,12 @@ class TlsKeyResult:
 
 @attrs.frozen(kw_only=True)
 class InfoResult:
+    """Info's answer, fields in wire order; ``tcb_info`` is the JSON string, encoded."""
+
     app_id: bytes
     instance_id: bytes
     app_cert: str
-    tcb_info: str
+    tcb_info: EncodedJson
     app_name: str
     device_id: bytes
     mr_aggregated: bytes
@@ -148,29 +162,27 @@ class InfoResult:
     cloud_product: str
 
 
-@attrs.frozen(kw_only=True)
-class _Snapshot:
-    """A quote and the event log that replays to its registers, taken under the lock."""
+@attrs.frozen
+class _Measured:
+    """What a TD report says that does not change after boot, from one quote.
 
-    quote: bytes
-    boot_events: tuple[TdxEvent, ...]
-    runtime_events: tuple[TdxEvent, ...]
-    extra: dict[str, object]
+    :ivar static: the report body up to RTMR3 (MRTD, config IDs, RTMR0-2, TCB): the key.
+    """
 
-    @property
-    def events(self) -> tuple[TdxEvent, ...]:
-        return self.boot_events + self.runtime_events
+    static: bytes
+    report: TdReport
 
 
 class AgentService:
-    """Everything the agent API does. Build with :meth:`start`."""
+    """Everything the agent API does. Build with :meth:`start`; :meth:`warm_up` once a loop
+    runs (it starts the committer), :meth:`aclose` at shutdown."""
 
     def __init__(
         self,
         *,
         platform: Platform,
-        runtime_log: RuntimeEventLog,
-        runtime_events: Sequence[RuntimeEvent],
+        view: MeasuredLog,
+        journal: EventJournal | None,
         root_key: RootKey,
         app_compose: str,
         vm_config: str,
@@ -179,18 +191,24 @@ class AgentService:
     ) -> None:
         self.platform = platform
         self.options = options or ServiceOptions()
-        self._log = runtime_log
-        # A tuple, replaced on append: snapshots (every quote) far outnumber appends.
-        self._runtime_events = tuple(e.to_tdx_event() for e in runtime_events)
+        self._view = view
+        self._journal = journal
         self._root_key = root_key
+        self._app_key = keys.AppKey(root_key.k256_key, root_key.k256_signature)
         self._ca = _load_ca(root_key)
+        self._ca_pem = self._ca.cert_pem if self._ca is not None else ""
         self._app_compose = app_compose
+        self._app_name = _app_name(app_compose)
         self._vm_config = vm_config
+        self._os_image_hash = os_image_hash_from_vm_config(vm_config)
         self._files = files
-        self._lock = asyncio.Lock()
+        # Read once: the machine's DMI identity does not change while it runs.
+        self._cloud = (
+            _read_dmi(files.dmi_dir / "sys_vendor"), _read_dmi(files.dmi_dir / "product_name")
+        )
+        self._tdx = platform.info.evidence_format == "tdx"
         self._demo_cert = ""
         self._demo_task: asyncio.Task[None] | None = None
-        self._boot_events: tuple[TdxEvent, ...] | None = None
         self._kms: KmsClient | None = None
         if root_key.key_provider.kind == "Kms":
             self._kms = KmsClient(
@@ -199,6 +217,10 @@ class AgentService:
                 attest=self.upstream_attestation,
                 timeout=self.options.kms_timeout,
             )
+        self._measured: _Measured | None = None
+        self._app_info: tuple[tuple[bytes, int], AppInfo] | None = None
+        self._info: tuple[tuple[bytes, int, str], InfoResult] | None = None
+        self._sign_keys: dict[keys.KeyAlgorithm, keys.SignKey] = {}
 
     @classmethod
     def start(
@@ -207,26 +229,48 @@ class AgentService:
         config: PlatformConfig,
         files: ServiceFiles,
         options: ServiceOptions | None = None,
+        *,
+        limits: EventLimits = EventLimits(),  # noqa: B008 (frozen value)
     ) -> AgentService:
         """Configure the platform, repair the runtime log and load the app's inputs.
 
-        Blocking; called once before serving.
+        Blocking; called once before serving. A repair that storage refuses (disk full,
+        read-only) does not stop start-up: the committer retries it (see
+        :class:`~dstack_core.journal.EventJournal`).
 
         :raises ConfigurationError: any input is missing or invalid.
         :raises StateError: the runtime log cannot be reconciled with RTMR3.
         """
         platform.configure(config)
         runtime_log = RuntimeEventLog(config.runtime_log)
+        boot_events = platform.boot_event_log_sync()
+        journal = None
         if platform.info.runtime_registers:
             rtmr3 = platform.read_measurements_sync().rtmrs[3]
-            outcome = runtime_log.recover(rtmr3)
-            if outcome != "clean":
-                log.warning("runtime event log recovered after a crash: %s", outcome)
+            plan = runtime_log.plan_recovery(rtmr3)
+            if plan.outcome != "clean":
+                log.warning("runtime event log recovered after a crash: %s", plan.outcome)
+            repair = plan.repair
+            try:
+                runtime_log.apply(plan)
+                repair = None
+            except OSError as exc:
+                if not is_storage_fault(exc):
+                    raise
+                log.error("cannot repair the runtime event log %s at start-up: %s; serving, "
+                          "and retrying in the background", runtime_log.path, exc)
+            view = MeasuredLog(boot_events, plan.events)
+            journal = EventJournal(
+                platform=platform, log=runtime_log, view=view, size=plan.size, repair=repair,
+                limits=limits,
+            )
+        else:
+            view = MeasuredLog(boot_events, runtime_log.read())
         root_key = platform.derive_root_key_sync()
         return cls(
             platform=platform,
-            runtime_log=runtime_log,
-            runtime_events=runtime_log.read() if config.runtime_log.exists() else (),
+            view=view,
+            journal=journal,
             root_key=root_key,
             app_compose=_read_text(config.app_compose, "app-compose"),
             vm_config=_vm_config(_read_text(config.sys_config, "sys-config")),
@@ -237,7 +281,7 @@ class AgentService:
     @property
     def runtime_event_count(self) -> int:
         """Events in the runtime (RTMR3) log, boot events included."""
-        return len(self._runtime_events)
+        return self._journal.extended if self._journal is not None else self._view.count
 
     @property
     def app_compose(self) -> str:
@@ -252,44 +296,68 @@ class AgentService:
     # --- keys ---
 
     def get_key(self, *, path: str, purpose: str, algorithm: str) -> keys.DerivedKey:
-        return keys.derive_app_key(
-            self._root_key.k256_key,
-            self._root_key.k256_signature,
-            path=path,
-            purpose=purpose,
-            algorithm=algorithm,
-        )
+        return self._app_key.derive(path=path, purpose=purpose, algorithm=algorithm)
 
     def sign(self, *, algorithm: str, data: bytes) -> keys.Signature:
-        return keys.sign_with_app_key(
-            self._root_key.k256_key, self._root_key.k256_signature, algorithm=algorithm, data=data
-        )
+        alg = keys.normalize_sign_algorithm(algorithm)
+        key_alg = keys.sign_key_algorithm(alg)
+        key = self._sign_keys.get(key_alg)
+        if key is None:
+            # Sign's key depends only on the root key (fixed for our life) and the algorithm.
+            key = self._sign_keys[key_alg] = keys.SignKey.derive(
+                self._root_key.k256_key, self._root_key.k256_signature, key_alg
+            )
+        return key.sign(alg, data)
 
     def verify(self, *, algorithm: str, data: bytes, signature: bytes, public_key: bytes) -> bool:
         return keys.verify_signature(algorithm, data, signature, public_key)
 
     # --- measurements ---
 
-    async def _snapshot(self, report_data: bytes, *, attest: bool = False) -> _Snapshot:
-        """Quote (``get_quote``) or full evidence (``attest``) with the matching runtime log."""
-        if attest:
-            async with self._lock:
-                evidence = await self.platform.attest(report_data)
-                runtime = self._runtime_events
-            return _Snapshot(
-                quote=evidence.quote.data,
-                boot_events=tuple(evidence.boot_events),
-                runtime_events=runtime,
-                extra=dict(evidence.extra),
+    async def _quote(self, report_data: bytes) -> tuple[bytes, int]:
+        """A quote and how many runtime events replay to its RTMR3."""
+        if self._journal is None:
+            return (await self.platform.get_quote(report_data)).data, self._view.count
+        if not self._tdx:
+            async with self._journal.extending:
+                data = (await self.platform.get_quote(report_data)).data
+                return data, self._journal.extended
+        data = (await self.platform.get_quote(report_data)).data
+        return data, self._cut(data)
+
+    def _cut(self, quote: bytes) -> int:
+        """How many runtime events replay to the RTMR3 this TDX quote carries."""
+        body = report_body(quote)
+        count = self._view.count_of(body[_RTMR3_AT : _RTMR3_AT + RTMR_LENGTH])
+        if count is None:
+            log.error("a quote carries an RTMR3 that no prefix of the runtime log replays to")
+            raise StateError(
+                "the quote's RTMR3 matches no prefix of the runtime event log "
+                "(was RTMR3 extended outside the agent?)"
             )
-        if self._boot_events is None:
-            self._boot_events = await self.platform.boot_event_log()
-        async with self._lock:
-            quote = await self.platform.get_quote(report_data)
-            runtime = self._runtime_events
-        return _Snapshot(
-            quote=quote.data, boot_events=self._boot_events, runtime_events=runtime, extra={}
-        )
+        self._learn(body)
+        return count
+
+    def _learn(self, body: bytes) -> _Measured:
+        """The boot-time part of a TD report body, parsed once per distinct value."""
+        static = body[:_RTMR3_AT]
+        if self._measured is None or self._measured.static != static:
+            self._measured = _Measured(static, TdReport.from_bytes(body))
+        return self._measured
+
+    def _identity(self, count: int) -> AppInfo:
+        """App info for a TD report we have seen and ``count`` runtime events (cached)."""
+        assert self._measured is not None
+        key = (self._measured.static, count)
+        if self._app_info is None or self._app_info[0] != key:
+            info = app_info_of(
+                self._measured.report,
+                self._view.register(count),
+                self._view.identity(count),
+                self._os_image_hash,
+            )
+            self._app_info = (key, info)
+        return self._app_info[1]
 
     async def get_quote(self, report_data: bytes) -> QuoteResult:
         """GetQuote: a quote over the padded report data and the log that replays to it.
@@ -298,20 +366,19 @@ class AgentService:
         API's rule, so that clients can replay RTMR3 without recomputing digests).
         """
         padded = pad_report_data(report_data)
-        if self.platform.info.evidence_format != "tdx":
+        if not self._tdx:
             # upstream's shape where there is no TDX quote: the attestation instead
             return QuoteResult(
                 quote=b"",
-                event_log="",
+                event_log=EncodedJson((b'""',)),
                 report_data=padded,
                 vm_config=self._vm_config,
                 attestation=await self._attestation(padded),
             )
-        snap = await self._snapshot(padded)
-        shown = [e.stripped() for e in snap.boot_events] + list(snap.runtime_events)
+        quote, count = await self._quote(padded)
         return QuoteResult(
-            quote=snap.quote,
-            event_log=events_to_json(shown, include_preimage=True),
+            quote=quote,
+            event_log=self._view.quote_log(count),
             report_data=padded,
             vm_config=self._vm_config,
         )
@@ -320,10 +387,20 @@ class AgentService:
         """Attest: the attestation over the padded report data, in the configured format."""
         return await self._attestation(pad_report_data(report_data))
 
+    async def attest_json(self, report_data: bytes) -> EncodedJson:
+        """:meth:`attest` as the JSON string of its hex; for our envelope, assembled from the
+        events' kept hex, not hex-encoded again."""
+        padded = pad_report_data(report_data)
+        if self.options.attestation_format == "upstream":
+            return EncodedJson.hex(await self.upstream_attestation(padded))
+        fields, _ = await self._evidence(padded)
+        return EncodedJson.string(encode_envelope_hex(fields))
+
     async def _attestation(self, report_data: bytes) -> bytes:
         if self.options.attestation_format == "upstream":
             return await self.upstream_attestation(report_data)
-        return (await self._envelope(report_data)).to_cbor()
+        fields, _ = await self._evidence(report_data)
+        return encode_envelope(fields)
 
     async def upstream_attestation(self, report_data: bytes) -> bytes:
         """Upstream's ``VersionedAttestation`` (V0, or V1 with version-2 events) over 64 bytes
@@ -331,117 +408,142 @@ class AgentService:
         return upstream.encode_attestation(await self._upstream(report_data))
 
     async def _upstream(self, report_data: bytes) -> upstream.UpstreamAttestation:
-        snap = await self._snapshot(report_data, attest=True)
+        evidence, count = await self._platform_evidence(report_data)
         return upstream.build_attestation(
             platform=self.platform.info.evidence_format,
-            quote=snap.quote,
-            event_log=snap.events,
+            quote=evidence.quote.data,
+            event_log=self._view.events(count),
             report_data=report_data,
             config=self._vm_config,
-            extra=snap.extra,
+            extra=dict(evidence.extra),
         )
 
-    async def _envelope(self, report_data: bytes) -> Envelope:
-        snap = await self._snapshot(report_data, attest=True)
-        return Envelope(
+    async def _platform_evidence(self, report_data: bytes) -> tuple[PlatformEvidence, int]:
+        """The platform's evidence and how many runtime events replay to it."""
+        if self._journal is not None and not self._tdx:
+            async with self._journal.extending:
+                evidence = await self.platform.attest(report_data)
+                count = self._journal.extended
+        else:
+            evidence = await self.platform.attest(report_data)
+            count = self._cut(evidence.quote.data) if self._journal else self._view.count
+        boot = evidence.boot_events
+        if boot is not self._view.boot_events and tuple(boot) != self._view.boot_events:
+            raise PlatformError(
+                f"platform hook attest returned boot events that differ from boot_event_log "
+                f"of platform {self.platform.name}",
+                code="platform_contract_violation",
+            )
+        return evidence, count
+
+    async def _evidence(self, report_data: bytes) -> tuple[EnvelopeFields, AppInfo]:
+        """The fields of an envelope over ``report_data`` and the app info among them."""
+        evidence, count = await self._platform_evidence(report_data)
+        app_info = AppInfo()
+        if self._tdx:
+            self._learn(report_body(evidence.quote.data))
+            app_info = self._identity(count)
+        fields = EnvelopeFields(
             platform=self.platform.info.tag,
             evidence_format=self.platform.info.evidence_format,
-            quote=snap.quote,
-            event_log=snap.events,
+            quote=evidence.quote.data,
+            events=self._view.envelope_events(count),
             report_data=report_data,
             vm_config=self._vm_config,
-            app_info=self._app_info(snap),
-            extra=snap.extra,
+            app_info=app_info,
+            extra=evidence.extra,
         )
-
-    def _app_info(self, snap: _Snapshot) -> AppInfo:
-        if self.platform.info.evidence_format != "tdx":
-            return AppInfo()
-        report = TdxQuote.from_bytes(snap.quote).report
-        return derive_app_info(report, snap.events, self._vm_config)
+        return fields, app_info
 
     async def emit_event(self, *, event: str, payload: bytes) -> None:
-        """EmitEvent: extend RTMR3 and append to the durable log under one lock.
+        """EmitEvent: measured into RTMR3 and appended to the durable log before it returns.
 
-        The write-ahead record makes a crash between the two repairable at start-up.
+        :raises PlatformUnsupported: the platform has no runtime registers.
+        :raises InvalidRequest: an empty or over-long name.
+        :raises EventTooLarge: a payload over the limit.
+        :raises EventLogFull: the log is full.
+        :raises StorageError: the state directory failed (the journal says when such an
+            event may still be recorded).
         """
-        if not self.platform.info.runtime_registers:
+        if self._journal is None:
             raise PlatformUnsupported(
                 f"platform {self.platform.name} has no runtime measurement registers; "
                 "EmitEvent is not available"
             )
+        limits = self._journal.limits
         if not event:
             raise InvalidRequest("event name must not be empty", code="invalid_event")
-        if len(event.encode()) > MAX_EVENT_NAME:
+        if len(event.encode()) > limits.name:
             raise InvalidRequest(
-                f"event name is longer than {MAX_EVENT_NAME} bytes", code="invalid_event"
+                f"event name is longer than {limits.name} bytes", code="invalid_event"
             )
-        record = RuntimeEvent(event=event, payload=payload)
-        async with self._lock:
-            await asyncio.to_thread(self._log.begin, record)
-            try:
-                await self.platform.extend_rtmr(record.digest)
-            except Exception:
-                if await self._settle_failed_extend() != "committed":
-                    raise
-                log.warning("extend_rtmr failed after the register moved; event %r recorded", event)
-            else:
-                await asyncio.to_thread(self._log.commit, record)
-            self._runtime_events = (*self._runtime_events, record.to_tdx_event())
-
-    async def _settle_failed_extend(self) -> str:
-        """After a failed extend, let the register decide whether the event happened.
-
-        A kernel may fail after extending; dropping the write-ahead record then would leave
-        a log that no longer replays. Recovery compares with RTMR3 and commits or discards;
-        if even that fails, the record stays for start-up recovery.
-        """
-        try:
-            rtmr3 = (await self.platform.read_measurements()).rtmrs[3]
-            return await asyncio.to_thread(self._log.recover, rtmr3)
-        except Exception:
-            log.exception("could not settle a failed RTMR3 extension; left for start-up")
-            return "unsettled"
+        if len(payload) > limits.payload:
+            raise EventTooLarge(f"event payload is longer than {limits.payload} bytes")
+        await self._journal.emit(RuntimeEvent(event=event, payload=payload))
 
     async def info(self) -> InfoResult:
-        """Info: identity and measurements, from a fresh quote over zero report data."""
-        snap = await self._snapshot(bytes(REPORT_DATA_LENGTH))
-        app = self._app_info(snap)
+        """Info: identity and measurements, without a quote per call.
+
+        MRTD, RTMR0-2 and the config IDs come from the last quote seen (one is taken over
+        zero report data if none was); RTMR3 is the replay of the runtime events RTMR3
+        holds. The answer is cached until either changes, or the demo certificate does.
+        """
+        count = self._journal.extended if self._journal is not None else self._view.count
+        if self._tdx and self._measured is None:
+            quote = await self.platform.get_quote(bytes(REPORT_DATA_LENGTH))
+            self._learn(report_body(quote.data))
+        static = self._measured.static if self._measured is not None else b""
+        app_cert = await self._demo_certificate()
+        key = (static, count, app_cert)
+        if self._info is not None and self._info[0] == key:
+            return self._info[1]
+        result = self._build_info(count, app_cert)
+        self._info = (key, result)
+        return result
+
+    def _build_info(self, count: int, app_cert: str) -> InfoResult:
         tcb: dict[str, object]
-        if self.platform.info.evidence_format == "tdx":
-            report = TdxQuote.from_bytes(snap.quote).report
+        if self._tdx:
+            assert self._measured is not None
+            report, app = self._measured.report, self._identity(count)
             tcb = {
                 "mrtd": report.mr_td.hex(),
                 "rtmr0": report.rtmr0.hex(),
                 "rtmr1": report.rtmr1.hex(),
                 "rtmr2": report.rtmr2.hex(),
-                "rtmr3": report.rtmr3.hex(),
+                "rtmr3": self._view.register(count).hex(),
             }
         else:
             # Upstream writes null here; the SDKs' TcbInfo models require strings.
             tcb = dict.fromkeys(("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3"), "")
+            app = AppInfo()
         tcb.update(
             mr_aggregated=app.mr_aggregated.hex(),
             os_image_hash=app.os_image_hash.hex(),
             compose_hash=app.compose_hash.hex(),
             device_id=DEVICE_ID_UNVERIFIED.hex(),
-            event_log=[e.to_json() for e in snap.events],
+            event_log=[],
             app_compose=self._app_compose,
+        )
+        head, tail = json.dumps(tcb, indent=2).split(_EVENT_LOG_SLOT)
+        slot = _EVENT_LOG_SLOT[:-2]
+        tcb_info = EncodedJson.string(
+            [escaped(head + slot), *self._view.info_log(count), escaped(tail)]
         )
         return InfoResult(
             app_id=app.app_id,
             instance_id=app.instance_id,
-            app_cert=await self._demo_certificate(),
-            tcb_info=json.dumps(tcb, indent=2),
-            app_name=_app_name(self._app_compose),
+            app_cert=app_cert,
+            tcb_info=tcb_info,
+            app_name=self._app_name,
             device_id=DEVICE_ID_UNVERIFIED,
             mr_aggregated=app.mr_aggregated,
             os_image_hash=app.os_image_hash,
             key_provider_info=app.key_provider_info.decode("utf-8", "replace"),
             compose_hash=app.compose_hash,
             vm_config=self._vm_config,
-            cloud_vendor=_read_dmi(self._files.dmi_dir / "sys_vendor"),
-            cloud_product=_read_dmi(self._files.dmi_dir / "product_name"),
+            cloud_vendor=self._cloud[0],
+            cloud_product=self._cloud[1],
         )
 
     async def _demo_certificate(self) -> str:
@@ -474,13 +576,19 @@ class AgentService:
         self._demo_cert = "\n".join(result.certificate_chain)
 
     def warm_up(self) -> None:
-        """Start background work the first requests should not wait for (the KMS client
-        certificate and Info's ``app_cert``). Call once the event loop serves."""
+        """Start background work: the event committer (and any repair start-up left to
+        it), the KMS client certificate and Info's ``app_cert``. Call once the event loop
+        serves."""
+        if self._journal is not None:
+            self._journal.start()
         if self._kms is not None and self._demo_task is None:
             self._demo_task = asyncio.create_task(self._request_demo_cert())
 
     async def aclose(self) -> None:
-        """Release network resources (the KMS connection pool)."""
+        """Stop the committer (what it had written ahead stays for the next start) and
+        release network resources (the KMS connection pool)."""
+        if self._journal is not None:
+            await self._journal.close()
         if self._demo_task is not None:
             self._demo_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -519,8 +627,8 @@ class AgentService:
                     await self._upstream(report_data)
                 )
             else:
-                envelope = await self._envelope(report_data)
-                attestation, app_info = envelope.to_cbor(), envelope.app_info.to_cbor()
+                fields, info = await self._evidence(report_data)
+                attestation, app_info = encode_envelope(fields), info.to_cbor()
             attestation = attestation if request.usage_ra_tls else None
             app_info = app_info if request.with_app_info else None
         cert_request = attrs.evolve(cert_request, attestation=attestation, app_info=app_info)
@@ -529,7 +637,7 @@ class AgentService:
         )
         return TlsKeyResult(
             key=certs.private_key_pem(key),
-            certificate_chain=(certs.cert_pem(cert), ca.cert_pem),
+            certificate_chain=(certs.cert_pem(cert), self._ca_pem),
         )
 
     def _require_ca(self) -> certs.CertificateAuthority:

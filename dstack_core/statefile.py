@@ -1,14 +1,54 @@
-"""Crash-safe small files for durable state: write-then-rename, fsync'd, private modes."""
+"""Crash-safe small files for durable state: write-then-rename, fsync'd, private modes;
+and what a failed write of durable state tells the caller."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
+from typing import Final
 
-from .errors import StateError
+from .errors import StateError, StorageError
+from .kernel_errors import errno_name
 
-__all__ = ["atomic_write", "fsync_dir", "read_or_create_secret"]
+__all__ = [
+    "STORAGE_ERRNOS",
+    "atomic_write",
+    "fsync_dir",
+    "is_storage_fault",
+    "read_or_create_secret",
+    "storage_error",
+]
+
+STORAGE_ERRNOS: Final[Mapping[int, str]] = MappingProxyType({
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.EIO: "input-output error",
+    errno.EFBIG: "file too large",
+})
+"""Faults of the state directory the agent survives and repairs in-process."""
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is a fault of the storage (:data:`STORAGE_ERRNOS`), not a bug."""
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    """The wire error for a failed write of durable state.
+
+    :param what: what could not be done, for people (``"the runtime event log could not
+        be written"``); never a path. The errno's fixed description follows, never the
+        exception's text, which carries paths.
+    """
+    reason = STORAGE_ERRNOS.get(exc.errno or 0, "storage failure")
+    return StorageError(f"{what}: {reason} ({errno_name(exc.errno)})")
 
 
 def fsync_dir(directory: Path) -> None:

@@ -30,6 +30,10 @@ def _reject_constant(name: str) -> Any:
     raise _Rejected(f"{name} is not valid JSON")
 
 
+# One decoder for every call: json.loads with hooks would build a new one each time.
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def loads(text: str | bytes | bytearray) -> Any:
     """Decode one JSON document strictly.
 
@@ -39,7 +43,9 @@ def loads(text: str | bytes | bytearray) -> Any:
     try:
         # Decode bytes ourselves: json.loads would sniff UTF-16/32 and skip a BOM.
         doc = text if isinstance(text, str) else str(text, "utf-8")
-        return json.loads(doc, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        if doc.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", doc, 0)
+        return _DECODER.decode(doc)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except UnicodeDecodeError:

@@ -24,7 +24,9 @@ for our plugin"), for each request:
 
 A race retries with a fresh entry, :data:`RACE_ATTEMPTS` times in all. Requests are
 serialised with a lock: the kernel serialises them too, but one at a time keeps errors
-attributable.
+attributable. A client may bound how many requests wait behind the one in progress
+(``queue_size``): one more is refused at once with :class:`PlatformBusy` instead of piling
+up worker threads behind a slow quote service.
 """
 
 from __future__ import annotations
@@ -166,6 +168,8 @@ class TsmReportClient:
     :param report_dir: ``<root>/sys/kernel/config/tsm/report``.
     :param provider: the provider every report must come from.
     :param commit_timeout: seconds to wait for an inblob commit to show in ``generation``.
+    :param queue_size: how many requests may wait behind the one in progress; None means
+        no bound. A request beyond it raises :class:`PlatformBusy` without waiting.
     """
 
     def __init__(
@@ -175,13 +179,17 @@ class TsmReportClient:
         provider: TsmProvider,
         *,
         commit_timeout: float = DEFAULT_COMMIT_TIMEOUT,
+        queue_size: int | None = None,
     ) -> None:
         self.io = io
         self.report_dir = report_dir
         self.provider = provider
         self.commit_timeout = commit_timeout
+        self.queue_size = queue_size
         self._errnos: ErrnoTable = {**TSM_ERRNOS, **provider.errnos}
         self._lock = threading.Lock()
+        self._admission = threading.Lock()
+        self._admitted = 0  # requests in progress or waiting for _lock
 
     def _entry_name(self) -> Path:
         return self.report_dir / f"{ENTRY_PREFIX}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -215,7 +223,8 @@ class TsmReportClient:
         :returns: the outblob, never empty, carrying ``report_data`` where the provider's
             format says where.
         :raises InvalidRequest: report data that is not 64 bytes.
-        :raises PlatformBusy: the kernel or host is busy, or other writers kept racing.
+        :raises PlatformBusy: the queue is full, the kernel or host is busy, or other
+            writers kept racing.
         :raises PlatformError: the kernel failed the request (the message names errno and
             path), or the entry is not the provider's.
         """
@@ -224,6 +233,21 @@ class TsmReportClient:
                 f"{self.provider.label} report data must be exactly {REPORT_DATA_LENGTH} "
                 f"bytes, got {len(report_data)}"
             )
+        with self._admission:
+            if self.queue_size is not None and self._admitted > self.queue_size:
+                raise PlatformBusy(
+                    f"{self.provider.failure}: the {self.provider.label} quote service is busy "
+                    f"({self._admitted} requests in progress or queued, at most "
+                    f"{self.queue_size} may wait); retry later"
+                )
+            self._admitted += 1
+        try:
+            return self._report_serialised(report_data, attributes)
+        finally:
+            with self._admission:
+                self._admitted -= 1
+
+    def _report_serialised(self, report_data: bytes, attributes: Mapping[str, bytes]) -> bytes:
         with self._lock:
             last: _GenerationRace | None = None
             for _ in range(RACE_ATTEMPTS):

@@ -44,10 +44,10 @@ VERIFIER_TYPES: Final = (
 )
 ERRORS: Final = (
     "DstackError", "InvalidRequest", "PlatformBusy", "PlatformUnsupported", "PlatformError",
-    "ConfigurationError", "StateError", "EvidenceError", "PluginError",
+    "ConfigurationError", "StateError", "EvidenceError", "PluginError", "StorageError",
 )
 SURFACE: Final[Mapping[str, tuple[str, ...]]] = {
-    "dstack_core": ("hookimpl", "__version__", "certs", *TYPES, *ERRORS),
+    "dstack_core": ("hookimpl", "nonblocking", "__version__", "certs", *TYPES, *ERRORS),
     "dstack_core.types": (
         "REPORT_DATA_LENGTH", "RTMR_LENGTH", "KEY_PROVIDER_KINDS", "EvidenceFormat", *TYPES,
     ),

@@ -254,3 +254,33 @@ class TestCanonicalFastPath:
         data = ENVELOPE_MAGIC + cbor2.dumps(doc)
         assert _canonical_in_order(doc, data)
         assert data == cbor2.dumps(cbor2.CBORTag(55799, doc), canonical=True)
+
+
+class TestWrittenOutEncoding:
+    @settings(max_examples=150, deadline=None)
+    @given(
+        platform=st.text(min_size=1, max_size=20),
+        quote=st.binary(max_size=300),
+        names=st.lists(st.text(max_size=5), max_size=30),
+        vm_config=st.text(max_size=40),
+        app_id=st.binary(max_size=30),
+        extra=st.dictionaries(st.text(max_size=6), st.one_of(st.binary(max_size=8), st.integers(),
+                                                             st.text(max_size=4)), max_size=3),
+    )
+    def test_equals_cbor2_canonical(self, platform, quote, names, vm_config, app_id, extra):
+        """encode_envelope (written out, events pre-encoded) is byte for byte cbor2's
+        canonical encoding of the same document, with and without extra."""
+        events = tuple(runtime_event(name, name.encode()) for name in names)
+        envelope = sample(platform=platform, quote=quote, event_log=events, vm_config=vm_config,
+                          app_info=AppInfo(app_id=app_id), extra=extra)
+        doc = {
+            "format": "dstack-core/attestation", "version": 1, "platform": platform,
+            "evidence_format": "tdx", "quote": quote,
+            "event_log": [{"imr": e.imr, "type": e.event_type, "digest": e.digest,
+                           "event": e.event, "payload": e.event_payload} for e in events],
+            "report_data": envelope.report_data, "vm_config": vm_config,
+            "app_info": envelope.app_info.to_cbor_map(),
+        }
+        if extra:
+            doc["extra"] = extra
+        assert envelope.to_cbor() == reencode(doc)

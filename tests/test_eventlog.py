@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -25,8 +26,11 @@ from dstack_core.errors import EvidenceError, InvalidRequest, StateError
 from dstack_core.eventlog import (
     EV_NO_ACTION,
     RUNTIME_EVENT_TYPE,
+    WAL_HEADER,
+    WAL_MAGIC,
     ZERO_REGISTER,
     InvalidEvent,
+    LogBatch,
     RuntimeEvent,
     RuntimeEventLog,
     TdxEvent,
@@ -497,23 +501,24 @@ class TestRuntimeEventLog:
         log.begin(event)
         log.commit(event)
 
-    def test_begin_writes_pending_record(self, tmp_path: Path) -> None:
-        """begin() leaves the event as one JSON line in <path>.pending, mode 0600."""
+    def test_begin_writes_ahead_record(self, tmp_path: Path) -> None:
+        """begin() writes a checksummed record to <path>.wal (mode 0600) and no log line."""
         log = RuntimeEventLog(tmp_path / "runtime_events.log")
-        log.begin(ev("a", b"1"))
-        assert log.pending_path == tmp_path / "runtime_events.log.pending"
-        assert log.pending_path.read_bytes() == ev("a", b"1").to_log_line()
-        assert mode(log.pending_path) == 0o600
-        assert log.pending() == ev("a", b"1") and log.read() == ()
+        batch = log.begin(ev("a", b"1"))
+        assert log.wal_path == tmp_path / "runtime_events.log.wal"
+        assert log.wal_path.read_bytes().startswith(WAL_MAGIC)
+        assert mode(log.wal_path) == 0o600
+        assert log.written_ahead() == batch
+        assert log.pending() == (ev("a", b"1"),) and log.read() == ()
 
     def test_commit_appends_and_clears_pending(self, tmp_path: Path) -> None:
-        """commit() appends the line, creates the log with mode 0600 and removes the pending record."""
+        """commit() appends the line, creates the log with mode 0600 and clears the record."""
         log = RuntimeEventLog(tmp_path / "log")
         self.emit(log, ev("a", b"1"))
         self.emit(log, ev("b", b"2", 2))
         assert log.path.read_bytes() == ev("a", b"1").to_log_line() + ev("b", b"2", 2).to_log_line()
         assert mode(log.path) == 0o600
-        assert not log.pending_path.exists()
+        assert log.written_ahead() is None and log.pending() == ()
         assert log.read() == (ev("a", b"1"), ev("b", b"2", 2))
         assert log.replay() == register_of(ev("a", b"1"), ev("b", b"2", 2))
 
@@ -526,12 +531,12 @@ class TestRuntimeEventLog:
         assert mode(path) == 0o600
 
     def test_begin_refuses_second_pending(self, tmp_path: Path) -> None:
-        """begin() with an unfinished pending record raises StateError instead of losing it."""
+        """begin() with unfinished written-ahead events raises StateError instead of losing them."""
         log = RuntimeEventLog(tmp_path / "log")
         log.begin(ev("a"))
         with pytest.raises(StateError):
             log.begin(ev("b"))
-        assert log.pending() == ev("a")
+        assert log.pending() == (ev("a"),)
 
     def test_commit_requires_matching_begin(self, tmp_path: Path) -> None:
         """commit() without a pending record for that event raises StateError."""
@@ -543,12 +548,12 @@ class TestRuntimeEventLog:
             log.commit(ev("b"))
 
     def test_abort_drops_pending(self, tmp_path: Path) -> None:
-        """abort() removes the pending record and leaves the log unchanged."""
+        """abort() clears the record and leaves the log unchanged."""
         log = RuntimeEventLog(tmp_path / "log")
         self.emit(log, ev("a"))
         log.begin(ev("b"))
         log.abort()
-        assert log.pending() is None and log.read() == (ev("a"),)
+        assert log.pending() == () and log.read() == (ev("a"),)
         log.abort()
 
     def test_missing_log_reads_empty(self, tmp_path: Path) -> None:
@@ -582,6 +587,58 @@ class TestRuntimeEventLog:
         assert log.read() == (ev("system-preparing"), ev("app-id", bytes.fromhex("deadbeef"), 2))
         assert log.recover(register_of(*log.read())) == "clean"
 
+    def test_append_is_idempotent(self, tmp_path: Path) -> None:
+        """Appending the same batch again (a retried append) leaves it in the log once."""
+        log = RuntimeEventLog(tmp_path / "log")
+        batch = LogBatch.at(0, 0, [ev("a"), ev("b", b"2")])
+        log.append(batch)
+        log.append(batch)
+        assert log.read() == (ev("a"), ev("b", b"2"))
+
+    def test_append_cuts_what_a_failed_attempt_left(self, tmp_path: Path) -> None:
+        """A torn or partial earlier attempt after the batch's offset is cut before the write."""
+        log = RuntimeEventLog(tmp_path / "log")
+        self.emit(log, ev("a"))
+        batch = LogBatch.at(1, len(ev("a").to_log_line()), [ev("b"), ev("c")])
+        log.path.write_bytes(ev("a").to_log_line() + batch.data[:-5])
+        log.append(batch)
+        assert log.read() == (ev("a"), ev("b"), ev("c"))
+
+    def test_append_refuses_a_log_that_lost_lines(self, tmp_path: Path) -> None:
+        """A log shorter than the batch's offset was truncated behind our back: StateError."""
+        log = RuntimeEventLog(tmp_path / "log")
+        with pytest.raises(StateError, match="truncated"):
+            log.append(LogBatch.at(3, 100, [ev("x")]))
+
+    def test_batch_head_and_tail(self) -> None:
+        """head() keeps the place; tail() moves position and offset past the skipped lines."""
+        batch = LogBatch.at(5, 70, [ev("a"), ev("bb", b"123"), ev("c")])
+        assert batch.head(1).events == (ev("a"),) and batch.head(1).offset == 70
+        tail = batch.tail(2)
+        assert tail.position == 7 and tail.events == (ev("c"),)
+        assert tail.offset == 70 + len(ev("a").to_log_line() + ev("bb", b"123").to_log_line())
+        assert tail.end_offset == batch.end_offset and batch.end_position == 8
+
+    def test_record_round_trip_and_torn_records(self) -> None:
+        """A record parses back; a torn, cleared or bit-flipped one reads as no record."""
+        batch = LogBatch.at(2, 40, [ev("a", b"\x00"), ev("é", b"", 2)])
+        record = batch.to_record()
+        assert LogBatch.from_record(record) == batch
+        assert LogBatch.from_record(record + b"stale tail of a longer record") == batch
+        for cut in (0, 10, WAL_HEADER.size, len(record) - 1):
+            assert LogBatch.from_record(record[:cut]) is None
+        flipped = bytearray(record)
+        flipped[-3] ^= 1
+        assert LogBatch.from_record(bytes(flipped)) is None
+
+    def test_checksummed_garbage_record_is_state_error(self) -> None:
+        """A record whose checksum holds over lines that are not events is corruption."""
+        body = b"not an event\n"
+        checked = struct.pack("<8sQQII", WAL_MAGIC, 0, 0, 1, len(body))
+        record = checked + hashlib.sha256(checked + body).digest() + body
+        with pytest.raises(StateError, match="write-ahead record is corrupt"):
+            LogBatch.from_record(record)
+
     def test_recover_clean(self, tmp_path: Path) -> None:
         """Without a pending record and with a matching register, recover() is "clean"."""
         log = RuntimeEventLog(tmp_path / "log")
@@ -597,7 +654,7 @@ class TestRuntimeEventLog:
         log.begin(ev("b", b"x"))
         assert log.recover(register_of(ev("a"), ev("b", b"x"))) == "committed"
         assert log.read() == (ev("a"), ev("b", b"x"))
-        assert log.pending() is None
+        assert log.pending() == ()
 
     def test_recover_discarded(self, tmp_path: Path) -> None:
         """A crash before the extend: recover() drops the pending event ("discarded")."""
@@ -605,25 +662,81 @@ class TestRuntimeEventLog:
         self.emit(log, ev("a"))
         log.begin(ev("b"))
         assert log.recover(register_of(ev("a"))) == "discarded"
-        assert log.read() == (ev("a"),) and log.pending() is None
+        assert log.read() == (ev("a"),) and log.pending() == ()
 
-    def test_recover_after_append_before_pending_removed(self, tmp_path: Path) -> None:
-        """A crash between append and pending removal leaves one copy of the event."""
+    @pytest.mark.parametrize("torn", [False, True])
+    def test_recover_every_crash_point_of_a_batch(self, tmp_path: Path, torn: bool) -> None:
+        """For each number of events extended and of lines appended (plus a torn line), the
+        register decides: exactly the extended prefix of the batch ends up in the log."""
+        before = (ev("boot-1"), ev("boot-2", b"p"))
+        batch_events = [ev(f"e{i}", bytes([i]) * i, 1 + i % 2) for i in range(4)]
+        for extended in range(len(batch_events) + 1):
+            for appended in range(extended + 1):
+                path = tmp_path / f"log-{extended}-{appended}-{torn}"
+                log = RuntimeEventLog(path)
+                for event in before:
+                    self.emit(log, event)
+                batch = LogBatch.at(2, path.stat().st_size, batch_events)
+                log.write_ahead(batch)
+                with path.open("ab") as f:
+                    f.write(b"".join(batch.lines[:appended]))
+                    if torn and appended < len(batch_events):
+                        f.write(batch.lines[appended][:7])
+                register = register_of(*before, *batch_events[:extended])
+                plan = log.plan_recovery(register)
+                assert plan.events == before + tuple(batch_events[:extended])
+                expected = ("committed" if extended > appended
+                            else "discarded" if extended < len(batch_events) else "clean")
+                assert plan.outcome == expected
+                assert log.recover(register) == expected
+                assert log.read() == before + tuple(batch_events[:extended])
+                assert path.stat().st_size == plan.size
+                assert log.replay() == register and log.pending() == ()
+                assert log.recover(register) == "clean"
+
+    def test_stale_record_after_later_appends_is_ignored(self, tmp_path: Path) -> None:
+        """A record whose batch is in the log (its clear was lost) changes nothing."""
         log = RuntimeEventLog(tmp_path / "log")
-        log.begin(ev("a"))
-        log._append(ev("a"))
-        assert log.recover(register_of(ev("a"))) == "discarded"
-        assert log.read() == (ev("a"),) and log.pending() is None
+        batch = LogBatch.at(0, 0, [ev("a"), ev("b")])
+        log.write_ahead(batch)
+        log.append(batch)
+        log.append(LogBatch.at(2, batch.end_offset, [ev("c")]))
+        assert log.pending() == ()
+        assert log.recover(register_of(ev("a"), ev("b"), ev("c"))) == "clean"
 
-    def test_recover_torn_append(self, tmp_path: Path) -> None:
-        """A crash mid-append: the torn line is cut and the pending event appended once."""
+    def test_torn_record_is_ignored(self, tmp_path: Path) -> None:
+        """A record torn mid-write (before any extend) leaves a clean log."""
         log = RuntimeEventLog(tmp_path / "log")
         self.emit(log, ev("a"))
-        log.begin(ev("b", b"payload"))
-        with log.path.open("ab") as f:
-            f.write(ev("b", b"payload").to_log_line()[:-1])
-        assert log.recover(register_of(ev("a"), ev("b", b"payload"))) == "committed"
-        assert log.path.read_bytes() == ev("a").to_log_line() + ev("b", b"payload").to_log_line()
+        record = LogBatch.at(1, len(ev("a").to_log_line()), [ev("b")]).to_record()
+        log.wal_path.write_bytes(record[: len(record) // 2])
+        assert log.written_ahead() is None
+        assert log.recover(register_of(ev("a"))) == "clean"
+
+    def test_plan_writes_nothing_until_applied(self, tmp_path: Path) -> None:
+        """plan_recovery() only reads; apply() makes the repair durable."""
+        log = RuntimeEventLog(tmp_path / "log")
+        self.emit(log, ev("a"))
+        log.begin(ev("b"))
+        before = (log.path.read_bytes(), log.wal_path.read_bytes())
+        plan = log.plan_recovery(register_of(ev("a"), ev("b")))
+        assert (log.path.read_bytes(), log.wal_path.read_bytes()) == before
+        assert plan.repair is not None and plan.repair.events == (ev("b"),)
+        log.apply(plan)
+        assert log.read() == (ev("a"), ev("b")) and log.pending() == ()
+
+    def test_legacy_pending_record_is_recovered(self, tmp_path: Path) -> None:
+        """A <log>.pending left by dstack-core 0.1 is committed or discarded by the register."""
+        log = RuntimeEventLog(tmp_path / "log")
+        self.emit(log, ev("a"))
+        legacy = tmp_path / "log.pending"
+        legacy.write_bytes(ev("b").to_log_line())
+        assert log.pending() == (ev("b"),)
+        assert log.recover(register_of(ev("a"), ev("b"))) == "committed"
+        assert not legacy.exists() and log.read() == (ev("a"), ev("b"))
+        legacy.write_bytes(ev("c").to_log_line())
+        assert log.recover(register_of(ev("a"), ev("b"))) == "discarded"
+        assert log.read() == (ev("a"), ev("b"))
 
     def test_recover_cuts_torn_tail_without_pending(self, tmp_path: Path) -> None:
         """A torn tail with no pending record is cut and the log is clean."""
@@ -638,9 +751,10 @@ class TestRuntimeEventLog:
         """An append after a failed partial write never leaves garbage mid-file."""
         log = RuntimeEventLog(tmp_path / "log")
         self.emit(log, ev("a"))
+        log.begin(ev("b"))
         with log.path.open("ab") as f:
             f.write(b"{partial")
-        self.emit(log, ev("b"))
+        log.commit(ev("b"))
         assert log.read() == (ev("a"), ev("b"))
 
     def test_recover_mismatch_with_pending(self, tmp_path: Path) -> None:
@@ -655,7 +769,7 @@ class TestRuntimeEventLog:
         assert register_of(ev("a")).hex() in message
         assert register_of(ev("a"), ev("b")).hex() in message
         assert bogus.hex() in message
-        assert log.pending() == ev("b")
+        assert log.pending() == (ev("b"),)
 
     def test_recover_mismatch_without_pending(self, tmp_path: Path) -> None:
         """Without a pending record, a register the log does not replay to is a StateError."""
@@ -669,14 +783,6 @@ class TestRuntimeEventLog:
         with pytest.raises(InvalidRequest):
             RuntimeEventLog(tmp_path / "log").recover(bytes(32))
 
-    def test_recover_removes_stale_temporary(self, tmp_path: Path) -> None:
-        """A crash inside begin() before the rename leaves nothing recover() keeps."""
-        log = RuntimeEventLog(tmp_path / "log")
-        tmp = tmp_path / "log.pending.tmp"
-        tmp.write_bytes(b'{"event":"a","pa')
-        assert log.recover(ZERO_REGISTER) == "clean"
-        assert not tmp.exists() and log.pending() is None
-
     def test_recover_is_idempotent(self, tmp_path: Path) -> None:
         """Recovering twice gives "clean" the second time and the same log."""
         log = RuntimeEventLog(tmp_path / "log")
@@ -686,19 +792,27 @@ class TestRuntimeEventLog:
         assert log.recover(register) == "clean"
         assert log.read() == (ev("a"),)
 
-    def test_corrupt_pending_is_state_error(self, tmp_path: Path) -> None:
-        """An unreadable pending record cannot be reconciled and raises StateError."""
+    def test_corrupt_legacy_pending_is_state_error(self, tmp_path: Path) -> None:
+        """An unreadable legacy pending record cannot be reconciled and raises StateError."""
         log = RuntimeEventLog(tmp_path / "log")
-        log.pending_path.write_bytes(b"nonsense")
+        (tmp_path / "log.pending").write_bytes(b"nonsense")
         with pytest.raises(StateError):
             log.recover(ZERO_REGISTER)
 
+    def test_remove_deletes_log_and_record(self, tmp_path: Path) -> None:
+        """remove() leaves a fresh machine: no log, no record."""
+        log = RuntimeEventLog(tmp_path / "log")
+        self.emit(log, ev("a"))
+        log.begin(ev("b"))
+        log.remove()
+        assert log.read() == () and log.written_ahead() is None
 
-CHILD = textwrap.dedent(
+
+CHILD_REGISTER = textwrap.dedent(
     """
-    import os, sys
+    import os, random, sys
     from pathlib import Path
-    from dstack_core.eventlog import RuntimeEvent, RuntimeEventLog, extend
+    from dstack_core.eventlog import LogBatch, RuntimeEvent, RuntimeEventLog, extend
 
     log_path, reg_path = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -710,7 +824,11 @@ CHILD = textwrap.dedent(
         tmp = reg_path.with_name("rtmr3.tmp")
         tmp.write_bytes(extend(read_register(), digest))
         os.replace(tmp, reg_path)
+    """
+)
 
+CHILD = CHILD_REGISTER + textwrap.dedent(
+    """
     log = RuntimeEventLog(log_path)
     log.recover(read_register())
     n = len(log.read())
@@ -725,8 +843,31 @@ CHILD = textwrap.dedent(
 )
 
 
+BATCH_CHILD = CHILD_REGISTER + textwrap.dedent(
+    """
+    log = RuntimeEventLog(log_path)
+    log.recover(read_register())
+    n = len(log.read())
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    rng = random.Random(n)
+    print("ready", flush=True)
+    while True:
+        events = [RuntimeEvent(event=f"e-{n + i}", payload=os.urandom((n + i) % 300))
+                  for i in range(rng.randint(1, 6))]
+        batch = LogBatch.at(n, offset, events)
+        log.write_ahead(batch)
+        for event in events:
+            extend_register(event.digest)
+        log.append(batch)
+        log.clear_ahead()
+        n, offset = batch.end_position, batch.end_offset
+    """
+)
+
+
 class TestCrashSafety:
-    def test_sigkill_at_random_points(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("child_code", [CHILD, BATCH_CHILD], ids=["single", "batches"])
+    def test_sigkill_at_random_points(self, tmp_path: Path, child_code: str) -> None:
         """After SIGKILL at random points the log always recovers and replays to the register."""
         package_root = Path(eventlog.__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(package_root)}
@@ -736,7 +877,7 @@ class TestCrashSafety:
         count = 0
         for _ in range(30):
             child = subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(log_path), str(reg_path)],
+                [sys.executable, "-c", child_code, str(log_path), str(reg_path)],
                 stdout=subprocess.PIPE,
                 env=env,
             )
@@ -751,7 +892,7 @@ class TestCrashSafety:
             outcomes.append(log.recover(register))
             events = log.read()
             assert log.replay() == register
-            assert log.pending() is None
+            assert log.pending() == ()
             assert [e.event for e in events] == [f"e-{i}" for i in range(len(events))]
             assert len(events) >= count
             count = len(events)

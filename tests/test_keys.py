@@ -9,6 +9,8 @@ from pathlib import Path
 import coincurve
 import nacl.signing
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dstack_core import keys
 from dstack_core.errors import InvalidRequest, UnsupportedAlgorithm
@@ -25,6 +27,30 @@ class TestDerivation:
     def test_hkdf_vector(self):
         """HKDF-SHA256(salt RATLS, info=path) of the dummy key gives upstream's secret."""
         assert keys.derive_key(bytes.fromhex(DUMMY["app_key"]), [b"vms"]).hex() == DUMMY["secret"]
+
+    @pytest.mark.parametrize("length", [1, 31, 32, 33, 64, 100, 255 * 32])
+    def test_hkdf_matches_cryptography(self, length):
+        """Our one-shot-HMAC HKDF equals cryptography's HKDF for any length and info."""
+        for ikm, context in ((APP_KEY, [b"vms"]), (b"\x01" * 7, [b"a", b"", b"bc"]), (b"", [])):
+            reference = HKDF(
+                algorithm=hashes.SHA256(), length=length, salt=b"RATLS", info=b"".join(context)
+            ).derive(ikm)
+            assert keys.derive_key(ikm, context, length) == reference
+
+    @pytest.mark.parametrize("length", [0, 255 * 32 + 1])
+    def test_hkdf_refuses_impossible_lengths(self, length):
+        """HKDF-SHA256 cannot give 0 or more than 8160 bytes."""
+        with pytest.raises(ValueError):
+            keys.derive_key(APP_KEY, [b"vms"], length)
+
+    @pytest.mark.parametrize("algorithm", ["secp256k1", "ed25519"])
+    @pytest.mark.parametrize("path", ["", "vms", "a/b/c", "é"])
+    def test_app_key_object_derives_like_the_function(self, algorithm, path):
+        """AppKey (extract step and key object kept) derives exactly as derive_app_key."""
+        kept = keys.AppKey(APP_KEY, KMS_SIG)
+        assert kept.derive(path=path, purpose="p", algorithm=algorithm) == keys.derive_app_key(
+            APP_KEY, KMS_SIG, path=path, purpose="p", algorithm=algorithm
+        )
 
     def test_public_keys_for_both_algorithms(self):
         """The same 32 bytes give upstream's ed25519 and compressed secp256k1 keys."""

@@ -344,31 +344,30 @@ class _Crash(BaseException):
 
 
 class CrashingBootSimulator(SimulatorPlatform):
-    """The simulator, dying after the third boot event reached RTMR3."""
+    """The simulator, dying as its boot events are extended (before or after RTMR3 moved)."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: bool) -> None:
         super().__init__()
-        self.extends = 0
+        self.after = after
 
-    def extend_rtmr(self, index: int, digest: bytes) -> None:
-        if self.extends == 3:
-            raise _Crash
-        self.extends += 1
-        super().extend_rtmr(index=index, digest=digest)
+    def extend_rtmr_many(self, index: int, digests: tuple[bytes, ...]) -> None:
+        if self.after:
+            super().extend_rtmr_many(index=index, digests=digests)
+        raise _Crash
 
 
 class TestInterruptedBoot:
     """A crash during the simulated boot makes the next start boot again, completely."""
 
-    def test_half_booted_machine_is_booted_again(self, workdir):
+    @pytest.mark.parametrize("after", [False, True], ids=["before-extend", "after-extend"])
+    def test_half_booted_machine_is_booted_again(self, workdir, after):
         """After dying mid-boot, the agent serves a full boot log that replays to RTMR3."""
         state = workdir / "state"
         config = Settings(platform="simulator", state_dir=state).platform_config()
         with pytest.raises(_Crash):
-            CrashingBootSimulator().configure(config)
-        assert [e.event for e in RuntimeEventLog(config.runtime_log).read()] == [
-            "system-preparing", "app-id", "compose-hash"
-        ]
+            CrashingBootSimulator(after).configure(config)
+        half = RuntimeEventLog(config.runtime_log)
+        assert half.read() == () and len(half.pending()) == 7
         proc = AgentProcess("simulator", workdir=workdir, state_dir=state).start()
         try:
             booted = observe(proc)

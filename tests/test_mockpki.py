@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from dstack_core.mockpki import (
     MOCK_QE_MR_SIGNER,
+    QUOTE_CACHE,
     SIMULATOR_USER_DATA,
     MockIntelPki,
     mock_td_report,
@@ -177,12 +178,17 @@ class TestSignQuote:
             ec.ECDSA(hashes.SHA256()),  # type: ignore[arg-type]
         )
 
-    def test_fresh_attestation_key_per_quote(self, pki: MockIntelPki) -> None:
-        """Two quotes over the same report use different attestation keys."""
+    def test_one_attestation_key_per_instance(self, pki: MockIntelPki) -> None:
+        """Like a QE, an instance signs every quote with its one attestation key; another
+        instance from the same seed has its own key."""
         first, second = (
             TdxQuote.from_bytes(pki.sign_quote(_report(), user_data=bytes(20))) for _ in range(2)
         )
-        assert first.signature_data.attestation_key != second.signature_data.attestation_key
+        assert first.signature_data.attestation_key == second.signature_data.attestation_key
+        assert first.signature_data.signature != second.signature_data.signature
+        other = MockIntelPki.from_seed(SEED)
+        third = TdxQuote.from_bytes(other.sign_quote(_report(), user_data=bytes(20)))
+        assert third.signature_data.attestation_key != first.signature_data.attestation_key
 
     def test_v5_keeps_caller_td15_fields(self, pki: MockIntelPki) -> None:
         """A TD 1.5 report given for v5 is signed as is."""
@@ -209,6 +215,55 @@ class TestSignQuote:
         report = _report(tee_tcb_svn2=bytes(16), mr_service_td=bytes(48))
         with pytest.raises(ValueError):
             pki.sign_quote(report, user_data=bytes(20), version=4)
+
+
+class TestQuoteSigner:
+    @pytest.mark.parametrize("version", [4, 5])
+    def test_same_quote_as_sign_quote_but_the_signature(
+        self, pki: MockIntelPki, verify: Callable[[bytes], object], version: int
+    ) -> None:
+        """A template signer fills in registers and report data: the signed region equals
+        sign_quote's over the same report, and the quote verifies with dcap-qvl."""
+        template = _report(rtmr0=bytes(48), rtmr3=bytes(48), report_data=bytes(64))
+        signer = pki.quote_signer(template, user_data=bytes(20), version=version)
+        wanted = _report()
+        quote = signer.sign(rtmrs=wanted.rtmrs, report_data=wanted.report_data)
+        reference = pki.sign_quote(wanted, user_data=bytes(20), version=version)
+        parsed, expected = TdxQuote.from_bytes(quote), TdxQuote.from_bytes(reference)
+        assert parsed.signed_region == expected.signed_region
+        assert len(quote) == len(reference)
+        assert verify(quote).status == "UpToDate"  # type: ignore[attr-defined]
+
+    def test_cache_is_keyed_on_registers_and_report_data(
+        self, pki: MockIntelPki, verify: Callable[[bytes], object]
+    ) -> None:
+        """A repeated request gets the kept quote; a change of any register or of the report
+        data gets a new one over exactly those values; the cache stays bounded."""
+        signer = pki.quote_signer(_report(), user_data=bytes(20))
+        rtmrs, data = [bytes([i]) * 48 for i in range(4)], b"\x07" * 64
+        first = signer.sign(rtmrs=rtmrs, report_data=data)
+        assert signer.sign(rtmrs=rtmrs, report_data=data) is first
+        for index in range(4):
+            changed = list(rtmrs)
+            changed[index] = b"\xee" * 48
+            quote = TdxQuote.from_bytes(signer.sign(rtmrs=changed, report_data=data))
+            assert quote.report.rtmrs == tuple(changed) and quote.report.report_data == data
+            assert verify(quote.raw).status == "UpToDate"  # type: ignore[attr-defined]
+        other = TdxQuote.from_bytes(signer.sign(rtmrs=rtmrs, report_data=b"\x08" * 64))
+        assert other.report.report_data == b"\x08" * 64
+        for n in range(QUOTE_CACHE + 10):
+            signer.sign(rtmrs=rtmrs, report_data=n.to_bytes(64, "big"))
+        assert len(signer._cache) == QUOTE_CACHE
+
+    @pytest.mark.parametrize(
+        ("rtmrs", "report_data"),
+        [((bytes(48),) * 3, bytes(64)), ((bytes(48),) * 4, bytes(63)), ((bytes(47),) * 4, bytes(64))],
+    )
+    def test_refuses_wrong_lengths(self, pki: MockIntelPki, rtmrs, report_data) -> None:
+        """Four 48-byte registers and 64 bytes of report data, nothing else."""
+        signer = pki.quote_signer(_report(), user_data=bytes(20))
+        with pytest.raises(ValueError):
+            signer.sign(rtmrs=rtmrs, report_data=report_data)
 
 
 class TestVerification:

@@ -254,7 +254,7 @@ class TestLiveFaults:
             got_status, body = fault_agent.call("EmitEvent", {"event": "doomed", "payload": ""})
             assert (got_status, body["code"]) == (status, code), body
             assert fragment in body["error"]
-            assert log.read() == before and log.pending() is None
+            assert log.read() == before and log.pending() == ()
         finally:
             self._after(fault_agent)
 
@@ -277,6 +277,37 @@ class TestLiveFaults:
             assert quote.report_data == bytes(64)
         finally:
             self._after(fault_agent)
+
+
+class TestQuoteQueue:
+    def test_full_queue_answers_platform_busy_at_once(self):
+        """With quote_queue=1 and a slow quote service, concurrent GetQuotes beyond the one
+        served and the one waiting get 503 platform_busy before the first quote is done;
+        the agent then serves normally."""
+        for proc in _fake_agent(quote_queue="1"):
+            proc.machine.defer_commit(30)  # about 0.3 s per quote
+            results: list[tuple[int, str, float]] = []
+            start = time.monotonic()
+
+            def ask(n: int) -> None:
+                body = json.dumps({"report_data": f"{n:02x}"}).encode()
+                status, _, raw = uds_request(proc.socket, "POST", "/GetQuote", body)
+                code = json.loads(raw).get("code", "") if status != 200 else ""
+                results.append((status, code, time.monotonic() - start))
+
+            threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            served = sorted(t for status, _, t in results if status == 200)
+            busy = [t for status, code, t in results if (status, code) == (503, "platform_busy")]
+            assert len(served) + len(busy) == 8, results
+            assert 1 <= len(served) <= 2 and busy
+            assert max(busy) < served[0], results
+            proc.machine.defer_commit(0)
+            _quote_consistent(proc)
+            assert proc.machine.entries() == []
 
 
 def _read_log_names(path: Path) -> list[str]:
@@ -326,7 +357,7 @@ def _kill_loop(proc: AgentProcess, log_path: Path, *, machine: FakeTdxMachine | 
         quote = _quote_consistent(proc)
         names = _read_log_names(log_path)
         runtime = RuntimeEventLog(log_path)
-        assert runtime.pending() is None
+        assert runtime.pending() == ()
         assert runtime.replay() == quote.report.rtmr3
         if machine is not None:
             assert machine.registers().rtmrs[3] == quote.report.rtmr3

@@ -52,7 +52,7 @@ RD = bytes(range(64))
 
 
 def _config(machine: FakeTdxMachine, tmp_path: Path, **options: str) -> PlatformConfig:
-    return machine.platform_config(tmp_path / "state", commit_timeout="0.2", **options)
+    return machine.platform_config(tmp_path / "state", **{"commit_timeout": "0.2", **options})
 
 
 def _platform(machine: FakeTdxMachine, tmp_path: Path, io: FakeKernelIO | None = None,
@@ -262,7 +262,7 @@ class TestQuoteProtocol:
                 return super().read(path)
 
         io = Tracking(machine.root)
-        tdx = _platform(machine, tmp_path, io)
+        tdx = _platform(machine, tmp_path, io, quote_queue="5")  # all six wait their turn
         Tracking.most = 0
         results: list[bytes] = []
         threads = [
@@ -550,6 +550,9 @@ class TestConfigure:
             ({"legacy_ioctl": "maybe"}, "legacy_ioctl must be 0 or 1"),
             ({"commit_timeout": "-1"}, "commit_timeout"),
             ({"commit_timeout": "soon"}, "commit_timeout"),
+            ({"quote_queue": "-1"}, "quote_queue"),
+            ({"quote_queue": "many"}, "quote_queue"),
+            ({"quote_queue": "100000"}, "quote_queue"),
             ({"sysio": "fuse"}, "sysio must be"),
             ({"root": ""}, "root must not be empty"),
         ],
@@ -715,3 +718,54 @@ class TestRealHardware:
         _, registers = hardware
         ccel = Path("/sys/firmware/acpi/tables/data/CCEL").read_bytes()
         assert _independent_replay(ccel) == list(registers.read().rtmrs[:3])
+
+
+class TestQuoteQueue:
+    """Quotes go to configfs-tsm one at a time; a full queue is refused at once."""
+
+    def test_full_queue_is_busy_at_once(self, machine, io, tmp_path):
+        """With quote_queue=1 and a slow quote service, of 6 concurrent requests one is
+        served, one waits, and the rest get PlatformBusy without waiting; nothing races."""
+        tdx = _platform(machine, tmp_path, io, quote_queue="1", commit_timeout="5")
+        machine.defer_commit(20)  # each quote polls generation ~20 times: about 0.2 s
+        results: list[tuple[str, float]] = []
+        start = time.monotonic()
+
+        def ask(n: int) -> None:
+            try:
+                tdx.get_quote(bytes([n]) * 64)
+                results.append(("ok", time.monotonic() - start))
+            except PlatformBusy as exc:
+                assert "busy" in str(exc)
+                results.append(("busy", time.monotonic() - start))
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        served = sorted(t for kind, t in results if kind == "ok")
+        refused = [t for kind, t in results if kind == "busy"]
+        assert len(served) == 2 and len(refused) == 4
+        assert max(refused) < served[0]  # refused before the first quote was done
+        assert machine.entries() == []
+
+    def test_queue_drains_and_serves_again(self, machine, io, tmp_path):
+        """After a burst the queue is empty again: the next request is served."""
+        tdx = _platform(machine, tmp_path, io, quote_queue="0")
+        machine.defer_commit(5)
+        threads = [threading.Thread(target=self._try, args=(tdx,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        machine.defer_commit(0)
+        assert TdxQuote.from_bytes(tdx.get_quote(bytes(64)).data).report_data == bytes(64)
+
+    @staticmethod
+    def _try(tdx: TdxPlatform) -> None:
+        try:
+            tdx.get_quote(bytes(64))
+        except PlatformBusy:
+            pass
+

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 from aiohttp import hdrs, web
 
+from .. import jsonout
 from ..errors import NotFound
-from ..service import AgentService, QuoteResult, TlsKeyRequest, TlsKeyResult
+from ..jsonout import EncodedJson, encode_json
+from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
 from .errors import error_middleware, json_response
 from .guard import Guard
@@ -52,7 +54,7 @@ SERVICE_KEY: Final = web.AppKey("service", AgentService)
 GUARD_KEY: Final = web.AppKey("guard", Guard)
 TAPPD_PREFIX: Final = "Tappd."
 
-Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any]]]
+Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any] | EncodedJson]]
 
 
 @attrs.frozen
@@ -73,12 +75,15 @@ TLS_ARGS: Final = (
 
 
 def _tls_response(result: TlsKeyResult) -> dict[str, Any]:
-    return {"key": result.key, "certificate_chain": list(result.certificate_chain)}
+    return {
+        "key": jsonout.text(result.key),
+        "certificate_chain": jsonout.text_list(result.certificate_chain),
+    }
 
 
 def _quote_response(result: QuoteResult) -> dict[str, Any]:
-    response = {
-        "quote": result.quote.hex(),
+    response: dict[str, Any] = {
+        "quote": EncodedJson.hex(result.quote),
         "event_log": result.event_log,
         "report_data": result.report_data.hex(),
         "vm_config": result.vm_config,
@@ -102,13 +107,26 @@ async def _get_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _attest(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
-    return {"attestation": (await svc.attest(a["report_data"])).hex()}
+    return {"attestation": await svc.attest_json(a["report_data"])}
 
 
-async def _info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
+_last_info: tuple[InfoResult | None, EncodedJson] = (None, EncodedJson((b"",)))
+
+
+async def _info(svc: AgentService, a: dict[str, Any]) -> EncodedJson:
+    global _last_info
     info = await svc.info()
+    # The service hands out the same result until Info changes: encode it once.
+    if _last_info[0] is not info:
+        _last_info = (info, EncodedJson((encode_json(info_response(info)),)))
+    return _last_info[1]
+
+
+def info_response(info: InfoResult) -> dict[str, Any]:
+    """Info's answer as a JSON object (``tcb_info`` encoded, its event log in kept pieces)."""
     return {
-        k: v.hex() if isinstance(v, bytes) else v for k, v in attrs.asdict(info).items()
+        k: v.hex() if isinstance(v, bytes) else v
+        for k, v in attrs.asdict(info, recurse=False).items()
     }
 
 
@@ -156,7 +174,7 @@ async def _derive_k256_key(svc: AgentService, a: dict[str, Any]) -> dict[str, An
 async def _tdx_quote(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
     result, algorithm, prefix = await svc.tdx_quote(**a)
     return {
-        "quote": result.quote.hex(),
+        "quote": EncodedJson.hex(result.quote),
         "event_log": result.event_log,
         "hash_algorithm": algorithm,
         "prefix": prefix,
@@ -251,17 +269,43 @@ def trim_prefix(name: str, prefix: str) -> str:
     return name
 
 
-def _resolve(request: web.Request, tappd_only: bool) -> tuple[str, Method | None]:
-    """The method a request names, after upstream's prefix trimming."""
-    name = request.match_info.get("method", "")
-    if request.path.startswith("/prpc/") and name.startswith(TAPPD_PREFIX):
+def _resolve_path(path: str, name: str, tappd_only: bool) -> tuple[str, Method | None]:
+    """The method ``path`` (whose last segment is ``name``) names, after upstream's prefix
+    trimming."""
+    if path.startswith("/prpc/") and name.startswith(TAPPD_PREFIX):
         name = trim_prefix(name, TAPPD_PREFIX)
         return name, TAPPD_METHODS.get(name)
     if tappd_only:
         return name, TAPPD_METHODS.get(name)
-    if request.path.startswith("/prpc/"):
+    if path.startswith("/prpc/"):
         return name, DSTACK_METHODS.get(name) or TAPPD_METHODS.get(name)
     return name, DSTACK_METHODS.get(name)
+
+
+def _exact_paths(tappd_only: bool) -> dict[str, tuple[str, Method]]:
+    """Every path that names a method without repeated prefixes: exact-match routes, which
+    aiohttp resolves with one dict lookup instead of trying patterns in turn."""
+    names = {*DSTACK_METHODS, *TAPPD_METHODS}
+    candidates = [f"/prpc/{n}" for n in names] + [f"/prpc/{TAPPD_PREFIX}{n}" for n in names]
+    if not tappd_only:
+        candidates += [f"/{n}" for n in names]
+    paths = {}
+    for path in candidates:
+        name, method = _resolve_path(path, path.rpartition("/")[2], tappd_only)
+        if method is not None:
+            paths[path] = (name, method)
+    return paths
+
+
+EXACT_PATHS: Final = {tappd_only: _exact_paths(tappd_only) for tappd_only in (False, True)}
+
+
+def _resolve(request: web.Request, tappd_only: bool) -> tuple[str, Method | None]:
+    """The method a request names, after upstream's prefix trimming."""
+    name = request.match_info.get("method")
+    if name is None:  # an exact route
+        return EXACT_PATHS[tappd_only].get(request.path, ("", None))
+    return _resolve_path(request.path, name, tappd_only)
 
 
 async def _dispatch(request: web.Request, *, tappd_only: bool) -> web.Response:
@@ -277,6 +321,19 @@ async def _any_method(request: web.Request) -> web.Response:
 
 async def _tappd(request: web.Request) -> web.Response:
     return await _dispatch(request, tappd_only=True)
+
+
+def _add_routes(app: web.Application, *, tappd_only: bool) -> None:
+    # Exact paths first, then the patterns (unknown names get 404, repeated Tappd. prefixes
+    # are stripped). add_get also answers HEAD, as upstream's Rocket routes do.
+    for path, (name, method) in EXACT_PATHS[tappd_only].items():
+        endpoint = functools.partial(_call, name=name, method=method)
+        app.router.add_get(path, endpoint)
+        app.router.add_post(path, endpoint)
+    patterns = ("/prpc/{method}",) if tappd_only else ("/prpc/{method}", "/{method}")
+    for pattern in patterns:
+        app.router.add_get(pattern, _tappd if tappd_only else _any_method)
+        app.router.add_post(pattern, _tappd if tappd_only else _any_method)
 
 
 def _method_label(tappd_only: bool) -> Callable[[web.Request], str]:
@@ -327,10 +384,7 @@ def create_app(
                        guard=guard, metrics=metrics)
     if guard is not None:
         app.cleanup_ctx.append(guard.lifetime)
-    # add_get also answers HEAD, as upstream's Rocket routes do.
-    for path in ("/prpc/{method}", "/{method}"):
-        app.router.add_get(path, _any_method)
-        app.router.add_post(path, _any_method)
+    _add_routes(app, tappd_only=False)
     return app
 
 
@@ -349,6 +403,5 @@ def create_tappd_app(
     """
     app = _application(service, listener="tappd", tappd_only=True, max_body=max_body,
                        guard=guard, metrics=metrics)
-    app.router.add_get("/prpc/{method}", _tappd)
-    app.router.add_post("/prpc/{method}", _tappd)
+    _add_routes(app, tappd_only=True)
     return app

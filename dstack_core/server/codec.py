@@ -16,7 +16,6 @@ Rules (agent-api.md section 2.3, our deliberate differences in docs/api.md):
 from __future__ import annotations
 
 import binascii
-import json
 import re
 import zlib
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from ..errors import (
     PayloadTooLarge,
     UnsupportedContentEncoding,
 )
+from ..jsonout import encode_json
 
 __all__ = [
     "CONTENT_CODINGS",
@@ -248,4 +248,4 @@ def decode_args(schema: Schema, doc: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_json_bytes(obj: Any) -> bytes:
     """Compact, ASCII-only JSON (non-ASCII escaped) as the JS SDK needs it."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return encode_json(obj)

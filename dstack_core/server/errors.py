@@ -144,7 +144,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except DstackError as exc:
-        if exc.http_status >= 500:
+        if exc.http_status >= 500 and not exc.logged:
             log.warning("%s %s failed: %s", request.method, request.path, exc)
         response = error_response(exc)
         if isinstance(exc, TimeoutError):

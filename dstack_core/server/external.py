@@ -27,8 +27,17 @@ from aiohttp import web
 
 from .. import __version__
 from ..errors import NotFound, UnsupportedAlgorithm
+from ..jsonout import EncodedJson
 from ..service import AgentService
-from .app import SERVICE_KEY, Method, _call, _info, _quote_response, _version, trim_prefix
+from .app import (
+    SERVICE_KEY,
+    Method,
+    _call,
+    _quote_response,
+    _version,
+    info_response,
+    trim_prefix,
+)
 from .codec import Field
 from .errors import error_middleware
 from .metrics import CONTENT_TYPE, AgentMetrics
@@ -73,7 +82,7 @@ METRICS_KEY: Final = web.AppKey("metrics", AgentMetrics)
 
 
 async def _worker_info(svc: AgentService, a: dict[str, Any]) -> dict[str, Any]:
-    doc = await _info(svc, a)
+    doc = info_response(await svc.info())
     if not AppComposeFlags.from_text(svc.app_compose).public_tcbinfo:
         doc.update(dict.fromkeys(HIDDEN_INFO_FIELDS, ""))
     return doc
@@ -147,7 +156,9 @@ async def _status_page(request: web.Request) -> web.Response:
         "</table>",
     ]
     if flags.public_tcbinfo:
-        body.append(f"<h2>TCB info</h2><textarea readonly>{html.escape(info['tcb_info'])}</textarea>")
+        tcb_info = info["tcb_info"]  # encoded JSON (a string) as Info sends it
+        tcb_text = tcb_info.decode() if isinstance(tcb_info, EncodedJson) else tcb_info
+        body.append(f"<h2>TCB info</h2><textarea readonly>{html.escape(tcb_text)}</textarea>")
     if flags.public_sysinfo:
         body.append('<p><a href="/metrics">system metrics</a></p>')
     body.append("</body></html>")

@@ -39,7 +39,8 @@ MAX_AUDIT_TEXT: Final = 1024
 """Longer strings (a path, a name) are recorded as a prefix, their length and SHA-256."""
 MAX_AUDIT_NAMES: Final = 64
 
-Invoke = Callable[[], Awaitable[dict[str, Any]]]
+Invoke = Callable[[], Awaitable[Any]]
+"""The call a guard decides on; its answer passes through untouched."""
 
 
 def _text(value: str) -> str:
@@ -173,7 +174,7 @@ class Guard:
 
     async def run(
         self, request: web.Request, method: str, args: Mapping[str, Any], invoke: Invoke
-    ) -> dict[str, Any]:
+    ) -> Any:
         """Decide, record and make the call ``invoke`` (``method`` with ``args``).
 
         :raises Forbidden: the policy denies it (recorded).

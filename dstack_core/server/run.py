@@ -94,7 +94,10 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
     """
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(state_dir / STATE_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        # Read-only: flock needs no write access, and a descriptor open for writing would
+        # keep the state dir's file system from being remounted read-only (a storage fault
+        # the agent must survive, and start under, with its state intact).
+        fd = os.open(state_dir / STATE_LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise ConfigurationError(f"cannot use state directory {state_dir}: {exc}") from None
     try:

@@ -28,6 +28,9 @@ Options (``--platform-option KEY=VALUE``):
     out-of-tree kernels) when the sysfs registers are missing; default ``0``.
 ``commit_timeout``
     Seconds to wait for the kernel to commit a quote's report data (default 5).
+``quote_queue``
+    How many quote requests may wait behind the one configfs-tsm is serving (default
+    :data:`DEFAULT_QUOTE_QUEUE`); one more is answered 503 ``platform_busy`` at once.
 ``sysio``
     ``os`` (default) or ``fake``: the fake kernel, **for tests only**, refused unless
     ``DSTACK_ALLOW_FAKE_KERNEL=1`` is set in the environment.
@@ -64,6 +67,7 @@ from dstack_core.platform_options import (
     ALLOW_FAKE_KERNEL_ENV,
     check_known,
     open_sysio,
+    parse_count,
     parse_flag,
     parse_root,
     parse_seconds,
@@ -81,9 +85,13 @@ from .configfs import TDX_GUEST
 from .paths import DEFAULT_APPKEYS, TdxPaths, under
 from .registers import RUNTIME_RTMR, MeasurementRegisters
 
-__all__ = ["ALLOW_FAKE_KERNEL_ENV", "TdxOptions", "TdxPlatform"]
+__all__ = ["ALLOW_FAKE_KERNEL_ENV", "DEFAULT_QUOTE_QUEUE", "TdxOptions", "TdxPlatform"]
 
 PRODUCTION_RUNTIME_LOG: Final = "/run/log/dstack/runtime_events.log"
+DEFAULT_QUOTE_QUEUE: Final = 4
+"""Quote requests that may wait; with the one in progress this stays below the core's
+worker threads on a two-CPU guest, so a slow quote service never starves extensions."""
+MAX_QUOTE_QUEUE: Final = 1024
 PLUGIN: Final = "tdx"
 """The plugin's name in option errors."""
 
@@ -98,12 +106,17 @@ class TdxOptions:
     appkeys: str = "/" + str(DEFAULT_APPKEYS)
     legacy_ioctl: bool = False
     commit_timeout: float = DEFAULT_COMMIT_TIMEOUT
+    quote_queue: int = DEFAULT_QUOTE_QUEUE
     sysio: str = "os"
 
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> TdxOptions:
         """:raises ConfigurationError: an unknown option or a bad value."""
-        check_known(PLUGIN, options, {"root", "appkeys", "legacy_ioctl", "commit_timeout", "sysio"})
+        check_known(
+            PLUGIN,
+            options,
+            {"root", "appkeys", "legacy_ioctl", "commit_timeout", "quote_queue", "sysio"},
+        )
         values: dict[str, object] = {}
         if "root" in options:
             values["root"] = parse_root(PLUGIN, options["root"])
@@ -114,6 +127,10 @@ class TdxOptions:
         if "commit_timeout" in options:
             values["commit_timeout"] = parse_seconds(
                 PLUGIN, "commit_timeout", options["commit_timeout"], maximum=MAX_COMMIT_TIMEOUT
+            )
+        if "quote_queue" in options:
+            values["quote_queue"] = parse_count(
+                PLUGIN, "quote_queue", options["quote_queue"], maximum=MAX_QUOTE_QUEUE
             )
         if "sysio" in options:
             values["sysio"] = parse_sysio(PLUGIN, options["sysio"])
@@ -169,7 +186,11 @@ class TdxPlatform:
         )
         self._check_present(io, paths, options, measurements_dir, appkeys)
         quotes = TsmReportClient(
-            io, paths.report_dir, TDX_GUEST, commit_timeout=options.commit_timeout
+            io,
+            paths.report_dir,
+            TDX_GUEST,
+            commit_timeout=options.commit_timeout,
+            queue_size=options.quote_queue,
         )
         self._check_provider(quotes, paths)
         registers = MeasurementRegisters(io, measurements_dir=measurements_dir, device=paths.device)
