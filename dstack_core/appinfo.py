@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from .envelope import AppInfo
 from .eventlog import TdxEvent, replay
-from .quote import TdReport
 
 __all__ = [
     "SYSTEM_READY",
@@ -29,6 +28,7 @@ __all__ = [
     "IDENTITY_EVENTS",
     "identity_payloads",
     "app_info_of",
+    "SignedRegisters",
 ]
 
 SYSTEM_READY: Final = "system-ready"
@@ -79,19 +79,40 @@ def os_image_hash_from_vm_config(vm_config: str) -> bytes:
         return b""
 
 
-def _config_registers(report: TdReport) -> bytes:
+class SignedRegisters(Protocol):
+    """The registers identity is derived from: a TD report
+    (:class:`~dstack_core.quote.TdReport`) or a verifier plugin's
+    :class:`~dstack_core.verify.Registers`."""
+
+    @property
+    def mr_td(self) -> bytes: ...
+    @property
+    def rtmr0(self) -> bytes: ...
+    @property
+    def rtmr1(self) -> bytes: ...
+    @property
+    def rtmr2(self) -> bytes: ...
+    @property
+    def mr_config_id(self) -> bytes: ...
+    @property
+    def mr_owner(self) -> bytes: ...
+    @property
+    def mr_owner_config(self) -> bytes: ...
+
+
+def _config_registers(report: SignedRegisters) -> bytes:
     registers = report.mr_config_id + report.mr_owner + report.mr_owner_config
     return registers if any(registers) else b""
 
 
-def _mr_aggregated(report: TdReport, rtmr3: bytes) -> bytes:
+def _mr_aggregated(report: SignedRegisters, rtmr3: bytes) -> bytes:
     return hashlib.sha256(
         report.mr_td + report.rtmr0 + report.rtmr1 + report.rtmr2 + rtmr3
         + _config_registers(report)
     ).digest()
 
 
-def _mr_system(report: TdReport, key_provider: bytes | None) -> bytes:
+def _mr_system(report: SignedRegisters, key_provider: bytes | None) -> bytes:
     mr_key_provider = (
         hashlib.sha256(key_provider).digest() if key_provider is not None else bytes(32)
     )
@@ -100,13 +121,20 @@ def _mr_system(report: TdReport, key_provider: bytes | None) -> bytes:
     ).digest()
 
 
-def mr_aggregated(report: TdReport, runtime_events: Sequence[TdxEvent]) -> bytes:
+def mr_aggregated(
+    report: SignedRegisters, runtime_events: Sequence[TdxEvent], rtmr3: bytes | None = None
+) -> bytes:
     """``sha256(mrtd || rtmr0..2 || replay(runtime) [|| mr_config_id || mr_owner ||
-    mr_owner_config when any is non-zero])``, as upstream computes it."""
-    return _mr_aggregated(report, replay(runtime_events, RUNTIME_IMR))
+    mr_owner_config when any is non-zero])``, as upstream computes it.
+
+    :param rtmr3: the replay of ``runtime_events``, when the caller has it already.
+    """
+    if rtmr3 is None:
+        rtmr3 = replay(runtime_events, RUNTIME_IMR)
+    return _mr_aggregated(report, rtmr3)
 
 
-def mr_system(report: TdReport, events: Sequence[TdxEvent]) -> bytes:
+def mr_system(report: SignedRegisters, events: Sequence[TdxEvent]) -> bytes:
     """``sha256(mrtd || rtmr0..2 || sha256(key-provider payload) or 32 zero bytes)``."""
     return _mr_system(report, boot_event_payload(events, "key-provider"))
 
@@ -126,7 +154,7 @@ def identity_payloads(events: Iterable[TdxEvent]) -> dict[str, bytes]:
 
 
 def app_info_of(
-    report: TdReport, rtmr3: bytes, identity: Mapping[str, bytes], os_image_hash: bytes
+    report: SignedRegisters, rtmr3: bytes, identity: Mapping[str, bytes], os_image_hash: bytes
 ) -> AppInfo:
     """Every identity value of the app, from the TD report, the RTMR3 the runtime log
     replays to, :func:`identity_payloads` of that log and the OS image hash
@@ -143,12 +171,18 @@ def app_info_of(
     )
 
 
-def derive_app_info(report: TdReport, events: Sequence[TdxEvent], vm_config: str) -> AppInfo:
-    """Every identity value of the app, from the quote's TD report and the full event log."""
+def derive_app_info(
+    report: SignedRegisters, events: Sequence[TdxEvent], vm_config: str,
+    rtmr3: bytes | None = None,
+) -> AppInfo:
+    """Every identity value of the app, from the quote's TD report and the full event log.
+
+    :param rtmr3: the replay of the log's RTMR3 events, when the caller has it already.
+    """
     runtime = [e for e in events if e.imr == RUNTIME_IMR]
     return app_info_of(
         report,
-        replay(runtime, RUNTIME_IMR),
+        rtmr3 if rtmr3 is not None else replay(runtime, RUNTIME_IMR),
         identity_payloads(runtime),
         os_image_hash_from_vm_config(vm_config),
     )

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and per denial",
     )
     serve.add_argument(
+        "--allow-missing-verifier",
+        action="store_true",
+        default=None,
+        help="start even when no verifier plugin for the platform's evidence format is "
+        "installed (an image that deliberately leaves the verifier out)",
+    )
+    serve.add_argument(
         "--config", type=Path, action="append",
         help="JSON or TOML config file, ours or upstream's dstack.toml (repeatable; later "
         "files override earlier ones)",
@@ -140,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     platforms.add_argument("--json", action="store_true", help="print JSON")
     platforms.set_defaults(func=_cmd_platforms)
+
+    verifiers = commands.add_parser(
+        "verifiers", help="list installed verifier plugins", description="List installed "
+        "verifier plugins (entry-point group dstack_core.verifiers, one per evidence format) "
+        "with their platform checks and options; --json also imports and checks each."
+    )
+    verifiers.add_argument("--json", action="store_true", help="print JSON")
+    verifiers.set_defaults(func=_cmd_verifiers)
 
     bundle = commands.add_parser(
         "trust-bundle",
@@ -232,6 +247,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "reset_state": args.reset_state,
         "policy": args.policy,
         "audit_log": args.audit_log,
+        "allow_missing_verifier": args.allow_missing_verifier,
     }
     settings = load_settings(flags, config_file=args.config)
     asyncio.run(serve(settings))
@@ -248,6 +264,36 @@ def _cmd_platforms(args: argparse.Namespace) -> int:
     else:
         for p in found:
             print(f"{p.name:<16} {p.value:<40} {p.distribution}")
+    return 0
+
+
+def _cmd_verifiers(args: argparse.Namespace) -> int:
+    from .verify import default_host
+
+    host = default_host()
+    loaded = host.load_all()
+    if args.json:
+        print(json.dumps([
+            {
+                "evidence_format": v.evidence_format,
+                "value": v.installed.value,
+                "distribution": v.installed.distribution,
+                "version": v.installed.version,
+                "checks": list(v.info.checks),
+                "authenticated_by": list(v.info.authenticated_by),
+                "options": dict(v.info.options),
+                "description": v.info.description,
+            }
+            for v in loaded
+        ], indent=2))
+    elif not loaded:
+        print("no verifier plugins installed (entry-point group dstack_core.verifiers)")
+    else:
+        for v in loaded:
+            print(f"{v.evidence_format:<12} {v.installed.value:<44} {v.plugin}")
+            print(f"{'':<12} checks: {', '.join(v.info.checks)}")
+            for key, meaning in sorted(v.info.options.items()):
+                print(f"{'':<12} --verifier-option {v.evidence_format}:{key}=...  {meaning}")
     return 0
 
 

@@ -12,7 +12,6 @@ configuration is wrong (then stdout carries ``{"verdict": "fail", "error", "code
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -24,9 +23,11 @@ import attrs
 from .errors import ConfigurationError, DstackError, EvidenceError, InvalidRequest
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .collateral import CollateralSource
     from .osimage import OsImagePolicy
-    from .verify import ExpectedReportData
+    from .verify import CollateralResolver, ExpectedReportData
 
 # The verifier's modules (dcap-qvl, msgpack) load only when a verifier command runs, so
 # ``dstack-agent serve`` does not pay for them.
@@ -47,8 +48,9 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
         "--collateral",
         type=Path,
         metavar="FILE",
-        help="quote collateral, dcap-qvl QuoteCollateralV3 JSON (e.g. the simulator's "
-        "collateral.json); used for every quote",
+        help="collateral for every piece of evidence of its format: dcap-qvl "
+        "QuoteCollateralV3 JSON for TDX, the VCEK and ASK for SEV-SNP (a trust bundle's "
+        "collateral.json); the verifier plugin whose format it is reads it",
     )
     trust.add_argument(
         "--pccs-url",
@@ -72,9 +74,17 @@ def _add_trust_flags(parser: argparse.ArgumentParser) -> None:
         "--trust-bundle",
         type=Path,
         metavar="DIR",
-        help=f"a simulator trust bundle directory ({BUNDLE_ROOT}, {BUNDLE_COLLATERAL} and "
-        f"{BUNDLE_OS_IMAGE_POLICY} when present, as written by 'dstack-agent simulator "
-        "trust-bundle'): sets --root-ca, --collateral and --os-image-policy",
+        help=f"a trust bundle directory ({BUNDLE_ROOT}, {BUNDLE_COLLATERAL} and "
+        f"{BUNDLE_OS_IMAGE_POLICY} when present, as written by 'dstack-agent trust-bundle'): "
+        "sets --root-ca, --collateral and --os-image-policy",
+    )
+    trust.add_argument(
+        "--verifier-option",
+        action="append",
+        default=[],
+        metavar="FORMAT:KEY=VALUE",
+        help="a setting of the verifier plugin of an evidence format, e.g. "
+        "sev-snp:kds_url=amd (repeatable; 'dstack-agent verifiers' lists each plugin's keys)",
     )
     trust.add_argument(
         "--allow-simulator",
@@ -208,16 +218,25 @@ class _Trust:
     """What the trust and policy flags say, shared by ``verify`` and ``verifier``."""
 
     collateral: CollateralSource
+    documents: Mapping[str, object]
     root_ca_der: bytes | None
     os_image_policy: OsImagePolicy | None
     ratls_trust_anchors: tuple[bytes, ...]
+    plugin_options: Mapping[str, Mapping[str, str]]
 
 
 def _trust(args: argparse.Namespace) -> _Trust:
-    from .collateral import CollateralCache, CollateralSource, load_collateral_file
     from .osimage import OsImagePolicy, with_expectations
-    from .server.verifier import load_certificates, load_root_ca
+    from .server.verifier import (
+        collateral_settings,
+        load_certificates,
+        load_root_ca,
+        parse_verifier_options,
+    )
+    from .verify import default_host
 
+    # Every installed verifier plugin loads, or the command stops naming the broken one.
+    default_host().load_all()
     root_path: Path | None = args.root_ca
     collateral_path: Path | None = args.collateral
     policy_path: Path | None = args.os_image_policy
@@ -227,24 +246,24 @@ def _trust(args: argparse.Namespace) -> _Trust:
         bundled = args.trust_bundle / BUNDLE_OS_IMAGE_POLICY
         if policy_path is None and bundled.exists():
             policy_path = bundled
-    try:
-        fixed = load_collateral_file(collateral_path) if collateral_path else None
-    except EvidenceError as exc:
-        raise ConfigurationError(f"invalid collateral {collateral_path}: {exc.message}") from None
-    source = CollateralSource(
-        fixed=fixed,
-        cache=CollateralCache(directory=args.collateral_cache) if args.collateral_cache else None,
-        pccs_url=args.pccs_url,
-    )
+    source, documents = collateral_settings(collateral_path, args.collateral_cache, args.pccs_url)
     policy = OsImagePolicy.from_file(policy_path) if policy_path else None
     return _Trust(
         collateral=source,
+        documents=documents,
         root_ca_der=load_root_ca(root_path) if root_path else None,
         os_image_policy=with_expectations(policy, args.expect_mrtd, args.expect_rtmr),
         ratls_trust_anchors=tuple(
             der for path in args.trust_anchor for der in load_certificates(path)
         ),
+        plugin_options=parse_verifier_options(args.verifier_option),
     )
+
+
+def _resolver(trust: _Trust) -> CollateralResolver:
+    from .server.verifier import collateral_resolver
+
+    return collateral_resolver(trust.collateral, trust.documents, trust.plugin_options)
 
 
 def _read_evidence(name: str) -> bytes:
@@ -298,7 +317,7 @@ def _print(doc: dict[str, Any], compact: bool) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import (
         DEFAULT_ALLOWED_TCB_STATUSES,
-        OS_IMAGE_WARNING,
+        SIMULATED_WARNING,
         VerifyOptions,
         load_evidence,
         verify_evidence,
@@ -318,16 +337,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             allow_stripped_event_log=args.allow_stripped_event_log,
             os_image_policy=trust.os_image_policy,
             ratls_trust_anchors=trust.ratls_trust_anchors,
+            plugin_options=trust.plugin_options,
         )
         evidence = load_evidence(_read_evidence(args.evidence))
-        collateral = None
-        problem = None
-        try:
-            if evidence.quote is not None:  # SEV-SNP evidence has no DCAP collateral
-                source = trust.collateral
-                collateral = asyncio.run(source.collateral_for(evidence.quote.raw, now=now))
-        except EvidenceError as exc:
-            problem = exc.message
+        collateral, problem = _resolver(trust).collateral_for(evidence.report, now=now)
         result = verify_evidence(evidence, options, collateral, collateral_error=problem)
     except (DstackError, ValueError) as exc:
         message = getattr(exc, "message", str(exc))
@@ -340,8 +353,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(
             "dstack-agent verify: WARNING: simulated evidence (not TEE hardware)", file=sys.stderr
         )
-    if OS_IMAGE_WARNING in result.warnings:
-        print(f"dstack-agent verify: WARNING: {OS_IMAGE_WARNING}", file=sys.stderr)
+    for warning in result.warnings:
+        if warning != SIMULATED_WARNING:
+            print(f"dstack-agent verify: WARNING: {warning}", file=sys.stderr)
     if not result.passed:
         print(f"dstack-agent verify: verdict fail: {result.reason}", file=sys.stderr)
     return EXIT_PASS if result.passed else EXIT_FAIL
@@ -369,6 +383,8 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
     trust = _trust(args)
     settings = VerifierSettings(
         collateral=trust.collateral,
+        documents=trust.documents,
+        plugin_options=trust.plugin_options,
         root_ca_der=trust.root_ca_der,
         allow_simulator=args.allow_simulator,
         allowed_tcb_statuses=DEFAULT_ALLOWED_TCB_STATUSES.union(args.allow_tcb_status),

@@ -69,6 +69,7 @@ _KEY_TYPES: Final[Mapping[str, type | tuple[type, ...]]] = {
     "attestation_format": str,
     "kms_timeout": (int, float),
     "data_disks": list,
+    "allow_missing_verifier": bool,
     "idle_timeout": (int, float),
     "header_timeout": (int, float),
     "body_timeout": (int, float),
@@ -143,6 +144,8 @@ class Settings:
     attestation_format: str = "dstack-core"
     kms_timeout: float = DEFAULT_KMS_TIMEOUT
     data_disks: tuple[Path, ...] = DEFAULT_DATA_DISKS
+    allow_missing_verifier: bool = False
+    """Start even when no verifier plugin for the platform's evidence format is installed."""
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
 
     def platform_config(self) -> PlatformConfig:
@@ -373,6 +376,7 @@ def load_settings(
             raise ConfigurationError("max_body_size must be an integer of at least 1024")
         values["max_body_size"] = size
     values["reset_state"] = bool(merged.get("reset_state", False))
+    values["allow_missing_verifier"] = bool(merged.get("allow_missing_verifier", False))
     if merged.get("external_listen"):
         values["external_listen"] = _parse_listen(
             str(merged["external_listen"]), "--external-listen"

@@ -25,8 +25,8 @@ import attrs
 import cbor2
 
 from .errors import EvidenceError
-from .eventlog import TdxEvent
-from .types import REPORT_DATA_LENGTH
+from .eventlog import RUNTIME_EVENT_TYPE, RUNTIME_IMR, SHA384_DIGEST_SIZE, TdxEvent
+from .types import REPORT_DATA_LENGTH, is_evidence_format
 
 __all__ = [
     "ENVELOPE_FORMAT",
@@ -96,7 +96,8 @@ class Envelope:
     """One attestation: hardware evidence, the full event log and what it binds.
 
     :ivar platform: the producing platform's tag (``simulator``, ``tdx``, ``sev-snp``, ...).
-    :ivar evidence_format: how to parse ``quote``: ``tdx`` or ``sev-snp``.
+    :ivar evidence_format: how to parse ``quote``: ``tdx``, ``sev-snp``, or a vendor's
+        format (the verifier plugin registered under that name parses it).
     :ivar quote: the raw hardware evidence.
     :ivar event_log: boot events (RTMR0..2) then runtime events (RTMR3), full payloads.
     :ivar report_data: the 64 bytes the quote binds.
@@ -106,7 +107,7 @@ class Envelope:
     """
 
     platform: str = attrs.field(validator=attrs.validators.min_len(1))
-    evidence_format: Literal["tdx", "sev-snp"]
+    evidence_format: str
     quote: bytes
     event_log: tuple[TdxEvent, ...] = ()
     report_data: bytes = attrs.field()
@@ -146,14 +147,17 @@ class Envelope:
             raise EvidenceError(f"envelope is larger than {MAX_ENVELOPE_SIZE} bytes")
         if not data.startswith(ENVELOPE_MAGIC):
             raise EvidenceError("not a dstack-core envelope (expected CBOR tag 55799)")
+        # The magic is the self-describe tag's whole head: decode what it tags (whose maps
+        # and arrays cbor2 then hands back as plain, mutable ones).
         stream = io.BytesIO(data)
+        stream.seek(len(ENVELOPE_MAGIC))
         try:
             tagged = cbor2.CBORDecoder(stream).decode()
         except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
             raise EvidenceError(f"envelope is not valid CBOR: {exc}") from None
         if stream.tell() != len(data):
             raise EvidenceError(f"{len(data) - stream.tell()} trailing bytes after the envelope")
-        # cbor2 strips the self-describe tag itself; accept either shape.
+        # cbor2 strips a nested self-describe tag itself; accept either shape.
         doc = tagged.value if isinstance(tagged, cbor2.CBORTag) else tagged
         _require_canonical(doc, data)
         if not isinstance(doc, Mapping) or doc.get("format") != ENVELOPE_FORMAT:
@@ -170,8 +174,11 @@ class Envelope:
         if len(events) > MAX_EVENTS:
             raise EvidenceError(f"event log has more than {MAX_EVENTS} events")
         evidence_format = _expect(doc["evidence_format"], str, "evidence_format")
-        if evidence_format not in ("tdx", "sev-snp"):
-            raise EvidenceError(f"unknown evidence_format {evidence_format!r}")
+        if not is_evidence_format(evidence_format):
+            raise EvidenceError(
+                f"evidence_format {evidence_format[:80]!r} is not a format name (lower-case "
+                "letters, digits, '.' and '-')"
+            )
         try:
             return cls(
                 platform=_expect(doc["platform"], str, "platform"),
@@ -331,7 +338,12 @@ def _require_canonical(doc: Any, data: bytes) -> None:
     lengths and unsorted keys, and keeps the last of duplicate map keys. Re-encoding the
     value canonically gives the one encoding; any difference (a duplicate key shortens the
     map) means the input was something else, which two decoders might read differently.
+
+    A value of the envelope's own shape takes a quicker road to the same answer
+    (:func:`_canonical_in_order`); anything else is re-encoded canonically.
     """
+    if _canonical_in_order(doc, data):
+        return
     try:
         canonical = cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, doc), canonical=True)
     except (cbor2.CBOREncodeError, ValueError, TypeError, RecursionError):
@@ -343,6 +355,62 @@ def _require_canonical(doc: Any, data: bytes) -> None:
             f"byte {at}): non-shortest integers or lengths, indefinite lengths, or unsorted "
             "or duplicate map keys"
         )
+
+
+_MAPS: Final = (dict, cbor2.frozendict)
+"""What cbor2 decodes a map to (immutable inside a tag, such as the envelope's)."""
+_SCALARS: Final = (int, str, bytes)
+_KEY_ORDERS: dict[tuple[str, ...], bool] = {}
+"""Whether a tuple of the schema's map keys is in canonical order (bounded: only tuples of
+schema keys are remembered, at most a few hundred)."""
+_SCHEMA_KEYS: Final = _TOP_KEYS | _EVENT_KEYS | _APP_INFO_KEYS
+
+
+def _in_order(doc: dict[Any, Any]) -> bool:
+    """Whether a map's keys are text in canonical order: shorter encodings first, then
+    bytewise (cbor2's canonical map order)."""
+    keys = tuple(doc)
+    known = _KEY_ORDERS.get(keys)
+    if known is not None:
+        return known
+    if not all(type(k) is str for k in keys):
+        return False
+    encoded = [k.encode("utf-8", "surrogatepass") for k in keys]
+    ordered = encoded == sorted(encoded, key=lambda e: (len(e), e))
+    if all(k in _SCHEMA_KEYS for k in keys):
+        _KEY_ORDERS[keys] = ordered
+    return ordered
+
+
+def _canonical_in_order(doc: Any, data: bytes) -> bool:
+    """Whether ``data`` is the canonical encoding of ``doc``, decided without sorting: true
+    when every map has text keys in canonical order, every other value is an integer
+    (not a boolean), text or bytes, and encoding ``doc`` in its own order gives ``data``.
+    cbor2 always writes shortest heads and definite lengths, so for such a value the
+    in-order encoding *is* the canonical one. False means "not decided here".
+    """
+    if type(doc) is not dict or not _in_order(doc):
+        return False
+    for key, value in doc.items():
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if key == "event_log" and kind is list:
+            for event in value:
+                if type(event) is not dict or not _in_order(event):
+                    return False
+                for item in event.values():
+                    if type(item) not in _SCALARS:
+                        return False
+        elif key == "app_info" and kind is dict and _in_order(value):
+            if not all(type(v) is bytes for v in value.values()):
+                return False
+        else:
+            return False
+    try:
+        return cbor2.dumps(doc) == data[len(ENVELOPE_MAGIC):]
+    except (cbor2.CBOREncodeError, ValueError, TypeError, RecursionError):
+        return False
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -381,7 +449,50 @@ def _event_to_map(event: TdxEvent) -> dict[str, Any]:
     return doc
 
 
+_NEW_EVENT: Final = object.__new__
+_SET: Final = object.__setattr__
+_FULL_EVENT: Final = frozenset(_EVENT_KEYS)
+_SHORT_EVENT: Final = _EVENT_KEYS - {"version"}
+
+
+def _fast_event(doc: Any) -> TdxEvent | None:
+    """The event of a well-formed map, without attrs' per-field validator calls: every
+    check of :func:`_event_from_map` and of :class:`TdxEvent`'s validators, inline. None
+    when any does not hold (the slow path then says which)."""
+    if type(doc) not in _MAPS or not (doc.keys() == _SHORT_EVENT or doc.keys() == _FULL_EVENT):
+        return None
+    imr, event_type, digest = doc["imr"], doc["type"], doc["digest"]
+    name, payload, version = doc["event"], doc["payload"], doc.get("version", 1)
+    if (
+        type(imr) is not int or not 0 <= imr <= RUNTIME_IMR
+        or type(event_type) is not int or not 0 <= event_type <= 0xFFFFFFFF
+        or type(digest) is not bytes or type(payload) is not bytes
+        or type(name) is not str or type(version) is not int or version not in (1, 2)
+    ):
+        return None
+    if len(digest) != SHA384_DIGEST_SIZE and not (
+        digest == b"" and imr == RUNTIME_IMR and event_type == RUNTIME_EVENT_TYPE
+    ):
+        return None
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+    event = _NEW_EVENT(TdxEvent)
+    _SET(event, "imr", imr)
+    _SET(event, "event_type", event_type)
+    _SET(event, "digest", digest)
+    _SET(event, "event", name)
+    _SET(event, "event_payload", payload)
+    _SET(event, "version", version)
+    return event
+
+
 def _event_from_map(value: Any, index: int) -> TdxEvent:
+    fast = _fast_event(value)
+    if fast is not None:
+        return fast
     where = f"event_log[{index}]"
     doc = _expect_map(value, where, _EVENT_KEYS, required=_EVENT_KEYS - {"version"})
     try:

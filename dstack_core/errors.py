@@ -12,6 +12,7 @@ The split follows who is at fault:
   read-only, I/O error); the agent repairs itself once the fault is gone.
 * :class:`ConfigurationError`: the agent cannot start as configured (never seen on the wire).
 * :class:`EvidenceError` (400): evidence handed to a parser or the verifier is malformed.
+* :class:`VerifierPluginError` (500): a verifier plugin broke its contract.
 * :class:`KmsError` (502/503): the KMS that issues the app's certificates failed or refused.
 """
 
@@ -48,6 +49,7 @@ __all__ = [
     "StateError",
     "KmsError",
     "KmsUnavailable",
+    "VerifierPluginError",
 ]
 
 
@@ -248,6 +250,15 @@ class PluginError(ConfigurationError):
     """A platform plugin is missing, duplicated, conflicting or broken."""
 
     code = "plugin_error"
+
+
+class VerifierPluginError(DstackError):
+    """A verifier plugin failed while verifying (a bug: it raised something other than a
+    :class:`DstackError`, or answered against the contract). The message names the plugin,
+    never the exception; the traceback is in the log (HTTP 500)."""
+
+    http_status = 500
+    code = "verifier_plugin_error"
 
 
 class EvidenceError(DstackError):

@@ -1,9 +1,14 @@
-"""Finding and loading the one platform plugin, failing closed.
+"""Finding and loading the one platform plugin, failing closed; finding verifier plugins.
 
 Platforms are registered in the entry-point group ``dstack_core.platforms`` (built-in ones
 exactly like third-party ones). Selection is explicit: the caller names a platform, and an
 unknown, duplicated, unimportable or incomplete plugin stops start-up with a message that
 names what is installed. There is no fallback, ever.
+
+Verifier plugins are registered in ``dstack_core.verifiers``, one per evidence format (the
+entry point's name); :mod:`dstack_core.verify.host` loads them. The agent only needs to
+know, without importing anything, that the format of its platform's evidence has exactly
+one (:func:`require_verifier`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,20 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 
-__all__ = ["ENTRY_POINT_GROUP", "InstalledPlatform", "installed_platforms", "load_platform"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "VERIFIER_ENTRY_POINT_GROUP",
+    "InstalledPlatform",
+    "InstalledVerifier",
+    "installed_platforms",
+    "installed_verifiers",
+    "load_platform",
+    "require_verifier",
+    "verifiers_summary",
+]
 
 ENTRY_POINT_GROUP = "dstack_core.platforms"
+VERIFIER_ENTRY_POINT_GROUP = "dstack_core.verifiers"
 TRACE_ENV = "DSTACK_TRACE_PLUGINS"
 
 log = logging.getLogger(__name__)
@@ -116,6 +132,85 @@ def load_platform(name: str | None) -> pluggy.PluginManager:
     return pm
 
 
+@attrs.frozen(kw_only=True)
+class InstalledVerifier:
+    """An entry point in ``dstack_core.verifiers``, not yet imported.
+
+    :ivar evidence_format: the entry point's name: the format it verifies.
+    :ivar value: ``module:object``.
+    :ivar distribution: the distribution's name, or ``unknown``.
+    :ivar version: the distribution's version, or ``""``.
+    """
+
+    evidence_format: str
+    value: str
+    distribution: str
+    version: str = ""
+
+    @classmethod
+    def from_entry_point(cls, ep: EntryPoint) -> InstalledVerifier:
+        dist = ep.dist
+        return cls(
+            evidence_format=ep.name,
+            value=ep.value,
+            distribution=dist.name if dist is not None else "unknown",
+            version=dist.version if dist is not None else "",
+        )
+
+    @property
+    def plugin(self) -> str:
+        """``<distribution> <version>``: how results name the plugin."""
+        return f"{self.distribution} {self.version}".strip()
+
+    def describe(self) -> str:
+        return f"{self.evidence_format} ({self.value}, from {self.plugin})"
+
+
+def _verifier_entry_points() -> list[EntryPoint]:
+    return list(entry_points(group=VERIFIER_ENTRY_POINT_GROUP))
+
+
+def installed_verifiers() -> list[InstalledVerifier]:
+    """Every registered verifier entry point, sorted by format; nothing is imported."""
+    return sorted(
+        (InstalledVerifier.from_entry_point(ep) for ep in _verifier_entry_points()),
+        key=lambda v: (v.evidence_format, v.distribution),
+    )
+
+
+def verifiers_summary(verifiers: list[InstalledVerifier] | None = None) -> str:
+    """``installed: tdx (...), sev-snp (...)``, or that none is."""
+    found = installed_verifiers() if verifiers is None else verifiers
+    if not found:
+        return f"no verifier plugins are installed (group {VERIFIER_ENTRY_POINT_GROUP})"
+    return "installed: " + ", ".join(v.describe() for v in found)
+
+
+def require_verifier(evidence_format: str, *, platform: str = "") -> InstalledVerifier:
+    """The one verifier plugin installed for ``evidence_format``, found without importing it.
+
+    :param platform: the platform whose evidence it is, for the message.
+    :raises PluginError: none is installed (the message names what is), or several
+        distributions register the format.
+    """
+    found = installed_verifiers()
+    matches = [v for v in found if v.evidence_format == evidence_format]
+    whose = f"platform {platform!r} produces" if platform else "the agent produces"
+    if not matches:
+        raise PluginError(
+            f"{whose} evidence format {evidence_format!r}, but no verifier plugin for it is "
+            f"installed, so nobody could verify its attestations; {verifiers_summary(found)}. "
+            "Install the platform's package with its verifier, or start with "
+            "--allow-missing-verifier (config allow_missing_verifier = true) on an image "
+            "that deliberately leaves the verifier out"
+        )
+    if len(matches) > 1:
+        providers = ", ".join(v.describe() for v in matches)
+        raise PluginError(
+            f"conflicting verifier plugins for evidence format {evidence_format!r}, provided "
+            f"by: {providers}"
+        )
+    return matches[0]
 # Hooks whose results are key material: traced by type only, whatever the plugin returns.
 _SECRET_RESULTS = frozenset({"derive_root_key"})
 

@@ -7,9 +7,10 @@ so a plugin that returns a dict or ``None`` is caught at the boundary, not deep 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final
 
 import attrs
 
@@ -30,6 +31,8 @@ __all__ = [
     "TrustBundle",
     "HARDWARE_TAGS",
     "is_hardware_tag",
+    "EVIDENCE_FORMAT_PATTERN",
+    "is_evidence_format",
 ]
 
 REPORT_DATA_LENGTH: Final = 64
@@ -37,8 +40,20 @@ RTMR_LENGTH: Final = 48
 ROOT_KEY_LENGTH: Final = 32
 KMS_SIGNATURE_LENGTH: Final = 65
 
-EvidenceFormat = Literal["tdx", "sev-snp"]
-"""The byte format of a platform's hardware evidence: a TDX DCAP quote or an SNP report."""
+EvidenceFormat = Annotated[str, "an evidence format name"]
+"""The byte format of a platform's hardware evidence: ``tdx`` (a TDX DCAP quote),
+``sev-snp`` (an SNP report), or a vendor's own (``acme-cc``); the name a verifier plugin is
+registered under in ``dstack_core.verifiers`` (:data:`EVIDENCE_FORMAT_PATTERN`). Before 0.2
+only the first two existed."""
+
+EVIDENCE_FORMAT_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+"""An evidence format name: lower-case letters, digits, ``.`` and ``-``, at most 63
+characters."""
+
+
+def is_evidence_format(name: object) -> bool:
+    """Whether ``name`` is a well-formed evidence format name (:data:`EVIDENCE_FORMAT_PATTERN`)."""
+    return isinstance(name, str) and EVIDENCE_FORMAT_PATTERN.fullmatch(name) is not None
 
 
 def _length(*allowed: int) -> Any:
@@ -117,7 +132,8 @@ class PlatformConfig:
 class Quote:
     """Hardware evidence over 64 bytes of report data.
 
-    :ivar format: ``tdx`` (an Intel DCAP quote, v4 or v5) or ``sev-snp`` (an SNP report).
+    :ivar format: ``tdx`` (an Intel DCAP quote, v4 or v5), ``sev-snp`` (an SNP report), or
+        a vendor's format (whose verifier plugin the vendor ships).
     :ivar data: the raw bytes as the hardware produced them.
     """
 

@@ -38,6 +38,10 @@ TYPES: Final = (
     "PlatformInfo", "PlatformConfig", "Quote", "PlatformEvidence", "Measurements", "RootKey",
     "KeyProvider", "TrustBundle",
 )
+VERIFIER_TYPES: Final = (
+    "VerifierInfo", "PlatformReport", "Registers", "PlatformVerification", "CheckResult",
+    "VerifyOptions", "TrustInputs",
+)
 ERRORS: Final = (
     "DstackError", "InvalidRequest", "PlatformBusy", "PlatformUnsupported", "PlatformError",
     "ConfigurationError", "StateError", "EvidenceError", "PluginError", "StorageError",
@@ -64,8 +68,10 @@ SURFACE: Final[Mapping[str, tuple[str, ...]]] = {
     ),
     "dstack_core.snp": ("SnpReport", "build_report", "encode_signature"),
     "dstack_core.mockpki_amd": ("MockAmdPki", "MOCK_PRODUCTS", "mock_chip_id"),
+    "dstack_core.verify": (*VERIFIER_TYPES, "CORE_CHECKS"),
 }
-"""What a platform plugin may import from dstack-core, by module, in reference order."""
+"""What a platform (or verifier) plugin may import from dstack-core, by module, in
+reference order."""
 
 KIT_SURFACE: Final[Mapping[str, tuple[str, ...]]] = {
     "dstack_core.testing": ("AgentProcess", "short_tempdir", "uds_request"),
@@ -94,6 +100,7 @@ MODULE_NOTES: Final[Mapping[str, str]] = {
     "dstack_core.mockpki": "a mock Intel DCAP PKI for simulated TDX-format platforms",
     "dstack_core.snp": "SEV-SNP reports (layout and parser)",
     "dstack_core.mockpki_amd": "a mock AMD SEV-SNP hierarchy for simulated SNP-format platforms",
+    "dstack_core.verify": "the values of the verifier contract (types above)",
 }
 KERNEL_MODULES: Final = (
     "dstack_core.sysio", "dstack_core.tsm", "dstack_core.platform_options",
@@ -186,7 +193,7 @@ def _default(field: attrs.Attribute[Any]) -> str:
         return "required"
     if isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
         return "empty"
-    return f"`{field.default!r}`"
+    return f"`{_value(field.name, field.default)}`"
 
 
 def _type_section(module: str, name: str) -> list[str]:
@@ -274,6 +281,17 @@ def reference() -> str:
     ]
     for name in TYPES:
         lines += _type_section("dstack_core.types", name)
+    lines += [
+        "### Verifier types",
+        "",
+        (
+            "`from dstack_core.verify import ...`; the verifier hooks take and return these "
+            "(see [hooks.md](hooks.md#verifier-hooks))."
+        ),
+        "",
+    ]
+    for name in VERIFIER_TYPES:
+        lines += _type_section("dstack_core.verify", name)
     lines += ["### Errors", "", "`from dstack_core import ...`:", ""]
     for name in ERRORS:
         error = getattr(importlib.import_module("dstack_core"), name)
@@ -284,7 +302,8 @@ def reference() -> str:
     for module, names in SURFACE.items():
         if module == "dstack_core":
             continue
-        helpers = [n for n in names if not (module == "dstack_core.types" and n in TYPES)]
+        helpers = [n for n in names if not (module == "dstack_core.types" and n in TYPES)
+                   and not (module == "dstack_core.verify" and n in VERIFIER_TYPES)]
         lines += [f"`{module}`: {MODULE_NOTES[module]}.", ""]
         for name in helpers:
             lines += _helper_lines(module, name)

@@ -5,19 +5,25 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
+from types import ModuleType
 
-from dstack_core import hookspecs
+import pytest
+
+from dstack_core import hookspecs, verifier_hookspecs
 
 DOCS = Path(__file__).parent.parent / "docs"
 HOOK_HEADING = re.compile(r"^### `(?P<signature>(?P<name>\w+)\(.*\) -> .+)`$", re.M)
 HOOK_FLAGS = re.compile(r"- firstresult: (?P<first>yes|no); required: (?P<required>yes|no)")
 
 
-def spec_functions() -> dict[str, object]:
+VERIFIER_PART = "\n# Verifier hooks\n"
+
+
+def spec_functions(specs: ModuleType = hookspecs) -> dict[str, object]:
     return {
-        name: getattr(hookspecs, name)
-        for name in hookspecs.__all__
-        if hasattr(getattr(hookspecs, name), f"{hookspecs.PROJECT_NAME}_spec")
+        name: getattr(specs, name)
+        for name in specs.__all__
+        if hasattr(getattr(specs, name), f"{specs.PROJECT_NAME}_spec")
     }
 
 
@@ -27,8 +33,11 @@ def signature_of(fn) -> str:
     return f"{fn.__name__}({params}) -> {annotations['return']}"
 
 
-def documented_hooks() -> dict[str, tuple[str, str, str]]:
-    text = (DOCS / "plugins" / "hooks.md").read_text()
+def documented_hooks(specs: ModuleType = hookspecs) -> dict[str, tuple[str, str, str]]:
+    """The hooks hooks.md documents for ``specs``: the platform part, or the verifier part
+    (after the ``# Verifier hooks`` heading)."""
+    platform, _, verifier = (DOCS / "plugins" / "hooks.md").read_text().partition(VERIFIER_PART)
+    text = verifier if specs is verifier_hookspecs else platform
     hooks = {}
     for match in HOOK_HEADING.finditer(text):
         flags = HOOK_FLAGS.search(text, match.end())
@@ -37,26 +46,34 @@ def documented_hooks() -> dict[str, tuple[str, str, str]]:
     return hooks
 
 
+CONTRACTS = pytest.mark.parametrize("specs", [hookspecs, verifier_hookspecs],
+                                    ids=["platform", "verifier"])
+
+
 class TestHooksDoc:
-    def test_every_hook_is_documented_exactly(self):
-        """hooks.md lists every hook spec under its exact signature, and nothing else."""
-        specs = spec_functions()
-        documented = documented_hooks()
-        assert set(documented) == set(specs)
-        for name, fn in specs.items():
+    @CONTRACTS
+    def test_every_hook_is_documented_exactly(self, specs):
+        """hooks.md lists every hook spec of each contract (platform, then verifier) under
+        its exact signature, and nothing else."""
+        functions = spec_functions(specs)
+        documented = documented_hooks(specs)
+        assert set(documented) == set(functions)
+        for name, fn in functions.items():
             assert documented[name][0] == signature_of(fn)
 
-    def test_flags_match_specs(self):
+    @CONTRACTS
+    def test_flags_match_specs(self, specs):
         """hooks.md states firstresult and required/optional as the specs define them."""
-        for name, fn in spec_functions().items():
-            opts = getattr(fn, f"{hookspecs.PROJECT_NAME}_spec")
-            _, first, required = documented_hooks()[name]
+        for name, fn in spec_functions(specs).items():
+            opts = getattr(fn, f"{specs.PROJECT_NAME}_spec")
+            _, first, required = documented_hooks(specs)[name]
             assert (first == "yes") == opts["firstresult"], name
-            assert (required == "yes") == (name in hookspecs.REQUIRED_HOOKS), name
+            assert (required == "yes") == (name in specs.REQUIRED_HOOKS), name
 
-    def test_every_spec_has_a_contract_docstring(self):
+    @CONTRACTS
+    def test_every_spec_has_a_contract_docstring(self, specs):
         """Each hook spec's docstring states what it returns or raises and since when."""
-        for name, fn in spec_functions().items():
+        for name, fn in spec_functions(specs).items():
             doc = fn.__doc__ or ""
             assert ".. versionadded::" in doc, name
             assert ":returns:" in doc or ":raises" in doc or "-> None" in signature_of(fn), name

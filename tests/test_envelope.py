@@ -75,6 +75,14 @@ class TestEncoding:
 
 
 class TestStrictDecoding:
+    def test_any_well_formed_evidence_format_decodes(self):
+        """A vendor's evidence format decodes: which formats can be verified is the
+        verifier's business (its plugins), not the envelope's."""
+        doc = as_doc(sample())
+        doc["event_log"] = list(doc["event_log"])
+        doc["evidence_format"] = "acme-cc"
+        assert Envelope.from_cbor(reencode(doc)).evidence_format == "acme-cc"
+
     @pytest.mark.parametrize(
         ("mutate", "message"),
         [
@@ -84,7 +92,8 @@ class TestStrictDecoding:
             (lambda d: d.update(surprise=1), "unknown keys"),
             (lambda d: d.update(quote="text"), "quote must be bytes"),
             (lambda d: d.update(report_data=bytes(65)), "report_data"),
-            (lambda d: d.update(evidence_format="sgx"), "evidence_format"),
+            (lambda d: d.update(evidence_format="SGX quote!"), "evidence_format"),
+            (lambda d: d.update(evidence_format=""), "evidence_format"),
             (lambda d: d.update(event_log=[{"imr": True}]), "event_log"),
             (lambda d: d.update(event_log=[{"imr": 9, "type": 1, "digest": b"", "event": "", "payload": b""}]), "event_log"),
             (lambda d: d.update(platform=""), "platform"),
@@ -163,6 +172,88 @@ class TestCanonical:
         doc["version"] = version
         with pytest.raises(EvidenceError, match="version"):
             Envelope.from_cbor(reencode(doc))
+
+
+class TestFastEventPath:
+    """The envelope decodes events without attrs' validator calls; it must accept exactly
+    what the validating constructor accepts, and build the same event."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        st.fixed_dictionaries(
+            {
+                "imr": st.sampled_from([0, 1, 2, 3, 4, -1, True, 3.0, "3"]),
+                "type": st.sampled_from([0, 1, 0x08000001, 0xFFFFFFFF, 1 << 32, -1, False]),
+                "digest": st.sampled_from([b"", b"\x01" * 48, b"\x01" * 47, "ab" * 48, None]),
+                "event": st.sampled_from(["", "app-id", "\udcff", "é", b"x"]),
+                "payload": st.sampled_from([b"", b"\x00" * 20, "text", 5]),
+            },
+            optional={"version": st.sampled_from([1, 2, 3, 0, True, "1"]),
+                      "extra": st.just(1)},
+        )
+    )
+    def test_accepts_exactly_what_the_constructor_accepts(self, doc):
+        """_fast_event answers None or the very event the validating path builds."""
+        import cbor2
+
+        from dstack_core.envelope import _event_from_map, _fast_event
+
+        for container in (doc, cbor2.frozendict(doc)):
+            fast = _fast_event(container)
+            try:
+                slow = _event_from_map(dict(container), 0) if fast is None else None
+            except EvidenceError:
+                continue
+            if fast is None:
+                pytest.fail(f"the fast path refused what the constructor accepts: {slow}")
+            expected = TdxEvent(imr=doc["imr"], event_type=doc["type"], digest=doc["digest"],
+                                event=doc["event"], event_payload=doc["payload"],
+                                version=doc.get("version", 1))
+            assert fast == expected and type(fast) is TdxEvent
+
+
+class TestCanonicalFastPath:
+    """The canonical check's quick road decides only what the full re-encoding would."""
+
+    keys = st.sampled_from(["format", "version", "quote", "event_log", "imr", "type", "app_id",
+                            "app_info", "x", "é", "zz"])
+    scalars = st.one_of(st.integers(-(2**70), 2**70), st.booleans(), st.binary(max_size=30),
+                        st.text(max_size=10), st.none(), st.floats(allow_nan=False))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.dictionaries(keys, st.one_of(
+        scalars,
+        st.lists(st.dictionaries(keys, scalars, max_size=4), max_size=3),
+        st.dictionaries(keys, scalars, max_size=3),
+    ), max_size=6))
+    def test_agrees_with_the_canonical_encoding(self, doc):
+        """For any value, a yes from the quick road means the in-order bytes are the
+        canonical ones; it never says yes to a non-canonical encoding."""
+        from dstack_core.envelope import ENVELOPE_MAGIC, _canonical_in_order
+
+        in_order = cbor2.dumps(doc)
+        canonical = cbor2.dumps(doc, canonical=True)
+        if _canonical_in_order(doc, ENVELOPE_MAGIC + in_order):
+            assert in_order == canonical
+        assert not _canonical_in_order(doc, ENVELOPE_MAGIC + in_order + b"\x00")
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.dictionaries(st.sampled_from(["format", "version", "quote", "platform", "vm_config"]),
+                           st.one_of(st.integers(0, 2**64), st.binary(max_size=30),
+                                     st.text(max_size=10)), min_size=1),
+           st.lists(st.dictionaries(st.sampled_from(["imr", "type", "digest", "event"]),
+                                    st.integers(0, 9), min_size=1), max_size=3))
+    def test_says_yes_to_canonical_envelopes(self, top, events):
+        """Maps of the envelope's shape in canonical key order are decided here, rightly."""
+        from dstack_core.envelope import ENVELOPE_MAGIC, _canonical_in_order
+
+        def ordered(d):
+            return dict(sorted(d.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode())))
+
+        doc = ordered({**top, "event_log": [ordered(e) for e in events]})
+        data = ENVELOPE_MAGIC + cbor2.dumps(doc)
+        assert _canonical_in_order(doc, data)
+        assert data == cbor2.dumps(cbor2.CBORTag(55799, doc), canonical=True)
 
 
 class TestWrittenOutEncoding:

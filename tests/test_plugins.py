@@ -101,13 +101,15 @@ class LeakyRootPlatform(SimulatorPlatform):
 
 
 def fake_distribution(
-    root: Path, name: str, entry_points: Mapping[str, str], modules: Mapping[str, str]
+    root: Path, name: str, entry_points: Mapping[str, str], modules: Mapping[str, str],
+    *, group: str = ENTRY_POINT_GROUP,
 ) -> None:
-    """Write an installed-looking distribution ``name`` 0.1 with ``modules`` into ``root``."""
+    """Write an installed-looking distribution ``name`` 0.1 with ``modules`` into ``root``,
+    registering ``entry_points`` in ``group`` (platforms unless told)."""
     info = root / f"{name.replace('-', '_')}-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    lines = [f"[{ENTRY_POINT_GROUP}]", *(f"{k} = {v}" for k, v in entry_points.items())]
+    lines = [f"[{group}]", *(f"{k} = {v}" for k, v in entry_points.items())]
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     for module, source in modules.items():
         (root / f"{module}.py").write_text(source)

@@ -3,29 +3,39 @@ driven by the official SDK; then the verifier on what it produced.
 
 Each test checks the cryptography, not only the response shapes: keys recover to the
 firmware-derived app key, reports parse and carry the fake firmware's signature, the RA-TLS
-certificate binds its key, and the verifier recognises the envelope but never passes it.
+certificate binds its key, and the verifier (its sev-snp plugin) passes the envelope under
+the machine's mock AMD chain, published by ``dstack-agent trust-bundle``, only with the
+simulator opt-in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import coincurve
 import nacl.signing
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from coincurve import PublicKey
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from dstack_sdk import AsyncDstackClient, DstackClient
 from dstack_sev_snp_stub import SevSnpStubPlatform
+from dstack_sev_snp_stub.kds import SnpCollateral
 
 from dstack_core import certs, keys
 from dstack_core.envelope import Envelope
+from dstack_core.server.verifier import VerifierSettings, create_verifier_app
 from dstack_core.snp import SnpReport
 from dstack_core.testing import short_tempdir
 from dstack_core.testing.fake_tee import FakeSnpAgent, FakeSnpMachine
@@ -71,6 +81,41 @@ def root_key(agent: FakeSnpAgent, tmp_path_factory: pytest.TempPathFactory) -> R
         options={"root": str(machine.root)},
     ))
     return platform.derive_root_key()
+
+
+@attrs.frozen
+class Bundle:
+    directory: Path
+    root_ca_der: bytes
+    collateral: SnpCollateral
+
+
+@pytest.fixture(scope="module")
+def bundle(agent: FakeSnpAgent, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The machine's anchors as ``dstack-agent trust-bundle --platform sev-snp-stub``
+    publishes them (the fake kernel selected by its options)."""
+    out = tmp_path_factory.mktemp("snp-bundle")
+    options = [arg for key, value in agent.machine.agent_options().items()
+               for arg in ("--platform-option", f"{key}={value}")]
+    done = subprocess.run(
+        [sys.executable, "-m", "dstack_core.cli", "trust-bundle", "--platform", "sev-snp-stub",
+         "--state-dir", str(out / "state"), "--out", str(out), *options],
+        capture_output=True, text=True, check=False, timeout=120,
+        env={**os.environ, **agent.machine.agent_env()},
+    )
+    assert done.returncode == 0, done.stderr
+    root = x509.load_pem_x509_certificate((out / "root_ca.pem").read_bytes())
+    return Bundle(out, root.public_bytes(serialization.Encoding.DER),
+                  SnpCollateral.from_bytes((out / "collateral.json").read_bytes()))
+
+
+def _post_verify(settings: VerifierSettings, body: dict[str, str]) -> tuple[int, dict]:
+    async def go() -> tuple[int, dict]:
+        async with TestClient(TestServer(create_verifier_app(settings))) as http:
+            response = await http.post("/verify", json=body)
+            return response.status, await response.json()
+
+    return asyncio.run(go())
 
 
 def client(agent: FakeSnpAgent) -> DstackClient:
@@ -179,34 +224,58 @@ class TestAttest:
         assert SnpReport.from_bytes(envelope.quote).report_data == envelope.report_data
         assert envelope.event_log == () and envelope.extra == {}
 
-    def test_verifier_recognises_it_and_skips_the_signature(self, agent):
-        """The verifier parses the envelope, checks its bindings, reports the signature
-        skipped, and fails the verdict for that reason."""
+    def test_verifies_with_its_mock_trust_bundle(self, agent, bundle):
+        """The verifier, through the sev-snp plugin, passes the envelope under the machine's
+        mock AMD chain with the opt-in: chain, signature, TCB and policy, report data bound,
+        simulated, and no identity (SNP has no registers to bind events to)."""
         raw = client(agent).attest(b"verify-me").decode_attestation()
         expected = ExpectedReportData.raw(b"verify-me")
-        result = verify_evidence(load_evidence(raw),
-                                 VerifyOptions(now=NOW, expected_report_data=expected))
+        options = VerifyOptions(now=NOW, expected_report_data=expected,
+                                root_ca_der=bundle.root_ca_der, allow_simulator=True)
+        result = verify_evidence(load_evidence(raw), options, bundle.collateral)
         assert [c.name for c in result.checks] == list(SNP_CHECK_NAMES)
+        assert result.verdict == "pass", result.reason
         statuses = {c.name: c.status for c in result.checks}
         assert statuses["envelope_binding"] == statuses["report_data"] == "pass"
-        assert statuses["snp_policy"] == "pass"
-        assert statuses["snp_signature"] == statuses["vcek_chain"] == "skipped"
-        assert result.verdict == "fail" and result.failed == ()
-        assert result.reason.startswith("snp_signature: signature not verified (no VCEK chain)")
-        assert result.platform == "sev-snp" and not result.simulated
+        assert statuses["vcek_chain"] == statuses["snp_signature"] == "pass"
+        assert result.platform == "sev-snp" and result.simulated
+        assert not result.identity_bound
+        unanchored = verify_evidence(load_evidence(raw), VerifyOptions(now=NOW))
+        assert unanchored.verdict == "fail" and unanchored.reason.startswith("vcek_chain:")
 
-    def test_cli_verify(self, agent, tmp_path: Path):
-        """dstack-agent verify on the Attest JSON body: exit 1, the skipped signature named."""
+    def test_cli_verify(self, agent, bundle, tmp_path: Path):
+        """``dstack-agent trust-bundle --platform sev-snp-stub`` then ``verify`` on the Attest
+        JSON body: exit 0 with --allow-simulator, exit 1 (vcek_chain) without."""
         body = agent.call("Attest", {"report_data": b"cli".hex()})[1]
         path = tmp_path / "attest.json"
         path.write_text(json.dumps(body))
-        done = run_cli("verify", str(path), "--expect-report-data", b"cli".hex(), check=False)
-        assert done.returncode == 1, done.stderr
+        flags = ["--trust-bundle", str(bundle.directory), "--expect-report-data", b"cli".hex()]
+        done = run_cli("verify", str(path), *flags, "--allow-simulator", check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
         doc = json.loads(done.stdout)
         assert doc["checks"]["report_data"]["status"] == "pass"
-        assert doc["checks"]["snp_signature"]["status"] == "skipped"
+        assert doc["checks"]["snp_signature"]["status"] == "pass"
         assert doc["sev_snp"]["measurement"] == agent.machine.measurement.hex()
+        assert doc["verifier"]["plugin"] == "dstack-sev-snp-stub"
+        refused = run_cli("verify", str(path), *flags, check=False)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "verdict fail: vcek_chain:" in refused.stderr
 
+    def test_post_verify(self, agent, bundle):
+        """POST /verify of the service configured with the bundle: verdict pass (is_valid
+        stays false: no OS image policy can apply to SNP evidence); without the opt-in,
+        fail on vcek_chain."""
+        raw = client(agent).attest(b"service").decode_attestation()
+        settings = VerifierSettings(
+            documents={"sev-snp": bundle.collateral}, root_ca_der=bundle.root_ca_der,
+            allow_simulator=True,
+        )
+        for allow, verdict in ((True, "pass"), (False, "fail")):
+            configured = attrs.evolve(settings, allow_simulator=allow)
+            status, doc = _post_verify(configured, {"attestation": raw.hex()})
+            assert status == 200 and doc["verdict"] == verdict, doc["reason"]
+            assert doc["details"]["tee_variant"] == "dstack-amd-sev-snp"
+        assert doc["checks"]["vcek_chain"]["status"] == "fail"
 
 class TestInfo:
     def test_info(self, agent, root_key):
@@ -230,9 +299,9 @@ class TestTlsKey:
         x509.load_pem_x509_certificate(leaf_pem.encode()).verify_directly_issued_by(
             x509.load_pem_x509_certificate(ca_pem.encode()))
 
-    def test_ra_tls_certificate_carries_the_snp_envelope(self, agent):
+    def test_ra_tls_certificate_carries_the_snp_envelope(self, agent, bundle):
         """The RA-TLS leaf embeds an SNP envelope binding its key; the verifier checks the
-        binding and the chain, and still fails on the unverified signature."""
+        binding and the chain, and passes it only with the mock chain and the opt-in."""
         result = client(agent).get_tls_key(subject="ratls", usage_ra_tls=True)
         leaf = x509.load_pem_x509_certificate(result.certificate_chain[0].encode())
         envelope = Envelope.from_cbor(certs.RaTlsCertificate.from_certificate(leaf).attestation)
@@ -247,7 +316,11 @@ class TestTlsKey:
         outcome = verify_evidence(load_evidence("".join(result.certificate_chain)), anchored)
         statuses = {c.name: c.status for c in outcome.checks}
         assert statuses["ratls_binding"] == statuses["ratls_chain"] == "pass"
-        assert statuses["snp_signature"] == "skipped" and outcome.verdict == "fail"
+        assert statuses["vcek_chain"] == "fail" and outcome.verdict == "fail"
+        trusted = attrs.evolve(anchored, root_ca_der=bundle.root_ca_der, allow_simulator=True)
+        verified = verify_evidence(load_evidence("".join(result.certificate_chain)), trusted,
+                                   bundle.collateral)
+        assert verified.verdict == "pass", verified.reason
         # Without the CA as a trust anchor the chain is reported untrusted, never passed.
         unanchored = verify_evidence(load_evidence("".join(result.certificate_chain)),
                                      VerifyOptions(now=NOW))

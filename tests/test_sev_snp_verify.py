@@ -537,3 +537,55 @@ class TestOptions:
         for product in PRODUCTS.values():
             parts = {f.name: i + 1 for i, f in enumerate(product.tcb_fields)}
             assert TcbVersion.from_parts(product, parts).parts == parts
+
+
+class TestThroughThePlugin:
+    """The real Milan report, wrapped in our envelope, through the core and the sev-snp
+    verifier plugin: AMD's pinned ARK (no root given, no opt-in), its VCEK and ASK as
+    collateral, at the pinned time."""
+
+    def _envelope(self, name: str) -> bytes:
+        from dstack_core.envelope import Envelope
+
+        report = _read(name)
+        return Envelope(platform="sev-snp", evidence_format="sev-snp", quote=report,
+                        report_data=SnpReport.from_bytes(report).report_data).to_cbor()
+
+    def test_genuine_report_passes(self):
+        """verdict pass, not simulated, under AMD's root; the plugin is named."""
+        from dstack_core.verify import VerifyOptions, load_evidence, verify_evidence
+
+        result = verify_evidence(load_evidence(self._envelope(GENUINE)),
+                                 VerifyOptions(now=PINNED_NOW), _collateral(*GENUINE_COLLATERAL))
+        assert result.verdict == "pass", result.reason
+        assert not result.simulated and result.tcb_status == "UpToDate"
+        assert result.verifier is not None and result.verifier.plugin == "dstack-sev-snp-stub"
+        assert "AMD's pinned Milan ARK" in result.check("vcek_chain").detail
+
+    def test_genuine_report_with_the_cli(self, tmp_path):
+        """``dstack-agent verify --collateral FILE --now PINNED`` passes it (exit 0); the
+        debug guest's fails snp_policy unless sev-snp:allow_debug=true."""
+        import subprocess
+        import sys
+
+        def cli(name: str, collateral: tuple[str, ...], *extra: str) -> subprocess.CompletedProcess[str]:
+            evidence = tmp_path / f"{name}.cbor"
+            evidence.write_bytes(self._envelope(name))
+            document = tmp_path / f"{name}.pem"
+            document.write_bytes(b"".join(
+                (_read(n) if n.endswith(".pem") else
+                 load_certificate(_read(n)).public_bytes(serialization.Encoding.PEM))
+                for n in collateral))
+            return subprocess.run(
+                [sys.executable, "-m", "dstack_core.cli", "verify", str(evidence), "--collateral",
+                 str(document), "--now", str(PINNED_NOW), *extra],
+                capture_output=True, text=True, timeout=120, check=False,
+            )
+
+        genuine = cli(GENUINE, GENUINE_COLLATERAL)
+        assert genuine.returncode == 0, genuine.stdout + genuine.stderr
+        assert json.loads(genuine.stdout)["checks"]["snp_signature"]["status"] == "pass"
+        debug = cli(DEBUG, DEBUG_COLLATERAL)
+        assert debug.returncode == 1 and "verdict fail: snp_policy:" in debug.stderr
+        allowed = cli(DEBUG, DEBUG_COLLATERAL, "--verifier-option", "sev-snp:allow_debug=true")
+        assert allowed.returncode == 0, allowed.stdout + allowed.stderr

@@ -2,8 +2,8 @@
 
 The layout is pinned against the spec's table with offsets written out here, against the
 fake firmware's independently written reports, and fuzzed with hypothesis. The verifier
-tests pin the SNP policy: report data and guest policy are checked, the signature never
-passes, so neither does the verdict.
+tests pin SNP evidence through the ``sev-snp`` verifier plugin: it passes under the fake's
+mock AMD chain with the simulator opt-in, and under no other circumstance.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import struct
 from datetime import UTC, datetime
 from pathlib import Path
 
+import attrs
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from dstack_sev_snp_stub.kds import SnpCollateral
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +28,7 @@ from dstack_core import certs, snp
 from dstack_core.envelope import AppInfo, Envelope
 from dstack_core.errors import EvidenceError
 from dstack_core.eventlog import RuntimeEvent
+from dstack_core.osimage import OsImagePolicy
 from dstack_core.snp import SnpReport, build_report, encode_signature, is_snp_report
 from dstack_core.testing.fake_tee import FAKE_SNP_FAMILY_ID, FakeSnpMachine
 from dstack_core.verify import (
@@ -70,6 +74,29 @@ def vcek() -> ec.EllipticCurvePrivateKey:
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory: pytest.TempPathFactory) -> FakeSnpMachine:
     return FakeSnpMachine.create(tmp_path_factory.mktemp("snp") / "tree")
+
+
+SNP_PLATFORM_CHECKS = ("vcek_chain", "snp_signature", "snp_tcb", "snp_policy")
+
+
+@attrs.frozen
+class Trust:
+    """What verifies the fake machine's reports: its mock ARK (with the opt-in) and its
+    VCEK and ASK."""
+
+    options: VerifyOptions
+    collateral: SnpCollateral
+
+
+@pytest.fixture(scope="module")
+def trust(machine: FakeSnpMachine) -> Trust:
+    bundle = machine.trust_bundle()
+    root = x509.load_pem_x509_certificate(bundle.root_ca_pem)
+    return Trust(
+        VerifyOptions(now=NOW, root_ca_der=root.public_bytes(serialization.Encoding.DER),
+                      allow_simulator=True),
+        SnpCollateral.from_bytes(bundle.collateral_json.encode()),
+    )
 
 
 def envelope_of(report: bytes, report_data: bytes = RD, **extra: object) -> Envelope:
@@ -250,58 +277,96 @@ class TestFuzz:
 
 
 class TestVerifier:
-    def test_envelope_is_recognised_and_checked(self, machine):
-        """A sev-snp envelope decodes to SNP evidence; every SNP check is listed in order."""
+    """SNP evidence through the core and the ``sev-snp`` verifier plugin: it verifies
+    ``pass`` under the fake machine's mock AMD chain with the simulator opt-in, and under no
+    other circumstance."""
+
+    def test_envelope_is_recognised_and_checked(self, machine, trust):
+        """A sev-snp envelope decodes to SNP evidence; every SNP check is listed in order and
+        the platform checks are the plugin's, all mandatory."""
         evidence = load_evidence(envelope_of(machine.report(RD)).to_cbor())
         assert evidence.evidence_format == "sev-snp" and evidence.quote is None
         assert evidence.snp_report is not None and evidence.bound_report_data == RD
-        result = verify_evidence(evidence, VerifyOptions(now=NOW))
+        result = verify_evidence(evidence, trust.options, trust.collateral)
         assert [c.name for c in result.checks] == list(SNP_CHECK_NAMES)
         assert check_json(result) == {
-            "evidence": "pass", "snp_policy": "pass", "event_log": "skipped",
-            "envelope_binding": "pass", "report_data": "skipped", "ratls_binding": "skipped",
-            "ratls_chain": "skipped", "snp_signature": "skipped", "vcek_chain": "skipped",
+            "evidence": "pass", "vcek_chain": "pass", "snp_signature": "pass",
+            "snp_tcb": "pass", "snp_policy": "pass", "event_log": "skipped",
+            "runtime_events": "skipped", "envelope_binding": "pass", "report_data": "skipped",
+            "ratls_binding": "skipped", "ratls_chain": "skipped", "os_image": "skipped",
         }
-        assert result.check("snp_signature").mandatory and result.check("vcek_chain").mandatory
+        assert all(result.check(n).mandatory for n in SNP_PLATFORM_CHECKS)
+        assert result.verifier is not None
+        assert (result.verifier.plugin, result.verifier.evidence_format) == (
+            "dstack-sev-snp-stub", "sev-snp")
 
-    def test_signature_skipped_so_verdict_fails(self, machine):
-        """The signature is reported skipped, never passed, and the verdict is fail with
-        the reason 'signature not verified (no VCEK chain)'."""
-        result = verify_evidence(load_evidence(envelope_of(machine.report(RD)).to_cbor()),
-                                 VerifyOptions(now=NOW, expected_report_data=ExpectedReportData.raw(RD)))
-        assert result.check("report_data").status == "pass"
-        assert result.verdict == "fail" and not result.passed
-        assert result.reason.startswith("snp_signature: signature not verified (no VCEK chain)")
-        assert result.failed == ()
+    def test_passes_with_its_mock_trust_bundle(self, machine, trust):
+        """With the machine's mock ARK, VCEK and ASK and --allow-simulator: pass, simulated,
+        its TCB status, and no identity claim (SNP has no registers to bind events to)."""
+        result = verify_evidence(
+            load_evidence(envelope_of(machine.report(RD)).to_cbor()),
+            attrs.evolve(trust.options, expected_report_data=ExpectedReportData.raw(RD)),
+            trust.collateral,
+        )
+        assert result.verdict == "pass", result.reason
+        assert result.simulated and result.platform == "sev-snp"
+        assert result.tcb_status == "UpToDate" and result.report_data == RD
+        assert not result.identity_bound and result.app_id == b"" and result.mrtd == b""
+        assert any("no MRTD or RTMRs" in w for w in result.warnings)
+
+    def test_fails_without_allow_simulator(self, machine, trust):
+        """The same evidence and anchors without the opt-in: vcek_chain fails on the root."""
+        options = attrs.evolve(trust.options, allow_simulator=False)
+        result = verify_evidence(
+            load_evidence(envelope_of(machine.report(RD)).to_cbor()), options, trust.collateral
+        )
+        assert result.verdict == "fail"
+        assert result.reason.startswith("vcek_chain:") and "allow_simulator" in result.reason
+        assert result.tcb_status is None
+
+    def test_never_under_amds_roots(self, machine, trust):
+        """AMD's pinned ARKs do not sign the mock chain, opt-in or not."""
+        for allow in (False, True):
+            options = VerifyOptions(now=NOW, allow_simulator=allow)
+            result = verify_evidence(
+                load_evidence(envelope_of(machine.report(RD)).to_cbor()), options,
+                trust.collateral,
+            )
+            assert result.verdict == "fail" and result.reason.startswith("vcek_chain:")
 
     @pytest.mark.parametrize(
         ("allow_simulator", "root", "stripped"),
-        list(itertools.product([False, True], [None, b"\x30\x00"], [False, True])),
+        list(itertools.product([False, True], [None, "mock"], [False, True])),
     )
-    def test_no_option_makes_it_pass(self, machine, allow_simulator, root, stripped):
-        """No combination of verifier options accepts an unverified SNP report."""
-        options = VerifyOptions(now=NOW, allow_simulator=allow_simulator, root_ca_der=root,
-                                allow_stripped_event_log=stripped,
-                                expected_report_data=ExpectedReportData.raw(RD))
+    def test_no_option_passes_without_collateral(
+        self, machine, trust, allow_simulator, root, stripped
+    ):
+        """No combination of verifier options accepts a report without its VCEK chain."""
+        options = VerifyOptions(
+            now=NOW, allow_simulator=allow_simulator,
+            root_ca_der=trust.options.root_ca_der if root else None,
+            allow_stripped_event_log=stripped, expected_report_data=ExpectedReportData.raw(RD),
+        )
         result = verify_evidence(load_evidence(envelope_of(machine.report(RD)).to_cbor()), options)
         assert result.verdict == "fail"
-        assert "pass" not in {result.check("snp_signature").status,
-                              result.check("vcek_chain").status}
+        assert result.check("vcek_chain").status == "fail"
+        assert result.check("snp_signature").status != "pass"
 
-    def test_envelope_report_data_mismatch_fails_binding(self, machine):
+    def test_envelope_report_data_mismatch_fails_binding(self, machine, trust):
         """An envelope claiming report data other than the report's fails envelope_binding."""
         result = verify_evidence(
             load_evidence(envelope_of(machine.report(RD), report_data=bytes(64)).to_cbor()),
-            VerifyOptions(now=NOW),
+            trust.options, trust.collateral,
         )
         assert result.check("envelope_binding").status == "fail"
         assert result.reason.startswith("envelope_binding: envelope report_data")
 
-    def test_unexpected_report_data_fails(self, machine):
+    def test_unexpected_report_data_fails(self, machine, trust):
         """An expectation that the report does not carry fails report_data (named first)."""
         result = verify_evidence(
             load_evidence(envelope_of(machine.report(RD)).to_cbor()),
-            VerifyOptions(now=NOW, expected_report_data=ExpectedReportData.raw(b"other")),
+            attrs.evolve(trust.options, expected_report_data=ExpectedReportData.raw(b"other")),
+            trust.collateral,
         )
         assert result.check("report_data").status == "fail"
         assert result.reason.startswith("report_data:")
@@ -312,7 +377,7 @@ class TestVerifier:
         result = verify_evidence(load_evidence(envelope_of(report).to_cbor()), VerifyOptions(now=NOW))
         assert result.check("snp_policy").status == "fail"
         assert "DEBUG" in result.check("snp_policy").detail
-        assert result.reason.startswith("snp_policy:")
+        assert result.verdict == "fail"
 
     def test_reserved_policy_bit_clear_fails(self, vcek):
         """Policy bit 17 must be one; a report without it fails snp_policy."""
@@ -320,40 +385,61 @@ class TestVerifier:
         result = verify_evidence(load_evidence(envelope_of(report).to_cbor()), VerifyOptions(now=NOW))
         assert result.check("snp_policy").status == "fail"
 
-    def test_unsigned_report_fails_signature(self):
-        """An all-zero signature field fails snp_signature outright (not skipped)."""
-        result = verify_evidence(load_evidence(envelope_of(build_report(report_data=RD)).to_cbor()),
-                                 VerifyOptions(now=NOW))
+    def test_resigned_report_fails_signature(self, machine, trust):
+        """The machine's report with one bit of its measurement flipped: the VCEK chain
+        still verifies, the signature does not."""
+        report = bytearray(machine.report(RD))
+        report[0x90] ^= 1
+        result = verify_evidence(load_evidence(envelope_of(bytes(report)).to_cbor()),
+                                 trust.options, trust.collateral)
+        assert result.check("vcek_chain").status == "pass"
         assert result.check("snp_signature").status == "fail"
-        assert "no signature" in result.check("snp_signature").detail
+        assert result.verdict == "fail" and result.tcb_status is None
 
-    def test_app_info_claims_fail_binding(self, machine):
+    def test_app_info_claims_fail_binding(self, machine, trust):
         """app_info claims cannot be backed by an SNP report: envelope_binding fails."""
         envelope = envelope_of(machine.report(RD), app_info=AppInfo(app_id=b"\x01" * 20))
-        result = verify_evidence(load_evidence(envelope.to_cbor()), VerifyOptions(now=NOW))
+        result = verify_evidence(load_evidence(envelope.to_cbor()), trust.options, trust.collateral)
         assert result.check("envelope_binding").status == "fail"
         assert "app_info" in result.check("envelope_binding").detail
+        assert result.app_id == b""
 
-    def test_event_log_is_reported_unbound(self, machine):
-        """Events in an SNP envelope are skipped as unverified claims (no RTMRs)."""
-        event = RuntimeEvent(event="x", payload=b"y").to_tdx_event()
+    def test_event_log_is_reported_unbound(self, machine, trust):
+        """Events in an SNP envelope are skipped as unverified claims (no RTMRs), never
+        reported, whatever the verdict."""
+        event = RuntimeEvent(event="app-id", payload=b"\x01" * 20).to_tdx_event()
         envelope = envelope_of(machine.report(RD), event_log=(event,))
-        result = verify_evidence(load_evidence(envelope.to_cbor()), VerifyOptions(now=NOW))
+        result = verify_evidence(load_evidence(envelope.to_cbor()), trust.options, trust.collateral)
         assert result.check("event_log").status == "skipped"
         assert "unverified" in result.check("event_log").detail
+        assert result.verdict == "pass"
+        assert result.runtime_events == () and not result.identity_bound
 
-    def test_json_documents(self, machine):
-        """to_json carries the parsed report; the upstream shape says not verified, SNP variant."""
+    def test_os_image_policy_cannot_be_met(self, machine, trust):
+        """With an OS image policy, os_image is mandatory and SNP evidence cannot meet it."""
+        policy = OsImagePolicy.single(b"\x01" * 32, b"\x02" * 48, [b"\x03" * 48] * 3)
+        result = verify_evidence(
+            load_evidence(envelope_of(machine.report(RD)).to_cbor()),
+            attrs.evolve(trust.options, os_image_policy=policy), trust.collateral,
+        )
+        assert result.check("os_image").mandatory and result.verdict == "fail"
+        assert result.reason.startswith("os_image:")
+
+    def test_json_documents(self, machine, trust):
+        """to_json carries the parsed report and names the plugin; the upstream shape says
+        the quote verified, the SNP variant, and is not valid (no OS image policy applies)."""
         result = verify_evidence(load_evidence(envelope_of(machine.report(RD)).to_cbor()),
-                                 VerifyOptions(now=NOW))
+                                 trust.options, trust.collateral)
         doc = json.loads(json.dumps(result.to_json()))
         assert doc["evidence_format"] == "sev-snp" and doc["quote_version"] == 3
         assert doc["sev_snp"]["measurement"] == machine.measurement.hex()
         assert doc["sev_snp"]["report_data"] == RD.hex() == doc["report_data"]
         assert set(doc["checks"]) == set(SNP_CHECK_NAMES)
+        assert doc["verifier"]["plugin"] == "dstack-sev-snp-stub"
+        assert doc["verifier"]["checks"] == list(SNP_PLATFORM_CHECKS)
         upstream = result.to_upstream_json()
-        assert upstream["is_valid"] is False
-        assert upstream["details"]["quote_verified"] is False
+        assert upstream["is_valid"] is False and upstream["reason"].startswith("os_image:")
+        assert upstream["details"]["quote_verified"] is True
         assert upstream["details"]["tee_variant"] == "dstack-amd-sev-snp"
 
     def test_json_attestation_body(self, machine):
@@ -361,8 +447,9 @@ class TestVerifier:
         evidence = evidence_from_json({"attestation": envelope_of(machine.report(RD)).to_cbor().hex()})
         assert evidence.snp_report is not None
 
-    def test_ratls_certificate_with_snp_envelope(self, machine):
-        """An RA-TLS certificate carrying an SNP envelope: the binding to its key is checked."""
+    def test_ratls_certificate_with_snp_envelope(self, machine, trust):
+        """An RA-TLS certificate carrying an SNP envelope: the binding to its key and the
+        chain are checked, and with the mock trust bundle it verifies."""
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca = certs.new_app_ca(ca_key, now=datetime.now(UTC))
         leaf_key = ec.generate_private_key(ec.SECP256R1())
@@ -375,13 +462,16 @@ class TestVerifier:
         )
         pem = certs.cert_pem(leaf) + ca.cert_pem
         anchor = ca.cert.public_bytes(serialization.Encoding.DER)
-        options = VerifyOptions(now=int(datetime.now(UTC).timestamp()), ratls_trust_anchors=[anchor])
-        result = verify_evidence(load_evidence(pem), options)
+        options = attrs.evolve(trust.options, now=int(datetime.now(UTC).timestamp()),
+                               ratls_trust_anchors=[anchor])
+        result = verify_evidence(load_evidence(pem), options, trust.collateral)
         assert result.evidence_kind == "ratls-certificate"
         assert result.check("ratls_binding").status == "pass"
         assert result.check("ratls_binding").mandatory
         assert result.check("ratls_chain").status == "pass"
-        assert result.verdict == "fail"
+        assert result.verdict == "pass", result.reason
+        unverified = verify_evidence(load_evidence(pem), options)
+        assert unverified.verdict == "fail"
 
     def test_ratls_binding_to_other_key_fails(self, machine):
         """An SNP envelope bound to another key fails ratls_binding."""
@@ -398,20 +488,31 @@ class TestVerifier:
                                  VerifyOptions(now=int(datetime.now(UTC).timestamp())))
         assert result.check("ratls_binding").status == "fail"
 
-    def test_cli_verify_exits_1_with_the_reason(self, machine, tmp_path: Path):
-        """dstack-agent verify on an SNP envelope: exit 1, JSON with the skipped signature."""
+    def test_cli_verify(self, machine, tmp_path: Path):
+        """dstack-agent verify on an SNP envelope: exit 0 with the machine's trust bundle and
+        --allow-simulator; exit 1 naming vcek_chain without the opt-in or without anchors."""
         path = tmp_path / "snp.cbor"
         path.write_bytes(envelope_of(machine.report(RD)).to_cbor())
-        done = run_cli("verify", str(path), check=False)
-        assert done.returncode == 1, done.stderr
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        anchors = machine.trust_bundle()
+        (bundle / "root_ca.pem").write_bytes(anchors.root_ca_pem)
+        (bundle / "collateral.json").write_text(anchors.collateral_json)
+        done = run_cli("verify", str(path), "--trust-bundle", str(bundle), "--allow-simulator",
+                       "--now", str(NOW), check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
         doc = json.loads(done.stdout)
-        assert doc["verdict"] == "fail" and doc["evidence_format"] == "sev-snp"
-        assert doc["checks"]["snp_signature"]["status"] == "skipped"
-        assert "signature not verified (no VCEK chain)" in done.stderr
+        assert doc["verdict"] == "pass" and doc["evidence_format"] == "sev-snp"
+        assert doc["checks"]["snp_signature"]["status"] == "pass"
+        for extra in ([], ["--allow-simulator"]):
+            flags = ["--trust-bundle", str(bundle)] if not extra else extra
+            done = run_cli("verify", str(path), *flags, "--now", str(NOW), check=False)
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert "verdict fail: vcek_chain:" in done.stderr
 
     def test_fake_signature_is_real_but_not_trusted(self, machine):
-        """The fake's signature verifies with its key, but the verifier still does not pass
-        it: there is no chain that says the key is a VCEK."""
+        """The fake's signature verifies with its key, but without its chain (or under AMD's
+        roots) the verifier does not pass it: nothing says the key is a VCEK."""
         report = SnpReport.from_bytes(machine.report(RD))
         report.verify_signature(machine.vcek_public_key())
         result = verify_evidence(load_evidence(envelope_of(report.raw).to_cbor()),

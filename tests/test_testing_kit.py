@@ -7,6 +7,7 @@ against a device that keeps its state between tests, through a platform package'
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,14 +34,19 @@ def _pytest(cwd: Path, *args: str, pythonpath: Path | None = None) -> subprocess
     )
 
 
-def _install(site: Path, name: str, module: str, source: str, entry_point: str) -> None:
-    """What ``pip install --target site`` leaves: the module and its dist-info."""
+def _install(site: Path, name: str, module: str, source: str, entry_point: str,
+             verifier: str | None = None) -> None:
+    """What ``pip install --target site`` leaves: the module and its dist-info, with a
+    platform entry point and, if given, a verifier entry point."""
     site.mkdir(parents=True, exist_ok=True)
     (site / f"{module}.py").write_text(textwrap.dedent(source))
     info = site / f"{name}-0.1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text(f"[dstack_core.platforms]\n{entry_point}\n")
+    entry_points = f"[dstack_core.platforms]\n{entry_point}\n"
+    if verifier is not None:
+        entry_points += f"[dstack_core.verifiers]\n{verifier}\n"
+    (info / "entry_points.txt").write_text(entry_points)
 
 
 class TestStatefulDevice:
@@ -180,6 +186,64 @@ class TestTrustBundleHook:
                              roots=[load_certificate((out / "root_ca.pem").read_bytes())]),
         )
         assert result.passed and result.simulated, result.reason
+
+
+LAX_PACKAGE = """\
+    import attrs
+
+    from dstack_core import hookimpl
+    from dstack_simulator import SimulatorPlatform
+    from dstack_tdx.verifier import TdxVerifier
+
+    FORMAT = "lax-cc"
+
+
+    class LaxPlatform(SimulatorPlatform):
+        @hookimpl
+        def platform_info(self):
+            return attrs.evolve(super().platform_info(), name="lax", evidence_format=FORMAT)
+
+
+    class LaxVerifier(TdxVerifier):
+        \"\"\"A careless vendor's verifier: dcap-qvl runs, its answer is ignored.\"\"\"
+
+        @hookimpl
+        def verifier_info(self):
+            return attrs.evolve(super().verifier_info(), evidence_format=FORMAT)
+
+        @hookimpl
+        def decode_evidence(self, evidence):
+            return attrs.evolve(super().decode_evidence(evidence), evidence_format=FORMAT)
+
+        @hookimpl
+        def verify_platform(self, report, collateral, options, collateral_error):
+            real = super().verify_platform(report, collateral, options, collateral_error)
+            return attrs.evolve(real, checks=tuple(attrs.evolve(c, status="pass", detail="ok")
+                                                   for c in real.checks))
+    """
+
+
+class TestVerifierConformance:
+    def test_an_unsound_verifier_fails_the_kit(self, tmp_path):
+        """A platform package whose verifier plugin passes every platform check whatever the
+        signature says passes the kit's start (installed, its evidence verifies) but fails
+        its tampering test, so the kit cannot be passed by a verifier that does not check.
+        (The mutation test, 30 random mutants, usually catches it too, but not always: it is
+        not asserted here.)"""
+        site = tmp_path / "site"
+        _install(site, "lax-cc", "dstack_lax", LAX_PACKAGE, "lax = dstack_lax:LaxPlatform",
+                 verifier="lax-cc = dstack_lax:LaxVerifier")
+        result = _pytest(tmp_path, "--dstack-platform", "lax", "-k", "TestVerifier", "-rA",
+                         pythonpath=site)
+        outcomes = {test: outcome for outcome, test in re.findall(
+            r"^(PASSED|FAILED) \S*::TestVerifier::(\w+)", result.stdout, re.MULTILINE)}
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert set(outcomes) == {"test_verifier_plugin_is_installed",
+                                 "test_attestation_verifies_pass", "test_tampered_evidence_fails",
+                                 "test_mutants_are_sound"}, result.stdout
+        assert outcomes["test_verifier_plugin_is_installed"] == "PASSED", result.stdout
+        assert outcomes["test_attestation_verifies_pass"] == "PASSED", result.stdout
+        assert outcomes["test_tampered_evidence_fails"] == "FAILED", result.stdout
 
 
 class TestDebugFlag:

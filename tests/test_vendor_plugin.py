@@ -1,13 +1,16 @@
-"""The vendor path end to end: a third-party platform package, installed the way a vendor's
-users install it, listed, selected by name, served, and held to the conformance suite.
+"""The vendor path end to end: a third-party platform package with an evidence format of its
+own and the verifier plugin of that format, installed the way a vendor's users install it,
+listed, selected by name, served, its attestations verified by ``dstack-agent verify`` and
+``POST /verify``, and held to the conformance suite (its verifier part included).
 
-A module-scoped fixture writes a minimal platform package, ``acme-dstack`` (module
-``dstack_acme``, entry point ``acme`` in ``dstack_core.platforms``; quotes signed with
-:mod:`dstack_core.mockpki`; it does not import the simulator), to a temporary directory, and
-installs it with dstack-core from this checkout (and dstack-core's ``test`` extra, for the
-conformance run) into a fresh virtualenv: ``python -m venv`` without system site-packages,
-then one ``pip install <dstack-core> <acme-dstack>`` that resolves every dependency from the
-package index (PyPI in CI).
+The package is the guide's second worked example, ``dstack-acme`` (docs/plugins/writing.md:
+module ``dstack_acme``, platform ``acme`` in ``dstack_core.platforms``, verifier ``acme-cc``
+in ``dstack_core.verifiers``; Acme CC reports signed by a simulated chip key under Acme's
+root; it does not import the simulator or any other plugin), written from the guide's code
+blocks to a temporary directory and installed with dstack-core from this checkout (and
+dstack-core's ``test`` extra, for the conformance run) into a fresh virtualenv: ``python
+-m venv`` without system site-packages, then one ``pip install <dstack-core> <dstack-acme>``
+that resolves every dependency from the package index (PyPI in CI).
 
 Why a full install: it measured about 16 s (9 s without the test extra) against a local
 index, well under the ~60 s at which we would have fallen back to ``pip install --no-deps``
@@ -16,8 +19,9 @@ plus a ``.pth`` file onto this venv's site-packages. So the venv holds exactly w
 simulator). dstack-core is installed from a copy of its sources (``pyproject.toml``,
 ``README.md``, ``dstack_core/``) so that building it leaves nothing in the checkout.
 
-The plugin that ``docs/plugins/writing.md`` builds is installed from the guide's own code
-blocks (those with a ``title``) and held to the same suite, so the guide cannot rot.
+The guide's first plugin, ``softtee`` (TDX-format quotes), is installed from its code blocks
+too, beside ``dstack-tdx`` from this checkout (the verifier of its format, which it depends
+on), and held to the same suite, so the guide cannot rot.
 
 The broken, colliding and guide packages are installed with ``pip install --no-deps --target`` into
 directories of their own and put on ``PYTHONPATH`` for one command, so the shared venv stays
@@ -31,9 +35,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,8 +49,8 @@ from typing import Any
 import attrs
 import pytest
 
-from dstack_core.quote import TdxQuote
-from dstack_core.testing import AgentProcess, short_tempdir, uds_request
+from dstack_core.envelope import Envelope
+from dstack_core.testing import AgentProcess, short_tempdir
 from dstack_core.testing.logscan import record_output
 from dstack_core.testing.pytest_plugin import PlatformEnv
 
@@ -56,146 +64,35 @@ GUIDE_FILE = re.compile(
 INSTALL_TIMEOUT = 900
 RUN_TIMEOUT = 120
 
-ACME_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=77"]
-build-backend = "setuptools.build_meta"
+GUIDE_ACME = "dstack-acme/"
 
-[project]
-name = "acme-dstack"
-version = "0.1.0"
-description = "Acme's software TEE platform for dstack-core (a test fixture, not hardware)"
-requires-python = ">=3.11"
-dependencies = ["dstack-core"]
 
-[project.entry-points."dstack_core.platforms"]
-acme = "dstack_acme:AcmePlatform"
+def guide_files() -> dict[str, str]:
+    """The guide's titled code blocks: path -> content."""
+    return {m["path"]: m["body"] for m in GUIDE_FILE.finditer(GUIDE.read_text())}
 
-[tool.setuptools]
-packages = ["dstack_acme"]
+
+def write_project(root: Path, files: Mapping[str, str]) -> Path:
+    for path, body in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(body)
+    return root
+
+
+TRIAL_MODULE = """\
+import attrs
+
+from dstack_core import hookimpl
+from dstack_acme import AcmePlatform
+
+
+class TrialPlatform(AcmePlatform):
+    \"\"\"The vendor trial's first package: a platform of a new format, and no verifier.\"\"\"
+
+    @hookimpl
+    def platform_info(self):
+        return attrs.evolve(super().platform_info(), name="acme-trial", evidence_format="acme-trial")
 """
-
-ACME_MODULE = '''\
-"""Acme's dstack platform: quotes from a software TEE signed by a mock Intel PKI.
-
-No measurement registers: EmitEvent is unsupported, and says so.
-"""
-
-from __future__ import annotations
-
-import secrets
-import threading
-from datetime import datetime, timezone
-from pathlib import Path
-
-from dstack_core import certs
-from dstack_core import (
-    ConfigurationError,
-    KeyProvider,
-    Measurements,
-    PlatformConfig,
-    PlatformEvidence,
-    PlatformInfo,
-    PlatformUnsupported,
-    Quote,
-    RootKey,
-    hookimpl,
-)
-from dstack_core.eventlog import TdxEvent
-from dstack_core.mockpki import MOCK_TD_ATTRIBUTES, SEED_SIZE, MockIntelPki
-from dstack_core.quote import TdReport
-from dstack_core.statefile import atomic_write, read_or_create_secret
-from dstack_core.types import TrustBundle
-
-USER_DATA = b"ACME-SOFT-TEE".ljust(20, b"\\0")
-PKI_SEED = "acme-pki.seed"
-APPKEYS = "appkeys.json"
-
-
-class AcmePlatform:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pki: MockIntelPki | None = None
-        self._root_key: RootKey | None = None
-
-    @hookimpl
-    def platform_info(self) -> PlatformInfo:
-        return PlatformInfo(
-            name="acme", tag="acme-soft", evidence_format="tdx", simulated=True,
-            runtime_registers=False, description="Acme software TEE", version="0.1.0",
-        )
-
-    @hookimpl
-    def configure(self, config: PlatformConfig) -> None:
-        try:
-            config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigurationError(f"cannot use state dir {config.state_dir}: {exc}") from None
-        self._pki = self._load_pki(config.state_dir)
-        self._root_key = self._load_root_key(config.appkeys or config.state_dir / APPKEYS)
-
-    @staticmethod
-    def _load_root_key(path: Path) -> RootKey:
-        if path.exists():
-            return RootKey.from_appkeys_json(path.read_bytes())
-        ca_key = certs.new_tls_key()
-        root_key = RootKey(
-            k256_key=secrets.token_bytes(32),
-            ca_cert_pem=certs.new_app_ca(ca_key, now=datetime.now(timezone.utc)).cert_pem,
-            key_provider=KeyProvider(kind="None", name="none",
-                                     key_pem=certs.private_key_pem(ca_key)),
-        )
-        atomic_write(path, root_key.to_appkeys_json().encode(), mode=0o600)
-        return root_key
-
-    @staticmethod
-    def _load_pki(state_dir: Path) -> MockIntelPki:
-        return MockIntelPki.from_seed(read_or_create_secret(state_dir / PKI_SEED, SEED_SIZE))
-
-    def _configured(self) -> tuple[MockIntelPki, RootKey]:
-        if self._pki is None or self._root_key is None:
-            raise ConfigurationError("acme platform used before configure")
-        return self._pki, self._root_key
-
-    @hookimpl
-    def derive_root_key(self) -> RootKey:
-        return self._configured()[1]
-
-    @hookimpl
-    def get_quote(self, report_data: bytes) -> Quote:
-        pki, _ = self._configured()
-        zero = bytes(48)
-        report = TdReport(
-            tee_tcb_svn=bytes(16), mr_seam=zero, mr_signer_seam=zero, seam_attributes=bytes(8),
-            td_attributes=MOCK_TD_ATTRIBUTES, xfam=bytes.fromhex("e702060000000000"),
-            mr_td=zero, mr_config_id=zero, mr_owner=zero, mr_owner_config=zero,
-            rtmr0=zero, rtmr1=zero, rtmr2=zero, rtmr3=zero, report_data=report_data,
-        )
-        with self._lock:
-            return Quote(format="tdx", data=pki.sign_quote(report, user_data=USER_DATA))
-
-    @hookimpl
-    def attest(self, report_data: bytes) -> PlatformEvidence:
-        return PlatformEvidence(quote=self.get_quote(report_data))
-
-    @hookimpl
-    def boot_event_log(self) -> tuple[TdxEvent, ...]:
-        return ()
-
-    @hookimpl
-    def read_measurements(self) -> Measurements:
-        raise PlatformUnsupported("acme has no measurement registers")
-
-    @hookimpl
-    def extend_rtmr(self, index: int, digest: bytes) -> None:
-        raise PlatformUnsupported("acme has no runtime measurement registers")
-
-    @hookimpl
-    def trust_bundle(self, state_dir: Path) -> TrustBundle:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        pki = self._load_pki(state_dir)
-        return TrustBundle(root_ca_pem=pki.root_ca_pem, collateral_json=pki.collateral_json())
-'''
 
 BROKEN_MODULE = """\
 raise ImportError("libacme_attest.so.1: cannot open shared object file")
@@ -274,14 +171,15 @@ class Venv:
         return target
 
     def conformance(self, platform: str, cwd: Path,
-                    pythonpath: Path | None = None) -> subprocess.CompletedProcess[str]:
+                    pythonpath: str | Path | None = None) -> subprocess.CompletedProcess[str]:
         """The conformance suite against ``platform``, run by the venv's pytest."""
         env = clean_env(**({"PYTHONPATH": str(pythonpath)} if pythonpath else {}))
         return run([str(self.bin / "python"), "-m", "pytest", "-p", "no:cacheprovider", "-q",
                     "-rs", "--dstack-platform", platform, "--pyargs",
                     "dstack_core.testing.conformance"], cwd=cwd, env=env, timeout=600)
 
-    def agent(self, *args: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def agent(self, *args: str, pythonpath: str | Path | None = None
+              ) -> subprocess.CompletedProcess[str]:
         env = clean_env(**({"PYTHONPATH": str(pythonpath)} if pythonpath else {}))
         return run([str(self.bin / "dstack-agent"), *args], env=env)
 
@@ -304,7 +202,8 @@ class VenvAgent(AgentProcess):
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
-    """A fresh virtualenv with dstack-core[test] from this checkout and acme-dstack."""
+    """A fresh virtualenv with dstack-core[test] from this checkout and the guide's
+    dstack-acme."""
     work = tmp_path_factory.mktemp("vendor")
     core = work / "dstack-core"
     core.mkdir()
@@ -312,10 +211,9 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
         shutil.copy2(REPO / name, core / name)
     shutil.copytree(REPO / "dstack_core", core / "dstack_core",
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    acme = work / "acme-dstack"
-    (acme / "dstack_acme").mkdir(parents=True)
-    (acme / "pyproject.toml").write_text(ACME_PYPROJECT)
-    (acme / "dstack_acme" / "__init__.py").write_text(ACME_MODULE)
+    acme = write_project(work / "dstack-acme", {
+        path.removeprefix(GUIDE_ACME): body for path, body in guide_files().items()
+        if path.startswith(GUIDE_ACME)})
     result = run([sys.executable, "-m", "venv", str(work / "venv")], env=clean_env())
     assert result.returncode == 0, result.stderr
     env = Venv(work / "venv", work)
@@ -356,17 +254,27 @@ class TestVendorPlugin:
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == [
             {"name": "acme", "value": "dstack_acme:AcmePlatform",
-             "distribution": "acme-dstack 0.1.0"}
+             "distribution": "dstack-acme 0.1.0"}
         ]
 
+    def test_verifiers_lists_its_verifier(self, venv):
+        """``dstack-agent verifiers`` lists the vendor's verifier plugin and nothing else:
+        installing dstack-core alone verifies no format."""
+        result = venv.agent("verifiers", "--json")
+        assert result.returncode == 0, result.stderr
+        (listed,) = json.loads(result.stdout)
+        assert (listed["evidence_format"], listed["distribution"], listed["checks"]) == (
+            "acme-cc", "dstack-acme", ["acme_chip", "acme_signature", "acme_debug"])
+
     def test_selected_by_name_and_serves(self, acme_agent):
-        """``serve --platform acme`` answers GetQuote (binding the report data) and GetKey."""
-        status, _, body = uds_request(acme_agent.socket, "POST", "/GetQuote",
-                                      json.dumps({"report_data": b"vendor".hex()}).encode())
+        """``serve --platform acme`` answers Attest (an acme-cc envelope binding the report
+        data) and GetKey."""
+        status, body = acme_agent.call("Attest", {"report_data": b"vendor".hex()})
         assert status == 200, body
-        quote = TdxQuote.from_bytes(bytes.fromhex(json.loads(body)["quote"]))
-        assert quote.report_data == b"vendor".ljust(64, b"\0")
-        assert quote.header.user_data.startswith(b"ACME-SOFT-TEE")
+        envelope = Envelope.from_cbor(bytes.fromhex(body["attestation"]))
+        assert (envelope.platform, envelope.evidence_format) == ("acme-sim", "acme-cc")
+        assert envelope.report_data == b"vendor".ljust(64, b"\0")
+        assert envelope.report_data in envelope.quote
         status, body = acme_agent.call("GetKey", {"path": "p", "purpose": "q"})
         assert status == 200 and len(bytes.fromhex(body["key"])) == 32
 
@@ -395,11 +303,11 @@ class TestVendorPlugin:
                                 {"acme": "dstack_acme_clone:AcmeClone"})
         listed = venv.agent("platforms", "--json", pythonpath=site)
         assert sorted(p["distribution"] for p in json.loads(listed.stdout)) == [
-            "acme-clone 0.1.0", "acme-dstack 0.1.0"]
+            "acme-clone 0.1.0", "dstack-acme 0.1.0"]
         result = venv.agent(*serve_args, "--platform", "acme", pythonpath=site)
         assert result.returncode == 2, result.stderr
         assert "conflicting plugins for platform 'acme', provided by:" in result.stderr
-        assert "from acme-dstack 0.1.0" in result.stderr
+        assert "from dstack-acme 0.1.0" in result.stderr
         assert "from acme-clone 0.1.0" in result.stderr
 
     def test_passes_the_conformance_suite(self, venv, tmp_path):
@@ -410,19 +318,128 @@ class TestVendorPlugin:
         assert "has no runtime registers" in result.stdout
 
 
+@attrs.frozen
+class Verified:
+    """One Attest output of the vendor's agent and the trust bundle its platform publishes."""
+
+    attest: Path
+    bundle: Path
+    report_data: bytes
+
+
+@pytest.fixture(scope="module")
+def verified(venv: Venv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Verified]:
+    """Attest from a running ``acme`` agent, and ``dstack-agent trust-bundle --platform
+    acme`` for its state dir, both through the venv's console script."""
+    out = tmp_path_factory.mktemp("acme-out")
+    agent = VenvAgent(venv, "acme")
+    agent.start()
+    try:
+        report_data = b"relying-party"
+        status, body = agent.call("Attest", {"report_data": report_data.hex()})
+        assert status == 200, body
+        (out / "attest.json").write_text(json.dumps(body))
+        bundle = venv.agent("trust-bundle", "--platform", "acme", "--state-dir",
+                            str(agent.state_dir), "--out", str(out / "bundle"))
+        assert bundle.returncode == 0, bundle.stderr
+    finally:
+        agent.stop()
+        shutil.rmtree(agent.workdir, ignore_errors=True)
+    yield Verified(out / "attest.json", out / "bundle", report_data)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TestVendorVerifier:
+    def test_attest_verifies_pass_with_dstack_agent_verify(self, venv, verified):
+        """``dstack-agent verify`` passes the vendor's Attest output under its trust bundle
+        with --allow-simulator, names the vendor's plugin, and fails it without the opt-in."""
+        flags = ["verify", str(verified.attest), "--trust-bundle", str(verified.bundle),
+                 "--expect-report-data", verified.report_data.hex()]
+        result = venv.agent(*flags, "--allow-simulator")
+        assert result.returncode == 0, result.stdout + result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["verdict"] == "pass" and doc["evidence_format"] == "acme-cc"
+        assert {k: doc["checks"][k]["status"] for k in ("acme_chip", "acme_signature",
+                                                        "report_data")} == dict.fromkeys(
+            ("acme_chip", "acme_signature", "report_data"), "pass")
+        assert doc["verifier"] == {"evidence_format": "acme-cc", "plugin": "dstack-acme",
+                                   "version": "0.1.0",
+                                   "checks": ["acme_chip", "acme_signature", "acme_debug"]}
+        refused = venv.agent(*flags)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "verdict fail: acme_chip:" in refused.stderr
+
+    def test_attest_verifies_pass_with_post_verify(self, venv, verified):
+        """``dstack-agent verifier`` configured with the bundle answers POST /verify of the
+        Attest body with verdict pass (is_valid stays false: no OS image policy can apply
+        to a format without registers)."""
+        port = _free_port()
+        proc = subprocess.Popen(
+            [str(venv.bin / "dstack-agent"), "verifier", "--listen", f"127.0.0.1:{port}",
+             "--trust-bundle", str(verified.bundle), "--allow-simulator"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env(),
+        )
+        try:
+            body = json.dumps({"attestation": json.loads(verified.attest.read_text())
+                               ["attestation"]}).encode()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(urllib.request.Request(
+                            f"http://127.0.0.1:{port}/verify", data=body,
+                            headers={"Content-Type": "application/json"}), timeout=10) as answer:
+                        doc = json.loads(answer.read())
+                    break
+                except (ConnectionError, urllib.error.URLError):
+                    assert proc.poll() is None and time.monotonic() < deadline, (
+                        proc.stderr.read().decode() if proc.stderr else "")
+                    time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert doc["verdict"] == "pass", doc["reason"]
+        assert doc["details"]["tee_variant"] == "acme-cc"
+        assert doc["details"]["report_data"] == verified.report_data.ljust(64, b"\0").hex()
+        assert doc["verifier"]["plugin"] == "dstack-acme"
+
+    def test_a_platform_without_its_verifier_does_not_start(self, venv, serve_args):
+        """The vendor trial's finding: a platform of a new evidence format with no verifier
+        plugin installed stops start-up, naming the format and what is installed."""
+        site = venv.target_with("acme-trial", "dstack_acme_trial", TRIAL_MODULE,
+                                {"acme-trial": "dstack_acme_trial:TrialPlatform"})
+        result = venv.agent(*serve_args, "--platform", "acme-trial", pythonpath=site)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+        named = "platform 'acme-trial' produces evidence format 'acme-trial', but no verifier"
+        installed = "installed: acme-cc (dstack_acme.verifier:AcmeVerifier, from dstack-acme"
+        for part in (named, installed, "--allow-missing-verifier"):
+            assert part in result.stderr
+
+
 class TestWritingGuide:
+    def test_guide_shows_both_packages(self):
+        """The guide's complete files are softtee's and dstack-acme's, and nothing else."""
+        assert set(guide_files()) == {
+            "pyproject.toml", "dstack_softtee/__init__.py", "dstack-acme/pyproject.toml",
+            "dstack-acme/dstack_acme/__init__.py", "dstack-acme/dstack_acme/verifier.py"}
+
     def test_guide_plugin_is_served_and_conforms(self, venv, tmp_path):
-        """The plugin docs/plugins/writing.md builds installs, is listed, and passes the suite."""
-        files = {m["path"]: m["body"] for m in GUIDE_FILE.finditer(GUIDE.read_text())}
-        assert set(files) == {"pyproject.toml", "dstack_softtee/__init__.py"}
-        project = tmp_path / "dstack-softtee"
-        for path, body in files.items():
-            (project / path).parent.mkdir(parents=True, exist_ok=True)
-            (project / path).write_text(body)
-        site = venv.target(project)
-        listed = json.loads(venv.agent("platforms", "--json", pythonpath=site).stdout)
+        """The plugin docs/plugins/writing.md builds first (softtee, TDX-format quotes)
+        installs beside dstack-tdx (its format's verifier), is listed, and passes the suite."""
+        files = {p: b for p, b in guide_files().items() if not p.startswith(GUIDE_ACME)}
+        site = venv.target(write_project(tmp_path / "dstack-softtee", files))
+        tdx = tmp_path / "dstack-tdx"
+        shutil.copytree(REPO / "plugins" / "tdx", tdx,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        path = os.pathsep.join([str(site), str(venv.target(tdx))])
+        listed = json.loads(venv.agent("platforms", "--json", pythonpath=path).stdout)
         assert {"name": "softtee", "value": "dstack_softtee:SoftTeePlatform",
                 "distribution": "dstack-softtee 0.1.0"} in listed
-        result = venv.conformance("softtee", tmp_path, pythonpath=site)
+        result = venv.conformance("softtee", tmp_path, pythonpath=path)
         assert result.returncode == 0, result.stdout + result.stderr
         assert " passed" in result.stdout and "failed" not in result.stdout

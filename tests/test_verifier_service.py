@@ -211,7 +211,9 @@ class TestErrors:
         assert status == 400 and doc["code"] == "unsupported_evidence"
 
     def test_sev_snp_envelope_is_verified_but_never_valid(self, settings):
-        """An SEV-SNP envelope is checked (200), never valid: the signature is skipped."""
+        """An SEV-SNP envelope without its VCEK chain (the service has only Intel
+        collateral) is checked (200), never valid: vcek_chain fails, the signature is
+        skipped."""
         report = build_report(report_data=b"\x07" * 64, signature=b"\x01" * 144)
         envelope = Envelope(
             platform="sev-snp", evidence_format="sev-snp", quote=report, report_data=b"\x07" * 64
@@ -224,7 +226,8 @@ class TestErrors:
         assert doc["details"]["quote_verified"] is False
         assert doc["checks"]["envelope_binding"]["status"] == "pass"
         assert doc["checks"]["snp_signature"]["status"] == "skipped"
-        assert doc["reason"].startswith("snp_signature: signature not verified (no VCEK chain)")
+        assert doc["reason"].startswith("vcek_chain:")
+        assert doc["verifier"]["plugin"] == "dstack-sev-snp-stub"
 
     def test_body_limit(self, settings, sample):
         """Bodies over max_body_size are refused with payload_too_large."""

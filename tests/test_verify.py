@@ -17,6 +17,8 @@ import cbor2
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from dstack_tdx.qvl import QvlOutcome as _QvlOutcome
+from dstack_tdx.qvl import dcap_checks as _dcap_checks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,8 +43,6 @@ from dstack_core.verify import (
     ExpectedReportData,
     VerificationResult,
     VerifyOptions,
-    _dcap_checks,
-    _QvlOutcome,
     evidence_from_json,
     load_evidence,
     sniff_evidence,

@@ -25,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from dstack_tdx.qvl import QvlOutcome as _QvlOutcome
+from dstack_tdx.qvl import dcap_checks as _dcap_checks
 
 from dstack_core import certs
 from dstack_core.appinfo import derive_app_info
@@ -49,8 +51,6 @@ from dstack_core.upstream import decode_attestation
 from dstack_core.verify import (
     VerificationResult,
     VerifyOptions,
-    _dcap_checks,
-    _QvlOutcome,
     load_evidence,
     verify,
     verify_evidence,
@@ -730,7 +730,7 @@ class TestReasons:
         into 'skipped'."""
         dcap = _dcap_checks(_QvlOutcome(failure="Invalid MR service TD", stage="mr_service_td"), "")
         assert dcap["mr_service_td"][0] == "fail"
-        from dstack_core.verify import _mr_service_td_check
+        from dstack_tdx.verifier import mr_service_td_check as _mr_service_td_check
 
         quote, _ = resigned_fixture()
         report = TdxQuote.from_bytes(quote).report

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..config import Settings
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, PluginError
 from ..platform import Platform
-from ..plugins import load_platform
+from ..plugins import load_platform, require_verifier
 from ..service import AgentService, ServiceFiles, ServiceOptions
 from . import systemd
 from .app import API_METHODS, create_app, create_tappd_app
@@ -148,8 +148,31 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         prepare_socket_path(settings.tappd_socket)
     # Loading the plugin touches no disk; a platform that fails to load leaves nothing.
     platform = Platform.from_plugin_manager(load_platform(settings.platform))
+    _check_verifier(platform, settings)
     with state_dir_lock(settings.state_dir):
         await _serve_locked(platform, settings, ready, activated, policy)
+
+
+def _check_verifier(platform: Platform, settings: Settings) -> None:
+    """Refuse a platform whose evidence nobody here could verify: its format needs exactly
+    one verifier plugin installed (found by entry point, not imported), unless the image
+    deliberately leaves it out (``allow_missing_verifier``).
+
+    :raises PluginError: none (the message names what is installed), or several.
+    """
+    evidence_format = platform.info.evidence_format
+    try:
+        found = require_verifier(evidence_format, platform=platform.name)
+    except PluginError:
+        if not settings.allow_missing_verifier:
+            raise
+        log.warning(
+            "no verifier plugin for evidence format %r is installed; starting anyway "
+            "(allow_missing_verifier): verify this agent's attestations elsewhere",
+            evidence_format,
+        )
+        return
+    log.debug("evidence format %s is verified by %s", evidence_format, found.describe())
 
 
 def _bind_unix(path: Path, mode: int) -> socket.socket:

@@ -32,10 +32,10 @@ import attrs
 from aiohttp import web
 
 from .. import strictjson
-from ..collateral import CollateralCache, CollateralSource, load_collateral_file
+from ..collateral import MAX_COLLATERAL_SIZE, Collateral, CollateralCache, CollateralSource
+from ..collateral import fetch_collateral as fetch_dcap_collateral
 from ..errors import (
     ConfigurationError,
-    EvidenceError,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
@@ -44,16 +44,22 @@ from ..osimage import OsImagePolicy, with_expectations
 from ..verify import (
     DEFAULT_ALLOWED_TCB_STATUSES,
     MAX_EVIDENCE_SIZE,
+    CollateralResolver,
     Evidence,
     ExpectedReportData,
-    VerificationResult,
+    TrustInputs,
+    VerifierHost,
     VerifyOptions,
     bytes_tuple,
+    default_host,
     evidence_from_json,
+    parse_collateral_documents,
     parse_expected_report_data,
     string_set,
     verify_evidence,
 )
+from ..verify.options import verifier_options
+from .codec import to_json_bytes
 from .errors import error_middleware, json_response
 
 __all__ = [
@@ -62,11 +68,15 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENT",
     "ENV_PREFIX",
     "SETTINGS_KEY",
+    "TDX_FORMAT",
     "VerifierSettings",
     "app_from_env",
+    "collateral_resolver",
+    "collateral_settings",
     "create_verifier_app",
     "load_certificates",
     "load_root_ca",
+    "parse_verifier_options",
     "settings_from_env",
 ]
 
@@ -81,6 +91,8 @@ each may hold a 24 MiB body a few times over while it is decoded)."""
 READ_CHUNK: Final = 64 * 1024
 SERVICE_NAME: Final = "dstack-verifier"
 ENV_PREFIX: Final = "DSTACK_VERIFIER_"
+TDX_FORMAT: Final = "tdx"
+"""The evidence format Intel's collateral (:mod:`dstack_core.collateral`) is for."""
 
 
 def load_certificates(path: Path, what: str = "trust anchor") -> tuple[bytes, ...]:
@@ -117,11 +129,98 @@ def load_root_ca(path: Path) -> bytes:
     return certs[0]
 
 
+def parse_verifier_options(
+    values: list[str], host: VerifierHost | None = None
+) -> dict[str, dict[str, str]]:
+    """``FORMAT:KEY=VALUE`` settings (``--verifier-option``), by format, each key checked
+    against what that format's plugin accepts.
+
+    :raises ConfigurationError: a malformed setting, a format no plugin is installed for,
+        or a key its plugin does not take.
+    """
+    options: dict[str, dict[str, str]] = {}
+    for value in values:
+        fmt, colon, rest = value.partition(":")
+        key, equals, setting = rest.partition("=")
+        if not (colon and equals and fmt and key):
+            raise ConfigurationError(
+                f"verifier option {value!r} is not FORMAT:KEY=VALUE (e.g. sev-snp:kds_url=amd)"
+            )
+        options.setdefault(fmt, {})[key] = setting
+    host = host or default_host()
+    for fmt, settings in options.items():
+        if fmt not in host.formats():
+            raise ConfigurationError(
+                f"verifier options for evidence format {fmt!r}, but no verifier plugin for "
+                f"it is installed (installed: {', '.join(host.formats()) or 'none'})"
+            )
+        host.get(fmt).check_options(settings)
+    return options
+
+
+def collateral_settings(
+    document: Path | None, cache: Path | None, pccs_url: str | None,
+    host: VerifierHost | None = None,
+) -> tuple[CollateralSource, dict[str, object]]:
+    """Intel's collateral source and every other format's fixed collateral, from a
+    collateral file (read by the plugin whose format it is), a cache and a PCCS.
+
+    :raises ConfigurationError: the file cannot be read, or no plugin can use it.
+    """
+    parsed: dict[str, object] = {}
+    if document is not None:
+        try:
+            with document.open("rb") as handle:
+                content = handle.read(MAX_COLLATERAL_SIZE + 1)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read collateral file {document}: {exc}") from None
+        if len(content) > MAX_COLLATERAL_SIZE:
+            raise ConfigurationError(
+                f"collateral file {document} is over {MAX_COLLATERAL_SIZE} bytes"
+            )
+        parsed = parse_collateral_documents([(str(document), content)], host)
+    fixed = parsed.pop(TDX_FORMAT, None)
+    source = CollateralSource(
+        fixed=fixed if isinstance(fixed, Collateral) else None,
+        cache=CollateralCache(directory=cache) if cache is not None else None,
+        pccs_url=pccs_url,
+    )
+    return source, parsed
+
+
+def collateral_resolver(
+    source: CollateralSource,
+    documents: Mapping[str, object],
+    plugin_options: Mapping[str, Mapping[str, str]],
+    host: VerifierHost | None = None,
+) -> CollateralResolver:
+    """Where each format's collateral comes from: Intel's ``source`` for ``tdx`` evidence
+    (fixed, cache, PCCS), ``documents`` for other formats, and each plugin's fetching with
+    the cache directory and options."""
+    fixed = dict(documents)
+    if source.fixed is not None:
+        fixed[TDX_FORMAT] = source.fixed
+    return CollateralResolver(
+        fixed=fixed,
+        trust=TrustInputs(
+            collateral_cache=source.cache.directory if source.cache is not None else None,
+            pccs_url=source.pccs_url,
+            pccs_fetcher=None if source.fetcher is fetch_dcap_collateral else source.fetcher,
+            options=plugin_options,
+        ),
+        host=host or default_host(),
+    )
+
+
 @attrs.frozen(kw_only=True)
 class VerifierSettings:
     """Everything the service trusts and requires; fixed for the process's lifetime.
 
-    :ivar collateral: where collateral comes from.
+    :ivar collateral: where Intel collateral (``tdx`` evidence) comes from; its cache
+        directory is every plugin's.
+    :ivar documents: other formats' collateral used for all their evidence, by format (as
+        :func:`~dstack_core.verify.parse_collateral_documents` parses it).
+    :ivar plugin_options: per evidence format, its verifier plugin's options.
     :ivar root_ca_der: an external root (the simulator's), or None for Intel's.
     :ivar allow_simulator: accept simulator evidence and external roots.
     :ivar allowed_tcb_statuses: TCB statuses that pass.
@@ -136,6 +235,10 @@ class VerifierSettings:
     """
 
     collateral: CollateralSource = attrs.field(factory=CollateralSource)
+    documents: Mapping[str, object] = attrs.field(factory=dict, eq=False)
+    plugin_options: Mapping[str, Mapping[str, str]] = attrs.field(
+        factory=dict, converter=verifier_options, eq=False
+    )
     root_ca_der: bytes | None = None
     allow_simulator: bool = False
     allowed_tcb_statuses: frozenset[str] = attrs.field(
@@ -162,11 +265,17 @@ class VerifierSettings:
             allow_stripped_event_log=self.allow_stripped_event_log,
             os_image_policy=self.os_image_policy,
             ratls_trust_anchors=self.ratls_trust_anchors,
+            plugin_options=self.plugin_options,
         )
+
+    def resolver(self) -> CollateralResolver:
+        """Where each format's collateral comes from (:func:`collateral_resolver`)."""
+        return collateral_resolver(self.collateral, self.documents, self.plugin_options)
 
 
 SETTINGS_KEY: Final = web.AppKey("verifier_settings", VerifierSettings)
 SLOTS_KEY: Final = web.AppKey("verifier_slots", asyncio.Semaphore)
+RESOLVER_KEY: Final = web.AppKey("verifier_collateral", CollateralResolver)
 
 
 async def _read_body(request: web.Request, limit: int, timeout: float) -> bytearray:
@@ -237,29 +346,35 @@ def _decode_request(
     return _expected(doc), evidence_from_json(doc)
 
 
+def _verify_request(
+    holder: list[bytearray] | bytes, settings: VerifierSettings, resolver: CollateralResolver
+) -> bytes:
+    """Decode, find collateral for and verify one request body; the JSON answer.
+
+    CPU-bound and possibly blocking (a plugin fetching collateral): runs in a worker thread,
+    one hop per request.
+    """
+    expected, evidence = _decode_request(holder)
+    now = settings.clock()
+    collateral, problem = resolver.collateral_for(evidence.report, now=now)
+    if problem is not None:
+        log.warning("no collateral for a /verify request: %s", problem)
+    result = verify_evidence(
+        evidence, settings.options(now=now, expected=expected), collateral,
+        collateral_error=problem,
+    )
+    return to_json_bytes(result.to_upstream_json())
+
+
 async def _verify(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     # The body is read before taking a slot: a slow client waits for its own body only.
     holder = [await _read_body(request, settings.max_body_size, settings.body_timeout)]
     async with request.app[SLOTS_KEY]:
-        expected, evidence = await asyncio.to_thread(_decode_request, holder)
-        now = settings.clock()
-        collateral = None
-        problem = None
-        try:
-            if evidence.quote is not None:  # SEV-SNP evidence has no DCAP collateral
-                collateral = await settings.collateral.collateral_for(evidence.quote.raw, now=now)
-        except EvidenceError as exc:
-            problem = exc.message
-            log.warning("no collateral for a /verify request: %s", problem)
-        result: VerificationResult = await asyncio.to_thread(
-            verify_evidence,
-            evidence,
-            settings.options(now=now, expected=expected),
-            collateral,
-            collateral_error=problem,
+        answer = await asyncio.to_thread(
+            _verify_request, holder, settings, request.app[RESOLVER_KEY]
         )
-    return json_response(result.to_upstream_json())
+    return web.Response(body=answer, content_type="application/json")
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -267,9 +382,17 @@ async def _health(request: web.Request) -> web.Response:
 
 
 def create_verifier_app(settings: VerifierSettings) -> web.Application:
-    """The aiohttp application: ``POST /verify``, ``GET /health``."""
+    """The aiohttp application: ``POST /verify``, ``GET /health``.
+
+    Every installed verifier plugin is loaded here, so that a broken or conflicting one
+    stops the service at start-up rather than failing requests.
+
+    :raises PluginError: a verifier plugin is conflicting or broken.
+    """
+    default_host().load_all()
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_size)
     app[SETTINGS_KEY] = settings
+    app[RESOLVER_KEY] = settings.resolver()
     app[SLOTS_KEY] = asyncio.Semaphore(settings.max_concurrent)
     app.router.add_post("/verify", _verify)
     app.router.add_get("/health", _health)
@@ -287,7 +410,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> VerifierSetti
     ``ALLOW_SIMULATOR`` (``1``/``true``), ``ALLOW_TCB_STATUS`` and ``REJECT_ADVISORY``
     (comma-separated), ``ALLOW_STRIPPED_EVENT_LOG``, ``OS_IMAGE_POLICY`` (file),
     ``EXPECT_MRTD`` (hex), ``EXPECT_RTMR`` (comma-separated ``N=HEX``), ``TRUST_ANCHOR``
-    (PEM file), ``MAX_BODY_SIZE`` (bytes), ``BODY_TIMEOUT`` (seconds), ``MAX_CONCURRENT``.
+    (PEM file), ``MAX_BODY_SIZE`` (bytes), ``BODY_TIMEOUT`` (seconds), ``MAX_CONCURRENT``,
+    ``VERIFIER_OPTION`` (comma-separated ``FORMAT:KEY=VALUE``).
 
     :raises ConfigurationError: unreadable files or invalid values.
     """
@@ -311,16 +435,15 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> VerifierSetti
     policy_file = env.get(ENV_PREFIX + "OS_IMAGE_POLICY")
     anchor_file = env.get(ENV_PREFIX + "TRUST_ANCHOR")
     policy = OsImagePolicy.from_file(Path(policy_file)) if policy_file else None
-    try:
-        fixed = load_collateral_file(Path(collateral_file)) if collateral_file else None
-    except EvidenceError as exc:
-        raise ConfigurationError(f"invalid collateral file: {exc.message}") from None
+    source, documents = collateral_settings(
+        Path(collateral_file) if collateral_file else None,
+        Path(cache_dir) if cache_dir else None,
+        env.get(ENV_PREFIX + "PCCS_URL") or None,
+    )
     return VerifierSettings(
-        collateral=CollateralSource(
-            fixed=fixed,
-            cache=CollateralCache(directory=Path(cache_dir)) if cache_dir else None,
-            pccs_url=env.get(ENV_PREFIX + "PCCS_URL") or None,
-        ),
+        collateral=source,
+        documents=documents,
+        plugin_options=parse_verifier_options(_env_list(env, "VERIFIER_OPTION")),
         root_ca_der=load_root_ca(Path(root)) if root else None,
         allow_simulator=flag("ALLOW_SIMULATOR"),
         allowed_tcb_statuses=DEFAULT_ALLOWED_TCB_STATUSES.union(_env_list(env, "ALLOW_TCB_STATUS")),

@@ -36,6 +36,7 @@ import attrs
 import pluggy
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .. import types
 from ..envelope import Envelope
@@ -65,6 +66,8 @@ from ..types import (
     RootKey,
     TrustBundle,
 )
+from ..verify.options import VerifyOptions
+from ..verify.types import PlatformReport
 from .agent import uds_request
 from .pytest_plugin import PlatformAgent, PlatformEnv, configured_platform
 
@@ -78,6 +81,7 @@ __all__ = [
     "TestPlatformInfo",
     "TestQuote",
     "TestRootKey",
+    "TestVerifier",
 ]
 
 HARDWARE_TAGS: Final = types.HARDWARE_TAGS
@@ -85,6 +89,10 @@ HARDWARE_TAGS: Final = types.HARDWARE_TAGS
 (nor one of them followed by ``-``: :func:`dstack_core.types.is_hardware_tag`)."""
 
 EVIDENCE_FORMATS: Final = frozenset({"tdx", "sev-snp"})
+"""The formats dstack-core's own plugins produce; a vendor's is any well-formed name
+(:func:`dstack_core.types.is_evidence_format`) its verifier plugin is installed for."""
+VERIFIER_EXAMPLES: Final = 30
+"""Mutants of the platform's evidence per run (``DSTACK_MUTATION_EXAMPLES`` overrides)."""
 
 SNP_REPORT_SIZE: Final = 0x4A0
 """An AMD SEV-SNP attestation report is 1184 bytes (SEV-SNP ABI, ATTESTATION_REPORT)."""
@@ -113,7 +121,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def bound_report_data(quote: Quote) -> bytes:
-    """The 64 report-data bytes at the offset the quote's evidence format defines."""
+    """The 64 report-data bytes at the offset the quote's evidence format defines (for a
+    vendor's format: what its verifier plugin decodes)."""
     if quote.format == "tdx":
         parsed = TdxQuote.from_bytes(quote.data)
         start = parsed.report_data_offset
@@ -122,7 +131,25 @@ def bound_report_data(quote: Quote) -> bytes:
     if quote.format == "sev-snp":
         assert len(quote.data) == SNP_REPORT_SIZE, "an SNP quote is the bare 1184-byte report"
         return quote.data[SNP_REPORT_DATA_OFFSET:SNP_REPORT_DATA_OFFSET + REPORT_DATA_LENGTH]
-    raise AssertionError(f"unknown evidence format {quote.format!r}")
+    return decode_with_plugin(quote).report_data
+
+
+def decode_with_plugin(quote: Quote) -> PlatformReport:
+    """The quote decoded by the verifier plugin of its format (skips when none is installed:
+    :class:`TestVerifier` fails on that)."""
+    return _decode(quote.format, quote.data)
+
+
+def _decode(evidence_format: str, data: bytes) -> PlatformReport:
+    from ..verify import default_host
+
+    try:
+        verifier = default_host().get(evidence_format)
+    except EvidenceError as exc:
+        if exc.code != "unsupported_evidence":
+            raise
+        pytest.skip(f"no verifier plugin decodes evidence format {evidence_format!r}")
+    return verifier.decode(data, {})
 
 
 def tdx_registers(quote: bytes) -> tuple[bytes, tuple[bytes, bytes, bytes, bytes]]:
@@ -237,7 +264,7 @@ class TestPlatformInfo:
         assert isinstance(info, PlatformInfo)
         assert info.name == dstack_platform_name
         assert isinstance(info.tag, str) and info.tag
-        assert info.evidence_format in EVIDENCE_FORMATS
+        assert types.is_evidence_format(info.evidence_format)
         assert isinstance(info.simulated, bool) and isinstance(info.runtime_registers, bool)
 
     def test_simulated_tag_is_not_a_hardware_tag(self, dstack_platform_info: PlatformInfo) -> None:
@@ -351,15 +378,22 @@ class TestQuote:
         """A non-empty quote, cut anywhere, is rejected by the parser with EvidenceError."""
         data = run(dstack_platform.get_quote(REPORT_DATA_PATTERNS["random"])).data
         assert len(data) > 0
-        if dstack_platform.info.evidence_format == "sev-snp":
+        evidence_format = dstack_platform.info.evidence_format
+        if evidence_format == "sev-snp":
             SnpReport.from_bytes(data)
             cuts: tuple[int, ...] = (0, 1, 0x50, 0x90, len(data) // 2, len(data) - 1)
             parse: Any = SnpReport.from_bytes
-        else:
+        elif evidence_format == "tdx":
             parsed = TdxQuote.from_bytes(data)
             cuts = (0, 1, HEADER_SIZE - 1, HEADER_SIZE, parsed.report_data_offset,
                     len(parsed.signed_region), len(parsed.raw) // 2, len(parsed.raw) - 1)
             parse = TdxQuote.from_bytes
+        else:
+            _decode(evidence_format, data)
+            cuts = (0, 1, len(data) // 2, len(data) - 1)
+
+            def parse(cut: bytes) -> object:
+                return _decode(evidence_format, cut)
         for cut in cuts:
             with pytest.raises(EvidenceError):
                 parse(data[:cut])
@@ -739,3 +773,168 @@ class TestAgent:
         assert dstack_agent.stop() == 0
         dstack_agent.start()
         assert _sdk(dstack_agent).get_key("conformance/a", "test").key == a.key
+
+
+@attrs.frozen
+class _Anchors:
+    """What verifies the agent's evidence in tests: the platform's trust bundle as options
+    (its root with the simulator opt-in, its OS image policy) and collateral."""
+
+    options: VerifyOptions
+    collateral: object | None
+
+
+def _anchors(agent: PlatformAgent, env: PlatformEnv, pm: pluggy.PluginManager,
+             info: PlatformInfo) -> _Anchors:
+    from ..osimage import OsImagePolicy, stated_os_image_hash
+    from ..verify import parse_collateral_documents
+
+    platform = Platform.from_plugin_manager(pm)
+    bundle = env.trust_bundle or platform.trust_bundle_sync(
+        agent.config.state_dir, agent.config.options
+    )
+    if bundle is None:
+        pytest.skip("no trust anchors for this platform's evidence in tests (real hardware "
+                    "verifies under the vendor's roots with its collateral)")
+    root = x509.load_pem_x509_certificate(bundle.root_ca_pem)
+    documents = parse_collateral_documents([("the trust bundle's collateral",
+                                             bundle.collateral_json.encode())])
+    policy = None
+    if bundle.os_image_policy_json is not None:
+        # The bundle's images are those the platform boots with its own inputs; the kit's
+        # default sys-config names another, which that policy would (rightly) refuse.
+        policy = OsImagePolicy.from_json(bundle.os_image_policy_json)
+        stated = stated_os_image_hash(agent.config.sys_config.read_text())
+        if stated not in {image.os_image_hash for image in policy.images}:
+            policy = None
+    return _Anchors(
+        options=VerifyOptions(
+            now=int(time.time()),
+            root_ca_der=root.public_bytes(Encoding.DER),
+            allow_simulator=True,
+            os_image_policy=policy,
+        ),
+        collateral=documents.get(info.evidence_format),
+    )
+
+
+def _attest(agent: PlatformAgent, report_data: bytes) -> bytes:
+    status, body = _post(agent, "Attest", {"report_data": report_data.hex()})
+    assert status == 200, body
+    return bytes.fromhex(body["attestation"])
+
+
+class TestVerifier:
+    """The platform's evidence through the verifier plugin of its format, as a relying party
+    verifies it (``dstack-agent verify``, ``POST /verify``)."""
+
+    def test_verifier_plugin_is_installed(self, dstack_platform_info: PlatformInfo) -> None:
+        """Exactly one verifier plugin is installed for the platform's evidence format, and
+        it loads and says it verifies that format."""
+        from ..verify import default_host
+
+        verifier = default_host().get(dstack_platform_info.evidence_format)
+        assert verifier.info.evidence_format == dstack_platform_info.evidence_format
+
+    def test_attestation_verifies_pass(
+        self,
+        dstack_agent: PlatformAgent,
+        dstack_platform_env: PlatformEnv,
+        dstack_plugin_manager: pluggy.PluginManager,
+        dstack_platform_info: PlatformInfo,
+    ) -> None:
+        """The agent's Attest output verifies ``pass`` under the platform's trust anchors,
+        binding the report data; a simulated platform's only with the opt-in."""
+        from ..verify import ExpectedReportData, load_evidence, verify_evidence
+
+        anchors = _anchors(dstack_agent, dstack_platform_env, dstack_plugin_manager,
+                           dstack_platform_info)
+        padded = b"verifier-conformance".ljust(REPORT_DATA_LENGTH, b"\0")
+        evidence = load_evidence(_attest(dstack_agent, padded))
+        options = attrs.evolve(anchors.options,
+                               expected_report_data=ExpectedReportData.raw(padded))
+        result = verify_evidence(evidence, options, anchors.collateral)
+        assert result.verdict == "pass", result.reason
+        assert result.report_data == padded
+        assert result.verifier is not None
+        assert result.verifier.evidence_format == dstack_platform_info.evidence_format
+        if dstack_platform_info.simulated:
+            assert result.simulated
+        refused = verify_evidence(evidence, attrs.evolve(options, allow_simulator=False),
+                                  anchors.collateral)
+        assert refused.verdict == "fail", "a test PKI's evidence passed without the opt-in"
+        assert not refused.identity_bound and refused.os_image_hash == b""
+
+    def test_tampered_evidence_fails(
+        self,
+        dstack_agent: PlatformAgent,
+        dstack_platform_env: PlatformEnv,
+        dstack_plugin_manager: pluggy.PluginManager,
+        dstack_platform_info: PlatformInfo,
+    ) -> None:
+        """Any one bit flipped in the platform evidence's signed part makes the verdict
+        ``fail`` (or the evidence malformed): the plugin checks a signature over it. The
+        envelope's report data is changed to match a flipped one in the evidence, so that
+        only the plugin's signature check can catch it, not the core's binding."""
+        from ..verify import load_evidence, verify_evidence
+
+        anchors = _anchors(dstack_agent, dstack_platform_env, dstack_plugin_manager,
+                           dstack_platform_info)
+        raw = _attest(dstack_agent, b"tamper".ljust(REPORT_DATA_LENGTH, b"\0"))
+        envelope = Envelope.from_cbor(raw)
+        report_data_at = envelope.quote.find(envelope.report_data)
+        assert report_data_at >= 0, "the report data is not in the evidence as given"
+        for offset in (report_data_at, report_data_at + REPORT_DATA_LENGTH - 1, 0):
+            quote = bytearray(envelope.quote)
+            quote[offset] ^= 0x01
+            report_data = bytes(quote[report_data_at:report_data_at + REPORT_DATA_LENGTH])
+            tampered = attrs.evolve(envelope, quote=bytes(quote),
+                                    report_data=report_data).to_cbor()
+            try:
+                evidence = load_evidence(tampered)
+            except EvidenceError:
+                continue
+            result = verify_evidence(evidence, anchors.options, anchors.collateral)
+            assert result.verdict == "fail", f"bit flipped at {offset} still passes"
+
+    def test_mutants_are_sound(
+        self,
+        dstack_agent: PlatformAgent,
+        dstack_platform_env: PlatformEnv,
+        dstack_plugin_manager: pluggy.PluginManager,
+        dstack_platform_info: PlatformInfo,
+    ) -> None:
+        """The soundness property over structured mutations of two of the agent's envelopes
+        (an EmitEvent apart where it can): refused, ``fail``, or exactly a genuine piece's
+        claims, and never an identity claim but a genuine one (dstack's mutation suite)."""
+        from hypothesis import given
+        from hypothesis import strategies as st
+
+        from .mutations import (
+            Source,
+            as_form,
+            genuine_claims,
+            mutate_envelope,
+            mutation_settings,
+            run_mutation,
+        )
+
+        anchors = _anchors(dstack_agent, dstack_platform_env, dstack_plugin_manager,
+                           dstack_platform_info)
+        first = _attest(dstack_agent, b"mutant-0".ljust(REPORT_DATA_LENGTH, b"\0"))
+        if dstack_platform_info.runtime_registers:
+            assert _emit(dstack_agent, "conformance-mutation", b"\x01")[0] == 200
+        second = _attest(dstack_agent, b"mutant-1".ljust(REPORT_DATA_LENGTH, b"\0"))
+        source = Source(f"{dstack_platform_info.name} envelope", first, second, anchors.options,
+                        anchors.collateral, lambda raw: raw)
+        genuine = genuine_claims(source)
+
+        @mutation_settings(VERIFIER_EXAMPLES)
+        @given(data=st.data())
+        def property_holds(data: st.DataObject) -> None:
+            run_mutation(
+                source, data, lambda d, raw, partner: as_form(d, mutate_envelope(d, raw, partner)),
+                genuine,
+            )
+
+        property_holds()
