@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from dstack_core.testing import short_tempdir
-from dstack_core.testing.conformance import *
+from dstack_core.testing.conformance import *  # noqa: F403 (the suite is collected by name)
 from dstack_core.testing.fake_tee import FakeSnpMachine
 from dstack_core.testing.pytest_plugin import PlatformEnv
 

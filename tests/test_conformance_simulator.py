@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from dstack_core.testing.conformance import *
+from dstack_core.testing.conformance import *  # noqa: F403 (the suite is collected by name)
 
 
 @pytest.fixture(scope="session")

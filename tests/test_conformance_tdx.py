@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dstack_core.testing.conformance import *
+from dstack_core.testing.conformance import *  # noqa: F403 (the suite is collected by name)
 from dstack_core.testing.fake_tee import FakeTdxMachine
 from dstack_core.testing.pytest_plugin import PlatformEnv
 

@@ -17,8 +17,6 @@ import pytest
 from dstack_core.testing import short_tempdir
 from dstack_core.testing.logscan import log_file
 
-from .conftest import trust_bundle_for
-
 
 def free_port() -> int:
     with socket.socket() as sock:
