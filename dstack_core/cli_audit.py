@@ -13,12 +13,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from .audit import Verification, verify_audit_log
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .audit import Verification
+
+# The audit log's module loads only when the command runs, so ``dstack-agent serve`` (which
+# builds this parser) does not pay for it unless it keeps an audit log.
 
 __all__ = ["EXIT_BROKEN", "EXIT_INTACT", "EXIT_TORN", "register"]
 
@@ -70,6 +75,8 @@ def _report(args: argparse.Namespace, verdict: str, message: str, result: Verifi
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_audit_log
+
     try:
         result = verify_audit_log(args.file, anchor=args.anchor)
     except OSError as exc:

@@ -14,9 +14,10 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from .ccel import parse_ccel
 from .errors import ConfigurationError, EvidenceError
-from .eventlog import replay
+
+# The CCEL parser loads only when the command runs, so ``dstack-agent serve`` (which builds
+# this parser) does not pay for it.
 
 __all__ = ["CCEL_DATA", "register"]
 
@@ -67,6 +68,9 @@ def _read_ccel(path: Path) -> bytes:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from .ccel import parse_ccel
+    from .eventlog import replay
+
     path = args.ccel if args.ccel is not None else args.root / CCEL_DATA
     try:
         events = parse_ccel(_read_ccel(path))

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -54,6 +53,7 @@ _PATH_KEYS: Final = (
 )
 ATTESTATION_FORMATS: Final = ("dstack-core", "upstream")
 DEFAULT_KMS_TIMEOUT: Final = 10.0
+"""Seconds a whole KMS SignCert exchange (connect, TLS, request, answer) may take."""
 MAX_KMS_TIMEOUT: Final = 300.0
 DEFAULT_DATA_DISKS: Final = (Path("/"),)
 # A string "false" must not turn into a truthy reset_state, so file values are type-checked.
@@ -211,6 +211,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigurationError(f"cannot read config file {path}: {exc}") from None
+    import tomllib  # only with a config file, so a plain ``serve`` starts faster
+
     try:
         doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import certs, upstream
+from .config import DEFAULT_KMS_TIMEOUT
 from .errors import ConfigurationError, EvidenceError, KmsError, KmsUnavailable
 from .types import RootKey
 
@@ -64,8 +65,6 @@ log = logging.getLogger(__name__)
 CSR_CONFIRM: Final = "please sign cert:"
 SIGN_CERT_API_VERSION: Final = 2
 SIGN_CERT_METHOD: Final = "SignCert"
-DEFAULT_KMS_TIMEOUT: Final = 10.0
-"""Seconds a whole SignCert exchange (connect, TLS, request, answer) may take."""
 KMS_CONNECT_TIMEOUT: Final = 5.0
 """Seconds to establish the TCP connection (upstream's reqwest connect timeout)."""
 MAX_KMS_RESPONSE: Final = 1024 * 1024

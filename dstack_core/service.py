@@ -21,13 +21,14 @@ import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import __version__, certs, keys, upstream
+from . import __version__, certs, keys
 from .appinfo import DEVICE_ID_UNVERIFIED, app_info_of, os_image_hash_from_vm_config
+from .config import DEFAULT_KMS_TIMEOUT
 from .envelope import AppInfo, EnvelopeFields, encode_envelope, encode_envelope_hex
 from .errors import (
     ConfigurationError,
@@ -42,12 +43,19 @@ from .errors import (
 from .eventlog import RuntimeEvent, RuntimeEventLog
 from .journal import EventJournal, EventLimits
 from .jsonout import EncodedJson, escaped
-from .kms import DEFAULT_KMS_TIMEOUT, KmsClient, KmsSettings, config_for
 from .measured import MeasuredLog
 from .platform import Platform
 from .quote import TD_REPORT_OFFSETS, TdReport, report_body
 from .statefile import is_storage_fault
 from .types import REPORT_DATA_LENGTH, RTMR_LENGTH, PlatformConfig, PlatformEvidence, RootKey
+
+if TYPE_CHECKING:
+    from . import upstream
+    from .kms import KmsClient
+
+# Upstream's attestation format and the KMS client load only when the agent is configured
+# for them (``attestation_format = "upstream"``, a KMS key provider), so a plain ``serve``
+# starts faster (docs/performance.md).
 
 __all__ = [
     "AgentService",
@@ -211,6 +219,8 @@ class AgentService:
         self._demo_task: asyncio.Task[None] | None = None
         self._kms: KmsClient | None = None
         if root_key.key_provider.kind == "Kms":
+            from .kms import KmsClient, KmsSettings
+
             self._kms = KmsClient(
                 KmsSettings.from_root_key(root_key),
                 vm_config=vm_config,
@@ -405,9 +415,13 @@ class AgentService:
     async def upstream_attestation(self, report_data: bytes) -> bytes:
         """Upstream's ``VersionedAttestation`` (V0, or V1 with version-2 events) over 64 bytes
         of report data: what Attest answers upstream and what a KMS CSR carries."""
+        from . import upstream
+
         return upstream.encode_attestation(await self._upstream(report_data))
 
     async def _upstream(self, report_data: bytes) -> upstream.UpstreamAttestation:
+        from . import upstream
+
         evidence, count = await self._platform_evidence(report_data)
         return upstream.build_attestation(
             platform=self.platform.info.evidence_format,
@@ -616,6 +630,8 @@ class AgentService:
             not_after=request.not_after,
         )  # validates the request before any quote is made
         if self._kms is not None:
+            from .kms import config_for
+
             chain = await self._kms.sign(key, config_for(**attrs.asdict(request)))
             return TlsKeyResult(key=certs.private_key_pem(key), certificate_chain=chain)
         ca = self._require_ca()
@@ -623,6 +639,8 @@ class AgentService:
         if request.usage_ra_tls or request.with_app_info:
             report_data = certs.ratls_report_data(certs.spki_der(key.public_key()))
             if self.options.attestation_format == "upstream":
+                from . import upstream
+
                 attestation, app_info = upstream.certificate_extensions(
                     await self._upstream(report_data)
                 )

@@ -30,9 +30,10 @@ from ..jsonout import EncodedJson, encode_json
 from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
 from .errors import error_middleware, json_response
-from .guard import Guard
 
 if TYPE_CHECKING:
+    # The guard (caller policy, audit log) loads only when serve makes one.
+    from .guard import Guard
     from .metrics import AgentMetrics
 
 __all__ = [
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY: Final = 10 * 1024 * 1024
 SERVICE_KEY: Final = web.AppKey("service", AgentService)
-GUARD_KEY: Final = web.AppKey("guard", Guard)
+GUARD_KEY: Final[web.AppKey[Guard]] = web.AppKey("guard")
 TAPPD_PREFIX: Final = "Tappd."
 
 Handler = Callable[[AgentService, dict[str, Any]], Awaitable[dict[str, Any] | EncodedJson]]

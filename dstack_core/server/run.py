@@ -23,6 +23,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -30,7 +31,6 @@ from ..config import Settings
 from ..errors import ConfigurationError, PluginError
 from ..platform import Platform
 from ..plugins import load_platform, require_verifier
-from ..policy import Policy, load_policy
 from ..service import AgentService, ServiceFiles, ServiceOptions
 from . import systemd
 from .app import API_METHODS, create_app, create_tappd_app
@@ -41,9 +41,15 @@ from .connections import (
     raise_open_file_limit,
 )
 from .external import AppComposeFlags, create_external_app
-from .guard import Guard, tcp_notice
+from .heaptrim import HeapTrimmer
 from .metrics import AgentMetrics
 from .watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ..policy import Policy
+
+# Optional features (the caller policy, the audit log: the guard) load their modules only
+# when they are configured, so a plain ``serve`` starts faster (docs/performance.md).
 
 __all__ = ["serve", "prepare_socket_path"]
 
@@ -130,7 +136,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     :raises ConfigurationError / PluginError / StateError: start-up failed (nothing bound).
     """
     # A bad policy stops start-up before anything is touched.
-    policy = load_policy(settings.policy, methods=API_METHODS) if settings.policy else None
+    policy = None
+    if settings.policy:
+        from ..policy import load_policy
+
+        policy = load_policy(settings.policy, methods=API_METHODS)
     activated = systemd.activated_sockets()
     if activated.dstack is None:
         prepare_socket_path(settings.socket)
@@ -250,6 +260,9 @@ async def _serve_locked(
     tcp_guarded = settings.listen is not None and not service.platform.info.simulated
     guard = None
     if policy is not None or settings.audit_log is not None or tcp_guarded:
+        from ..policy import Policy
+        from .guard import Guard
+
         policy = policy or Policy()
         guard = Guard(policy=policy, tcp_guarded=tcp_guarded, audit_path=settings.audit_log,
                       platform=service.platform.name)
@@ -265,6 +278,7 @@ async def _serve_locked(
     raise_open_file_limit()
     listeners = _Listeners(ConnectionManager(settings.limits))
     watchdog: Watchdog | None = None
+    trimming: asyncio.Task[None] | None = None
     try:
         runner = await listeners.runner(
             create_app(service, max_body=settings.max_body_size, guard=guard, metrics=metrics)
@@ -273,6 +287,9 @@ async def _serve_locked(
             runner, activated.dstack, settings.socket, settings.socket_mode, "the dstack API"
         )
         if settings.listen is not None:
+            from ..policy import Policy
+            from .guard import tcp_notice
+
             await listeners.tcp(runner, settings.listen)
             address = "{}:{}".format(*settings.listen)
             listeners.described.append(f"the dstack API on {address}")
@@ -314,12 +331,19 @@ async def _serve_locked(
                 on_failure=lambda _reason: metrics.watchdog_failures.inc(),
             )
             watchdog.start()
+        trimmer = HeapTrimmer.for_this_libc()
+        if trimmer is not None:
+            trimming = asyncio.create_task(trimmer.run(), name="heap-trim")
         if ready is not None:
             ready.set()
         await stop.wait()
         systemd.notify("STOPPING=1")
         log.warning("dstack-agent shutting down")
     finally:
+        if trimming is not None:
+            trimming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await trimming
         if watchdog is not None:
             await asyncio.to_thread(watchdog.stop)
         await listeners.close()

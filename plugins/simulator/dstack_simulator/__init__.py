@@ -55,7 +55,6 @@ from dstack_core import (
 from dstack_core.eventlog import LogBatch, RuntimeEvent, RuntimeEventLog, TdxEvent, extend, replay
 from dstack_core.inputs import app_compose_document, document_text, sys_config_document
 from dstack_core.mockpki import SIMULATOR_USER_DATA, MockIntelPki, QuoteSigner, mock_td_report
-from dstack_core.osimage import OsImagePolicy
 from dstack_core.statefile import (
     atomic_write,
     fsync_dir,
@@ -402,6 +401,8 @@ class SimulatorPlatform:
             seed = read_or_create_secret(state_dir / PKI_SEED_FILE, 32)
         except OSError as exc:
             raise ConfigurationError(f"cannot use state dir {state_dir}: {exc}") from None
+        from dstack_core.osimage import OsImagePolicy  # what verifiers need, not serve
+
         pki = MockIntelPki.from_seed(seed)
         boot = synthetic_boot_log()
         policy = OsImagePolicy.single(
