@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
 from typing import Any
 
 import attrs
@@ -108,24 +109,38 @@ def load_platform(name: str | None) -> pluggy.PluginManager:
         raise PluginError(
             f"platform plugin {where} failed to import: {type(exc).__name__}: {exc}"
         ) from exc
+    return plugin_manager(loaded, specs=hookspecs, kind="platform", name=name, where=where)
+
+
+def plugin_manager(
+    obj: object, *, specs: ModuleType, kind: str, name: str, where: str
+) -> pluggy.PluginManager:
+    """A plugin manager holding ``specs`` and exactly one plugin: ``obj``, instantiated if it
+    is a class. Shared by the platform and the verifier loaders.
+
+    :param specs: the hook-spec module (``PROJECT_NAME``, ``REQUIRED_HOOKS`` and the specs).
+    :param kind: ``platform`` or ``verifier``, for the messages.
+    :param where: the entry point and distribution, for the messages.
+    :raises PluginError: the plugin fails to instantiate, violates the specs or lacks a
+        required hook.
+    """
     try:
-        plugin = loaded() if isinstance(loaded, type) else loaded
+        plugin = obj() if isinstance(obj, type) else obj
     except Exception as exc:
         raise PluginError(
-            f"platform plugin {where} failed to initialise: {type(exc).__name__}: {exc}"
+            f"{kind} plugin {where} failed to initialise: {type(exc).__name__}: {exc}"
         ) from exc
-
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-    pm.add_hookspecs(hookspecs)
+    pm = pluggy.PluginManager(specs.PROJECT_NAME)
+    pm.add_hookspecs(specs)
     try:
         pm.register(plugin, name=name)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"platform plugin {where} is invalid: {exc}") from exc
-    missing = [h for h in hookspecs.REQUIRED_HOOKS if not getattr(pm.hook, h).get_hookimpls()]
+        raise PluginError(f"{kind} plugin {where} is invalid: {exc}") from exc
+    missing = [h for h in specs.REQUIRED_HOOKS if not getattr(pm.hook, h).get_hookimpls()]
     if missing:
         raise PluginError(
-            f"platform plugin {where} does not implement required hooks: {', '.join(missing)}"
+            f"{kind} plugin {where} does not implement required hooks: {', '.join(missing)}"
         )
     if os.environ.get(TRACE_ENV) == "1":
         pm.add_hookcall_monitoring(_trace_call, _trace_result)

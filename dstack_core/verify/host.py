@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import pluggy
 
@@ -31,9 +31,13 @@ from ..errors import (
     PluginError,
     VerifierPluginError,
 )
-from ..plugins import VERIFIER_ENTRY_POINT_GROUP, InstalledVerifier, verifiers_summary
-from ..plugins import _trace_call as trace_call
-from ..plugins import _trace_result as trace_result
+from ..plugins import (
+    TRACE_ENV,
+    VERIFIER_ENTRY_POINT_GROUP,
+    InstalledVerifier,
+    plugin_manager,
+    verifiers_summary,
+)
 from .options import VerifyOptions
 from .result import VerifierIdentity
 from .types import PlatformReport, PlatformVerification, TrustInputs, VerifierInfo
@@ -42,7 +46,6 @@ __all__ = ["LoadedVerifier", "VerifierHost", "default_host"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-TRACE_ENV: Final = "DSTACK_TRACE_PLUGINS"
 
 
 class LoadedVerifier:
@@ -198,28 +201,10 @@ class LoadedVerifier:
 
 def _load(installed: InstalledVerifier, obj: object) -> LoadedVerifier:
     where = installed.describe()
-    try:
-        plugin = obj() if isinstance(obj, type) else obj
-    except Exception as exc:
-        raise PluginError(
-            f"verifier plugin {where} failed to initialise: {type(exc).__name__}: {exc}"
-        ) from exc
-    pm = pluggy.PluginManager(verifier_hookspecs.PROJECT_NAME)
-    pm.add_hookspecs(verifier_hookspecs)
-    try:
-        pm.register(plugin, name=installed.evidence_format)
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"verifier plugin {where} is invalid: {exc}") from exc
-    missing = [
-        h for h in verifier_hookspecs.REQUIRED_HOOKS if not getattr(pm.hook, h).get_hookimpls()
-    ]
-    if missing:
-        raise PluginError(
-            f"verifier plugin {where} does not implement required hooks: {', '.join(missing)}"
-        )
-    if os.environ.get(TRACE_ENV) == "1":
-        pm.add_hookcall_monitoring(trace_call, trace_result)
+    pm = plugin_manager(
+        obj, specs=verifier_hookspecs, kind="verifier", name=installed.evidence_format,
+        where=where,
+    )
     try:
         return LoadedVerifier(pm, installed)
     except (ValueError, TypeError, VerifierPluginError) as exc:
