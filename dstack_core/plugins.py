@@ -69,13 +69,18 @@ def _entry_points() -> list[EntryPoint]:
 
 def installed_platforms() -> list[InstalledPlatform]:
     """Every registered platform entry point, sorted by name; nothing is imported."""
+    return _sorted_platforms(_entry_points())
+
+
+def _sorted_platforms(eps: Sequence[EntryPoint]) -> list[InstalledPlatform]:
     return sorted(
-        (InstalledPlatform.from_entry_point(ep) for ep in _entry_points()),
+        (InstalledPlatform.from_entry_point(ep) for ep in eps),
         key=lambda p: (p.name, p.distribution),
     )
 
 
-def _installed_summary(platforms: list[InstalledPlatform]) -> str:
+def _installed_summary(eps: Sequence[EntryPoint]) -> str:
+    platforms = _sorted_platforms(eps)
     if not platforms:
         return "no platform plugins are installed (group dstack_core.platforms)"
     return "installed: " + ", ".join(p.describe() for p in platforms)
@@ -88,15 +93,19 @@ def load_platform(name: str | None) -> pluggy.PluginManager:
     :raises PluginError: no name given, no such platform, several distributions provide the
         name, the plugin fails to import or to instantiate, or it lacks a required hook.
     """
-    available = installed_platforms()
+    # One scan of the installed distributions serves the choice and every message: each
+    # scan reads every distribution's metadata, a few milliseconds of each start.
+    eps = _entry_points()
     if not name:
         raise PluginError(
             "no platform selected: pass --platform NAME, set DSTACK_PLATFORM or 'platform' "
-            f"in the config file; {_installed_summary(available)}"
+            f"in the config file; {_installed_summary(eps)}"
         )
-    matches = [ep for ep in _entry_points() if ep.name == name]
+    matches = [ep for ep in eps if ep.name == name]
     if not matches:
-        raise PluginError(f"unknown platform {name!r}; {_installed_summary(available)}")
+        raise PluginError(
+            f"unknown platform {name!r}; {_installed_summary(eps)}"
+        )
     if len(matches) > 1:
         # pluggy would silently keep one of them; a choice by install order is not a choice.
         providers = ", ".join(InstalledPlatform.from_entry_point(ep).describe() for ep in matches)
