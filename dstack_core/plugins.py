@@ -196,8 +196,12 @@ def _verifier_entry_points() -> list[EntryPoint]:
 
 def installed_verifiers() -> list[InstalledVerifier]:
     """Every registered verifier entry point, sorted by format; nothing is imported."""
+    return _sorted_verifiers(_verifier_entry_points())
+
+
+def _sorted_verifiers(eps: Sequence[EntryPoint]) -> list[InstalledVerifier]:
     return sorted(
-        (InstalledVerifier.from_entry_point(ep) for ep in _verifier_entry_points()),
+        (InstalledVerifier.from_entry_point(ep) for ep in eps),
         key=lambda v: (v.evidence_format, v.distribution),
     )
 
@@ -217,10 +221,13 @@ def require_verifier(evidence_format: str, *, platform: str = "") -> InstalledVe
     :raises PluginError: none is installed (the message names what is), or several
         distributions register the format.
     """
-    found = installed_verifiers()
-    matches = [v for v in found if v.evidence_format == evidence_format]
+    # Only the matches are described (each reads its distribution's metadata), and the
+    # rest only for the message when there is no match.
+    eps = _verifier_entry_points()
+    matches = _sorted_verifiers([ep for ep in eps if ep.name == evidence_format])
     whose = f"platform {platform!r} produces" if platform else "the agent produces"
     if not matches:
+        found = _sorted_verifiers(eps)
         raise PluginError(
             f"{whose} evidence format {evidence_format!r}, but no verifier plugin for it is "
             f"installed, so nobody could verify its attestations; {verifiers_summary(found)}. "
