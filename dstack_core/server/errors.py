@@ -46,6 +46,7 @@ __all__ = [
     "MAX_REQUEST_LINE",
     "error_middleware",
     "error_response",
+    "exception_response",
     "http_exception_response",
     "http_layer_error",
     "json_response",
@@ -137,13 +138,14 @@ def http_exception_response(exc: web.HTTPException) -> web.StreamResponse:
     return exc if exc.status < 400 else _from_http_exception(exc)
 
 
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DstackError as exc:
+def exception_response(request: web.BaseRequest, exc: Exception) -> web.StreamResponse:
+    """The JSON answer for ``exc``, raised while handling ``request`` (see the module's
+    docstring for which answer each kind gets).
+
+    :raises web.HTTPException: ``exc`` itself when it is an aiohttp redirect or other
+        non-error status, which is not ours to rewrite.
+    """
+    if isinstance(exc, DstackError):
         if exc.http_status >= 500 and not exc.logged:
             log.warning("%s %s failed: %s", request.method, request.path, exc)
         response = error_response(exc)
@@ -151,24 +153,35 @@ async def error_middleware(
             # The body never arrived: the connection cannot carry another request.
             response.force_close()
         return response
-    except web.HTTPRequestEntityTooLarge as exc:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(
             PayloadTooLarge(f"failed to read data: payload too large ({exc.text})")
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return _from_http_exception(exc)
-    except web.RequestPayloadError:
+    if isinstance(exc, web.RequestPayloadError):
         # The parser gave up on the body (bad chunk, short Content-Length): the client's
         # framing is broken, so this is its last answer on this connection.
         response = error_response(MalformedHttp(_BAD_FRAMING))
         response.force_close()
         return response
-    except ConnectionResetError:
+    if isinstance(exc, ConnectionResetError):
         # The client hung up mid-request (e.g. while we read its body): not our bug.
         log.debug("%s %s: client disconnected", request.method, request.path)
         return json_response({"error": "client disconnected", "code": "client_disconnected"}, 400)
-    except Exception:
-        log.exception("unexpected error handling %s %s", request.method, request.path)
-        return json_response({"error": "internal error", "code": "internal_error"}, 500)
+    log.error("unexpected error handling %s %s", request.method, request.path, exc_info=exc)
+    return json_response({"error": "internal error", "code": "internal_error"}, 500)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """:func:`exception_response` for every handler of an app (the verifier service's, the
+    external port's; the agent's API endpoints call it themselves)."""
+    try:
+        return await handler(request)
+    except Exception as exc:
+        return exception_response(request, exc)
