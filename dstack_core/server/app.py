@@ -355,7 +355,8 @@ def _add_routes(app: web.Application, *, tappd_only: bool, record: Recorder | No
 
     async def fallback(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        label, error = _UNKNOWN, NotFound("Not Found")
+        label = _UNKNOWN
+        error: NotFound | MethodNotAllowed = NotFound("Not Found")
         for resource in app.router.resources():
             if resource is not unmatched and (await resource.resolve(request))[1]:
                 # Served under other verbs: counted under the method the path names.
