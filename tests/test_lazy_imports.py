@@ -102,3 +102,25 @@ def test_features_import_their_modules(featured_agent, module):
     """The control: with the caller policy, the audit log, upstream's format and the
     external port switched on, their modules do load, so the trace above would show them."""
     assert module in imported_modules(featured_agent)
+
+
+def test_serve_imports_pause_the_gc_and_resume_it():
+    """``serve`` imports its server with the cyclic GC paused: inside the block it is off,
+    afterwards on again (also after an error), and what the block made is frozen."""
+    import gc
+
+    from dstack_core.cli import gc_paused_and_frozen
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with gc_paused_and_frozen():
+            assert not gc.isenabled()
+            made = [[] for _ in range(100)]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(made)
+        with pytest.raises(RuntimeError), gc_paused_and_frozen():
+            raise RuntimeError("import failed")
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
