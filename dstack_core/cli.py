@@ -228,7 +228,7 @@ def gc_paused_and_frozen() -> Iterator[None]:
 
     The server's imports make most of what the agent keeps until it exits (modules,
     classes, the methods attrs generates) and almost no garbage, yet the cyclic GC would
-    walk that growing heap again and again while it is made: about 6% of start-up CPU.
+    walk that growing heap again and again while it is made: about 6% of their CPU.
     Frozen (as a pre-forking server does), it is not walked by later collections either.
     The GC is on again afterwards, whatever happened in the block.
     """

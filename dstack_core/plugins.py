@@ -103,9 +103,7 @@ def load_platform(name: str | None) -> pluggy.PluginManager:
         )
     matches = [ep for ep in eps if ep.name == name]
     if not matches:
-        raise PluginError(
-            f"unknown platform {name!r}; {_installed_summary(eps)}"
-        )
+        raise PluginError(f"unknown platform {name!r}; {_installed_summary(eps)}")
     if len(matches) > 1:
         # pluggy would silently keep one of them; a choice by install order is not a choice.
         providers = ", ".join(InstalledPlatform.from_entry_point(ep).describe() for ep in matches)
