@@ -32,6 +32,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import importlib
 import json
 import os
 import struct
@@ -77,6 +78,7 @@ __all__ = [
     "runtime_event",
     "runtime_event_digest",
     "runtime_event_preimage",
+    "sha384",
 ]
 
 RUNTIME_EVENT_TYPE: Final = 0x08000001
@@ -114,6 +116,28 @@ MAX_EVENTS: Final = 100_000
 
 MAX_EVENT_LOG_JSON_SIZE: Final = 64 * 1024 * 1024
 """Longest JSON text, in bytes or characters, :func:`events_from_json` accepts."""
+
+
+def _small_sha384() -> Any:
+    """CPython's own SHA-384 constructor (``_sha2`` from 3.12, ``_sha512`` before), else
+    :func:`hashlib.sha384`.
+
+    The same function, cheaper on the short inputs of a replay (48 + 48 bytes, event
+    preimages): hashlib's OpenSSL constructor looks the algorithm up on every call (about
+    0.35 us more per digest under OpenSSL 3; a verification makes some 45). Stdlib C code,
+    tested against hashlib in tests/test_eventlog.py.
+    """
+    for name in ("_sha2", "_sha512"):
+        with contextlib.suppress(ImportError):
+            constructor = getattr(importlib.import_module(name), "sha384", None)
+            if constructor is not None:
+                return constructor
+    return hashlib.sha384
+
+
+sha384: Final = _small_sha384()
+"""``sha384(data)``: a SHA-384 hash object, as :func:`hashlib.sha384` (see
+:func:`_small_sha384`)."""
 
 
 class InvalidEvent(InvalidRequest, ValueError):
@@ -181,7 +205,7 @@ def runtime_event_digest(name: str, payload: bytes, version: int = 1) -> bytes:
 
     :raises InvalidEvent: as :func:`runtime_event_preimage`.
     """
-    return hashlib.sha384(runtime_event_preimage(name, payload, version)).digest()
+    return sha384(runtime_event_preimage(name, payload, version)).digest()
 
 
 def _check_imr(imr: object) -> int:
@@ -413,7 +437,7 @@ def extend(register: bytes, digest: bytes) -> bytes:
             f"extend needs a {REGISTER_SIZE}-byte register and a {SHA384_DIGEST_SIZE}-byte "
             f"digest, got {len(register)} and {len(digest)}"
         )
-    return hashlib.sha384(bytes(register) + bytes(digest)).digest()
+    return sha384(bytes(register) + bytes(digest)).digest()
 
 
 def replay(events: Iterable[TdxEvent], imr: int) -> bytes:

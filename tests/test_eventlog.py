@@ -908,3 +908,23 @@ class TestCrashSafety:
             log.commit(ev(f"p{i}", payload))
         lines = log.path.read_bytes().splitlines()
         assert [base64.b64decode(json.loads(line)["payload"]) for line in lines] == payloads
+
+
+class TestSmallSha384:
+    """eventlog.sha384 (CPython's own SHA-384, cheaper per call) is hashlib's SHA-384."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=400))
+    def test_equals_hashlib(self, data):
+        from dstack_core.eventlog import sha384
+
+        assert sha384(data).digest() == hashlib.sha384(data).digest()
+
+    def test_known_answer(self):
+        """FIPS 180-4's "abc" vector, so that both cannot be wrong together."""
+        from dstack_core.eventlog import sha384
+
+        assert sha384(b"abc").hexdigest() == (
+            "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed"
+            "8086072ba1e7cc2358baeca134c825a7"
+        )

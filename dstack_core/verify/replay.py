@@ -9,7 +9,6 @@ replays to its signed value.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 import attrs
@@ -23,6 +22,7 @@ from ..eventlog import (
     TdxEvent,
     extend,
     runtime_event_preimage,
+    sha384,
 )
 from .checks import Outcome, short
 from .evidence import Evidence
@@ -32,7 +32,6 @@ from .types import Registers
 
 __all__ = ["Binding", "Replay", "bind", "event_log_check", "replay", "runtime_events_check"]
 
-_sha384 = hashlib.sha384
 
 
 @attrs.frozen(kw_only=True)
@@ -93,7 +92,7 @@ def replay(evidence: Evidence) -> Replay:
     registers = [ZERO_REGISTER] * RTMR_COUNT
     for event in boot:
         if event.event_type != EV_NO_ACTION:
-            registers[event.imr] = _sha384(registers[event.imr] + event.digest).digest()
+            registers[event.imr] = sha384(registers[event.imr] + event.digest).digest()
     rtmr3 = ZERO_REGISTER
     for event, digest in zip(runtime, replayed, strict=True):
         # A runtime event binds its name, payload and version: replay the digest recomputed
@@ -208,7 +207,7 @@ def runtime_events_check(evidence: Evidence, replayed: Replay) -> Outcome:
         if preimage != canonical:
             problems.append(f"event {index} ({event.event!r}): preimage is not the canonical one")
         elif event.digest and not hmac.compare_digest(
-            hashlib.sha384(preimage).digest(), event.digest
+            sha384(preimage).digest(), event.digest
         ):
             problems.append(f"event {index} ({event.event!r}): preimage does not hash to digest")
     if evidence.runtime_events is not None:
@@ -270,7 +269,7 @@ def bind(
             if not hmac.compare_digest(replayed.rtmrs[event.imr], quoted[event.imr]):
                 continue
             measured = hmac.compare_digest(
-                hashlib.sha384(event.event_payload).digest(), event.digest
+                sha384(event.event_payload).digest(), event.digest
             )
             boot.append(
                 BootEvent(
