@@ -36,15 +36,18 @@ import importlib
 import json
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import attrs
 
 from . import strictjson
 from .errors import EvidenceError, InvalidRequest, StateError
 from .statefile import fsync_dir
+
+if TYPE_CHECKING:
+    from _hashlib import HASH as _Hash
 
 __all__ = [
     "ACPI_DATA_EVENT_NAMES",
@@ -118,7 +121,7 @@ MAX_EVENT_LOG_JSON_SIZE: Final = 64 * 1024 * 1024
 """Longest JSON text, in bytes or characters, :func:`events_from_json` accepts."""
 
 
-def _small_sha384() -> Any:
+def _small_sha384() -> Callable[[bytes], _Hash]:
     """CPython's own SHA-384 constructor (``_sha2`` from 3.12, ``_sha512`` before), else
     :func:`hashlib.sha384`.
 
@@ -131,7 +134,7 @@ def _small_sha384() -> Any:
         with contextlib.suppress(ImportError):
             constructor = getattr(importlib.import_module(name), "sha384", None)
             if constructor is not None:
-                return constructor
+                return cast("Callable[[bytes], _Hash]", constructor)
     return hashlib.sha384
 
 
