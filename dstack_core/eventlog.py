@@ -159,6 +159,10 @@ _TDX_EVENT_KEYS: Final = ("imr", "event_type", "digest", "event", "event_payload
 _DIGEST_VERSIONS: Final = (1, 2)
 
 
+_NEW: Final = object.__new__
+_SET: Final = object.__setattr__
+
+
 def _utf8(name: str) -> bytes:
     try:
         return name.encode("utf-8")
@@ -334,7 +338,14 @@ class TdxEvent:
         """
         if not self.is_runtime:
             raise InvalidEvent("not a runtime event")
-        return RuntimeEvent(event=self.event, payload=self.event_payload, version=self.version)
+        # A TdxEvent's name, payload and version already hold RuntimeEvent's invariants
+        # (the same validators ran, and both are frozen): built without running them again
+        # (a verification makes one per bound runtime event).
+        event = _NEW(RuntimeEvent)
+        _SET(event, "event", self.event)
+        _SET(event, "payload", self.event_payload)
+        _SET(event, "version", self.version)
+        return event
 
     def to_json(self, *, include_preimage: bool = False) -> dict[str, Any]:
         """Return the upstream JSON object, keys in upstream order, hex in lowercase.

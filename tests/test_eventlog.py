@@ -288,6 +288,23 @@ class TestTdxEventJson:
         with pytest.raises(InvalidEvent):
             boot_event().to_runtime_event()
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=12), st.binary(max_size=40), st.sampled_from([1, 2]))
+    def test_to_runtime_event_is_the_validated_one(self, name, payload, version) -> None:
+        """to_runtime_event skips the validators (the TdxEvent's fields already passed
+        them): the event is equal to, hashes, digests and logs as the validated one."""
+        try:
+            validated = RuntimeEvent(event=name, payload=payload, version=version)
+        except InvalidEvent:  # lone surrogates: no TdxEvent can carry them either
+            with pytest.raises(InvalidEvent):
+                runtime_event(name, payload, version)
+            return
+        converted = runtime_event(name, payload, version).to_runtime_event()
+        assert converted == validated and hash(converted) == hash(validated)
+        assert converted.digest == validated.digest
+        assert converted.to_log_line() == validated.to_log_line()
+        assert type(converted) is RuntimeEvent
+
 
 class TestStripping:
     def test_runtime_event_keeps_payload_loses_digest(self) -> None:
