@@ -268,10 +268,9 @@ def bind(
     runtime = replayed.runtime if rtmr3_bound else None
     boot = []
     if boot_replayable(registers, replayed):
+        matched = [hmac.compare_digest(replayed.rtmrs[i], quoted[i]) for i in range(RUNTIME_IMR)]
         for event in replayed.boot:
-            if event.event_type == EV_NO_ACTION:
-                continue
-            if not hmac.compare_digest(replayed.rtmrs[event.imr], quoted[event.imr]):
+            if event.event_type == EV_NO_ACTION or not matched[event.imr]:
                 continue
             measured = hmac.compare_digest(
                 sha384(event.event_payload).digest(), event.digest
