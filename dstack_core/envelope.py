@@ -25,6 +25,7 @@ import attrs
 import cbor2
 
 from .errors import EvidenceError
+from .slots import slot_setters
 from .eventlog import RUNTIME_EVENT_TYPE, RUNTIME_IMR, SHA384_DIGEST_SIZE, TdxEvent
 from .types import REPORT_DATA_LENGTH, is_evidence_format
 
@@ -459,7 +460,9 @@ def _event_to_map(event: TdxEvent) -> dict[str, Any]:
 
 
 _NEW_EVENT: Final = object.__new__
-_SET: Final = object.__setattr__
+_EVENT_SLOTS: Final = slot_setters(
+    TdxEvent, "imr", "event_type", "digest", "event", "event_payload", "version"
+)
 _FULL_EVENT: Final = frozenset(_EVENT_KEYS)
 _SHORT_EVENT: Final = _EVENT_KEYS - {"version"}
 
@@ -489,12 +492,13 @@ def _fast_event(doc: Any) -> TdxEvent | None:
         except UnicodeEncodeError:
             return None
     event = _NEW_EVENT(TdxEvent)
-    _SET(event, "imr", imr)
-    _SET(event, "event_type", event_type)
-    _SET(event, "digest", digest)
-    _SET(event, "event", name)
-    _SET(event, "event_payload", payload)
-    _SET(event, "version", version)
+    set_imr, set_type, set_digest, set_name, set_payload, set_version = _EVENT_SLOTS
+    set_imr(event, imr)
+    set_type(event, event_type)
+    set_digest(event, digest)
+    set_name(event, name)
+    set_payload(event, payload)
+    set_version(event, version)
     return event
 
 
