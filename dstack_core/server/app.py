@@ -26,7 +26,7 @@ import attrs
 from aiohttp import hdrs, web
 
 from .. import jsonout
-from ..errors import MethodNotAllowed, NotFound
+from ..errors import DstackError, MethodNotAllowed, NotFound
 from ..jsonout import EncodedJson, encode_json
 from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
@@ -355,7 +355,8 @@ def _add_routes(app: web.Application, *, tappd_only: bool, record: Recorder | No
 
     async def fallback(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
-        label, error = _UNKNOWN, NotFound("Not Found")
+        label = _UNKNOWN
+        error: DstackError = NotFound("Not Found")
         for resource in app.router.resources():
             if resource is not unmatched and (await resource.resolve(request))[1]:
                 # Served under other verbs: counted under the method the path names.
