@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import der
 from .errors import (
     ConfigurationError,
     DstackError,
@@ -95,8 +95,6 @@ MAX_CERT_TIMESTAMP: Final = 253402300799
 EVENT_LOG_GZIP_MAGIC: Final = b"ELGZv1"
 MAX_LEGACY_EVENT_LOG_SIZE: Final = 16 * 1024
 
-_DER_OCTET_STRING_TAG: Final = 0x04
-_DER_LONG_LENGTH_FLAG: Final = 0x80
 _GZIP_WBITS: Final = 16 + zlib.MAX_WBITS
 
 
@@ -128,10 +126,15 @@ REPORT_DATA_HASHES: Final[Mapping[str, Callable[[bytes], bytes]]] = MappingProxy
     }
 )
 
-# CA curves rcgen can sign with, and the digest it pairs with each.
+# CA curves rcgen can sign with, the digest it pairs with each, and the DER
+# AlgorithmIdentifier of that signature (ecdsa-with-SHA256/384, RFC 5758: no parameters).
 _CA_SIGNATURE_HASHES: Final[dict[str, type[hashes.SHA256] | type[hashes.SHA384]]] = {
     ec.SECP256R1.name: hashes.SHA256,
     ec.SECP384R1.name: hashes.SHA384,
+}
+_ECDSA_SIGNATURE_ALGORITHMS: Final = {
+    hashes.SHA256.name: der.sequence(der.oid("1.2.840.10045.4.3.2")),
+    hashes.SHA384.name: der.sequence(der.oid("1.2.840.10045.4.3.3")),
 }
 
 
@@ -206,10 +209,6 @@ def cert_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
-_CN_MAX: Final = 64
-"""The longest commonName (ub-common-name) cryptography accepts without a warning."""
-
-
 def serial_number_for(public_key: ec.EllipticCurvePublicKey) -> int:
     """rcgen's key-derived serial: SHA-256 of the uncompressed point, 20 bytes, top bit cleared."""
     point = public_key.public_bytes(
@@ -231,35 +230,24 @@ def _utc(now: datetime) -> datetime:
     return now.astimezone(timezone.utc).replace(microsecond=0)
 
 
-def _der_octet_string(payload: bytes) -> bytes:
-    length = len(payload)
-    if length < _DER_LONG_LENGTH_FLAG:
-        header = bytes([_DER_OCTET_STRING_TAG, length])
-    else:
-        length_bytes = length.to_bytes((length.bit_length() + 7) // 8, "big")
-        header = bytes([_DER_OCTET_STRING_TAG, _DER_LONG_LENGTH_FLAG | len(length_bytes)])
-        header += length_bytes
-    return header + payload
-
-
-def _parse_der_octet_string(der: bytes, what: str) -> bytes:
+def _parse_der_octet_string(data: bytes, what: str) -> bytes:
     """The contents of a single DER OCTET STRING that spans all of ``der``."""
-    if len(der) < 2 or der[0] != _DER_OCTET_STRING_TAG:
+    if len(data) < 2 or data[0] != der.TAG_OCTET_STRING:
         raise EvidenceError(f"{what} is not a DER OCTET STRING")
-    first = der[1]
-    if first < _DER_LONG_LENGTH_FLAG:
+    first = data[1]
+    if first < der.LONG_LENGTH_FLAG:
         length, start = first, 2
     else:
-        count = first & ~_DER_LONG_LENGTH_FLAG & 0xFF
-        length_bytes = der[2 : 2 + count]
+        count = first & ~der.LONG_LENGTH_FLAG & 0xFF
+        length_bytes = data[2 : 2 + count]
         if count == 0 or len(length_bytes) != count or length_bytes[0] == 0:
             raise EvidenceError(f"{what} has an invalid DER length")
         length, start = int.from_bytes(length_bytes, "big"), 2 + count
-        if length < _DER_LONG_LENGTH_FLAG:
+        if length < der.LONG_LENGTH_FLAG:
             raise EvidenceError(f"{what} has a non-minimal DER length")
-    if len(der) - start != length:
+    if len(data) - start != length:
         raise EvidenceError(f"{what} length does not match its contents")
-    return der[start:]
+    return data[start:]
 
 
 def _ca_hash(key: ec.EllipticCurvePrivateKey) -> hashes.SHA256 | hashes.SHA384:
@@ -284,11 +272,17 @@ class CertificateAuthority:
     cert: x509.Certificate
     # eq is carried by cert: the constructor guarantees the key matches it.
     key: ec.EllipticCurvePrivateKey = attrs.field(repr=False, eq=False)
+    #: The DER of the CA's subject, every leaf's issuer (derived, encoded once).
+    subject_der: bytes = attrs.field(init=False, repr=False, eq=False)
+    #: The DER AlgorithmIdentifier of the CA's signatures (derived from its curve).
+    signature_algorithm: bytes = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.key, ec.EllipticCurvePrivateKey):
             raise ConfigurationError("CA key is not an elliptic-curve key")
-        _ca_hash(self.key)
+        algorithm = _ECDSA_SIGNATURE_ALGORITHMS[_ca_hash(self.key).name]
+        object.__setattr__(self, "signature_algorithm", algorithm)
+        object.__setattr__(self, "subject_der", self.cert.subject.public_bytes())
         if spki_der(self.key.public_key()) != spki_der(self.cert.public_key()):
             raise ConfigurationError("CA key does not match the CA certificate")
         try:
@@ -390,18 +384,45 @@ _IP_CHARACTERS: Final = "0123456789abcdefABCDEF.:"
 """Every character of an IPv4 or IPv6 address (without a zone id)."""
 
 
-def _general_name(entry: str) -> x509.GeneralName:
-    """An iPAddress SAN if ``entry`` parses as Rust's ``IpAddr`` would, else a dNSName."""
+_ID_AT_ORGANIZATION: Final = der.oid(NameOID.ORGANIZATION_NAME.dotted_string)
+_ID_AT_COMMON_NAME: Final = der.oid(NameOID.COMMON_NAME.dotted_string)
+_ID_CE_SUBJECT_ALT_NAME: Final = der.oid(x509.OID_SUBJECT_ALTERNATIVE_NAME.dotted_string)
+_ID_CE_KEY_USAGE: Final = der.oid(x509.OID_KEY_USAGE.dotted_string)
+_ID_CE_EXT_KEY_USAGE: Final = der.oid(x509.OID_EXTENDED_KEY_USAGE.dotted_string)
+_ID_KP_SERVER_AUTH: Final = der.oid(ExtendedKeyUsageOID.SERVER_AUTH.dotted_string)
+_ID_KP_CLIENT_AUTH: Final = der.oid(ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string)
+#: TBSCertificate.version: [0] EXPLICIT INTEGER 2 (v3).
+_VERSION_3: Final = der.explicit(0, der.integer(2))
+_DEFAULT_NOT_BEFORE_DER: Final = der.time(DEFAULT_NOT_BEFORE)
+#: GeneralName choices (RFC 5280 4.2.1.6), IMPLICIT.
+_GENERAL_NAME_DNS: Final = 2
+_GENERAL_NAME_IP: Final = 7
+# Leaf extensions after KeyUsage/ExtendedKeyUsage, in upstream's order.
+_RATLS_EXTENSIONS: Final = tuple(
+    (name, der.oid(oid.dotted_string))
+    for name, oid in (
+        ("app_id", OID_APP_ID),
+        ("app_info", OID_APP_INFO),
+        ("usage", OID_CERT_USAGE),
+        ("attestation", OID_ATTESTATION),
+    )
+)
+
+
+def _alt_name_der(entry: str) -> bytes:
+    """A GeneralName: iPAddress if ``entry`` parses as Rust's ``IpAddr`` would, else dNSName."""
     # Rust's IpAddr rejects IPv6 zone ids, which Python's ipaddress accepts. A name with a
     # character no address has is a DNS name: parsing it (and raising) would cost more.
     if "%" not in entry and not entry.strip(_IP_CHARACTERS):
         try:
-            return x509.IPAddress(ipaddress.ip_address(entry))
+            address = ipaddress.ip_address(entry)
         except ValueError:
             pass
+        else:
+            return der.implicit(_GENERAL_NAME_IP, address.packed)
     if not entry.isascii():
         raise InvalidRequest(f"alt name is neither an IP address nor an ASCII DNS name: {entry!r}")
-    return x509.DNSName(entry)
+    return der.implicit(_GENERAL_NAME_DNS, entry.encode("ascii"))
 
 
 def _check_utf8(what: str) -> Callable[[object, attrs.Attribute[Any], str | None], None]:
@@ -426,7 +447,7 @@ def _check_alt_names(
     for entry in value:
         if not isinstance(entry, str):
             raise TypeError("alt_names must be strings")
-        _general_name(entry)
+        _alt_name_der(entry)
 
 
 def _check_timestamp(
@@ -491,22 +512,37 @@ class TlsCertificateRequest:
             raise InvalidRequest("not_before must be earlier than not_after")
 
 
-def _common_name(subject: str) -> x509.NameAttribute[str]:
-    # Upstream writes any CN, including the empty default; cryptography only warns about
-    # lengths outside 1..64 when asked not to validate (and catching warnings costs more
-    # than the attribute).
-    if 1 <= len(subject.encode("utf-8")) <= _CN_MAX:
-        return x509.NameAttribute(NameOID.COMMON_NAME, subject, _validate=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return x509.NameAttribute(NameOID.COMMON_NAME, subject, _validate=False)
-
-
-def _subject(request: TlsCertificateRequest) -> x509.Name:
-    attributes: list[x509.NameAttribute[str]] = []
+def _subject_der(request: TlsCertificateRequest) -> bytes:
+    # Name ::= SEQUENCE OF SET OF AttributeTypeAndValue, one attribute per set, UTF8String
+    # as cryptography and rcgen write them. Upstream writes any CN, the empty default too.
+    names = [der.tlv(der.TAG_SET, der.sequence(_ID_AT_COMMON_NAME,
+                                                der.utf8_string(request.subject)))]
     if request.org_name is not None:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, request.org_name))
-    return x509.Name([*attributes, _common_name(request.subject)])
+        names.insert(0, der.tlv(der.TAG_SET, der.sequence(
+            _ID_AT_ORGANIZATION, der.utf8_string(request.org_name)
+        )))
+    return der.sequence(*names)
+
+
+def _extension(oid: bytes, value: bytes, *, critical: bool = False) -> bytes:
+    return der.sequence(oid, der.TRUE, der.octet_string(value)) if critical else der.sequence(
+        oid, der.octet_string(value)
+    )
+
+
+#: KeyUsage, critical, with only digitalSignature (bit 0: one byte, seven unused bits).
+_KEY_USAGE_EXTENSION: Final = _extension(
+    _ID_CE_KEY_USAGE, der.bit_string(b"\x80", unused_bits=7), critical=True
+)
+#: ExtendedKeyUsage by (serverAuth, clientAuth): serverAuth first, none at all for neither.
+_EXT_KEY_USAGE_EXTENSIONS: Final = {
+    (server, client): _extension(_ID_CE_EXT_KEY_USAGE, der.sequence(*(
+        oid for oid, wanted in ((_ID_KP_SERVER_AUTH, server), (_ID_KP_CLIENT_AUTH, client))
+        if wanted
+    ))) if server or client else b""
+    for server in (False, True)
+    for client in (False, True)
+}
 
 
 def issue_certificate(
@@ -523,75 +559,66 @@ def issue_certificate(
     validity from the request or 1975-01-01 .. ``now`` + 3650 days; extensions in order:
     SubjectAltName (if any), KeyUsage (critical, digitalSignature), ExtendedKeyUsage (if any:
     serverAuth then clientAuth), then non-critical app-id, app-info, cert-usage, attestation,
-    each present only when set. No SKI, AKI or BasicConstraints.
+    each present only when set. No SKI, AKI or BasicConstraints. Signed with ECDSA and
+    SHA-256 (P-256 CA) or SHA-384 (P-384 CA).
+
+    The TBSCertificate is encoded here rather than by cryptography's builder: byte for byte
+    what the builder writes for the same values (``tests/test_certs.py`` holds the two
+    together), at a fraction of the cost, on every GetTlsKey.
 
     :param now: an aware datetime; only used for the default notAfter.
     :raises InvalidRequest: the effective notAfter would precede the effective notBefore
         (only one bound was given and the default for the other crosses it).
     """
-    now = _utc(now)
+    return x509.load_der_x509_certificate(_leaf_der(ca, public_key, request, now=now))
+
+
+def _leaf_der(
+    ca: CertificateAuthority,
+    public_key: ec.EllipticCurvePublicKey,
+    request: TlsCertificateRequest,
+    *,
+    now: datetime,
+) -> bytes:
     not_before = (
         DEFAULT_NOT_BEFORE
         if request.not_before is None
         else datetime.fromtimestamp(request.not_before, timezone.utc)
     )
     not_after = (
-        now + DEFAULT_VALIDITY
+        _utc(now) + DEFAULT_VALIDITY
         if request.not_after is None
         else datetime.fromtimestamp(request.not_after, timezone.utc)
     )
     if not_after < not_before:
         raise InvalidRequest("not_before must be earlier than not_after")
-
-    builder = (
-        x509.CertificateBuilder()
-        .serial_number(serial_number_for(public_key))
-        .issuer_name(ca.cert.subject)
-        .subject_name(_subject(request))
-        .public_key(public_key)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-    )
+    extensions = []
     if request.alt_names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([_general_name(name) for name in request.alt_names]),
-            critical=False,
-        )
-    builder = builder.add_extension(
-        x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=False,
-            crl_sign=False,
-            encipher_only=False,
-            decipher_only=False,
-        ),
-        critical=True,
-    )
-    usages = [
-        oid
-        for oid, wanted in (
-            (ExtendedKeyUsageOID.SERVER_AUTH, request.usage_server_auth),
-            (ExtendedKeyUsageOID.CLIENT_AUTH, request.usage_client_auth),
-        )
-        if wanted
-    ]
-    if usages:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    for oid, payload in (
-        (OID_APP_ID, request.app_id),
-        (OID_APP_INFO, request.app_info),
-        (OID_CERT_USAGE, None if request.usage is None else request.usage.encode("utf-8")),
-        (OID_ATTESTATION, request.attestation),
-    ):
+        names = der.sequence(*(_alt_name_der(name) for name in request.alt_names))
+        extensions.append(_extension(_ID_CE_SUBJECT_ALT_NAME, names))
+    extensions.append(_KEY_USAGE_EXTENSION)
+    extensions.append(_EXT_KEY_USAGE_EXTENSIONS[request.usage_server_auth, request.usage_client_auth])
+    for name, oid in _RATLS_EXTENSIONS:
+        payload = getattr(request, name)
         if payload is not None:
-            builder = builder.add_extension(
-                x509.UnrecognizedExtension(oid, _der_octet_string(payload)), critical=False
-            )
-    return builder.sign(ca.key, _ca_hash(ca.key))
+            if isinstance(payload, str):
+                payload = payload.encode("utf-8")
+            extensions.append(_extension(oid, der.octet_string(payload)))
+    tbs = der.sequence(
+        _VERSION_3,
+        der.integer(serial_number_for(public_key)),
+        ca.signature_algorithm,
+        ca.subject_der,
+        der.sequence(
+            _DEFAULT_NOT_BEFORE_DER if request.not_before is None else der.time(not_before),
+            der.time(not_after),
+        ),
+        _subject_der(request),
+        spki_der(public_key),
+        der.explicit(3, der.sequence(*extensions)),
+    )
+    signature = ca.key.sign(tbs, ec.ECDSA(_ca_hash(ca.key)))
+    return der.sequence(tbs, ca.signature_algorithm, der.bit_string(signature))
 
 
 def _decompress_event_log(data: bytes) -> bytes:

@@ -234,7 +234,9 @@ class SignKey:
     """
 
     derived: DerivedKey = attrs.field(repr=False)
-    _ed25519: nacl.signing.SigningKey | None = attrs.field(repr=False, alias="ed25519")
+    # libsodium's 64-byte secret key (seed || public key), signed with directly: PyNaCl's
+    # SigningKey wrapper costs a tenth of a signature per call.
+    _ed25519: bytes | None = attrs.field(repr=False, alias="ed25519")
     _secp256k1: coincurve.PrivateKey | None = attrs.field(repr=False, alias="secp256k1")
 
     @classmethod
@@ -243,7 +245,11 @@ class SignKey:
             app_key, kms_signature, path=SIGN_KEY_PATH, purpose=SIGN_KEY_PURPOSE,
             algorithm=algorithm,
         )
-        ed = nacl.signing.SigningKey(derived.secret) if algorithm == "ed25519" else None
+        ed = (
+            nacl.bindings.crypto_sign_seed_keypair(derived.secret)[1]
+            if algorithm == "ed25519"
+            else None
+        )
         k256 = coincurve.PrivateKey(derived.secret) if algorithm == "secp256k1" else None
         return cls(derived=derived, ed25519=ed, secp256k1=k256)
 
@@ -254,7 +260,8 @@ class SignKey:
             this key is not for.
         """
         if self._ed25519 is not None and algorithm == "ed25519":
-            signature = self._ed25519.sign(data).signature
+            # crypto_sign returns the signature followed by the message.
+            signature = nacl.bindings.crypto_sign(data, self._ed25519)[:ED25519_SIGNATURE_LENGTH]
         elif self._secp256k1 is not None and algorithm != "ed25519":
             if algorithm == "secp256k1_prehashed":
                 if len(data) != PREHASH_LENGTH:

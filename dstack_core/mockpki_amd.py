@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
+from . import der
 from .snp import CHIP_ID_OFFSET, CHIP_ID_SIZE, REPORT_SIZE, REPORTED_TCB_OFFSET, SIGNED_SIZE
 from .snp import encode_signature as _encode_signature
 from .types import TrustBundle
@@ -141,15 +142,6 @@ def _name(common_name: str) -> x509.Name:
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])
-
-
-def _der_integer(value: int) -> bytes:
-    content = value.to_bytes(value.bit_length() // 8 + 1, "big")
-    return bytes((0x02, len(content))) + content
-
-
-def _der_ia5(text: str) -> bytes:
-    return bytes((0x16, len(text))) + text.encode("ascii")
 
 
 def _ca_usage() -> x509.KeyUsage:
@@ -312,12 +304,12 @@ def _vcek(pki: MockAmdPki, chip_id: bytes, tcb: int) -> bytes:
         raise ValueError(f"chip_id must be {CHIP_ID_SIZE} bytes")
     product = pki.product
     extensions = [
-        (f"{_OID_ARC}.1", _der_integer(product.struct_version)),
-        (f"{_OID_ARC}.2", _der_ia5(product.product_name)),
+        (f"{_OID_ARC}.1", der.integer(product.struct_version)),
+        (f"{_OID_ARC}.2", der.ia5_string(product.product_name)),
     ]
     parts = _tcb_parts(product, tcb)
     extensions += [
-        (f"{_OID_ARC}.3.{spl}", _der_integer(parts[name])) for name, _, spl in product.tcb
+        (f"{_OID_ARC}.3.{spl}", der.integer(parts[name])) for name, _, spl in product.tcb
     ]
     extensions.append((f"{_OID_ARC}.4", chip_id[: product.hwid_size]))
     label = pki._label("vcek:") + chip_id + tcb.to_bytes(8, "little")

@@ -440,6 +440,9 @@ class TestExternalPort:
         for _ in range(3):
             assert agent.call("GetKey", {"path": "m"})[0] == 200
         assert agent.call("NoSuchMethod")[0] == 404
+        assert uds_request(agent.socket, "GET", "/no/such/path")[0] == 404
+        assert uds_request(agent.socket, "PUT", "/GetKey", b"{}")[0] == 405
+        assert uds_request(agent.socket, "DELETE", "/prpc/NoSuchMethod")[0] == 405
         status, quote = agent.call("GetQuote", {"report_data": "00"})
         after = metrics(base)
 
@@ -450,12 +453,17 @@ class TestExternalPort:
                 old = 0.0
             return sample(after, family, name, **labels) - old
 
+        # The PUT is counted under GetKey too: the path names it.
         assert delta("dstack_requests", "dstack_requests_total",
-                     listener="dstack", method="GetKey") == 3
+                     listener="dstack", method="GetKey") == 4
         assert delta("dstack_request_errors", "dstack_request_errors_total",
-                     listener="dstack", method="unknown", status="404") == 1
+                     listener="dstack", method="unknown", status="404") == 2
+        assert delta("dstack_request_errors", "dstack_request_errors_total",
+                     listener="dstack", method="GetKey", status="405") == 1
+        assert delta("dstack_request_errors", "dstack_request_errors_total",
+                     listener="dstack", method="unknown", status="405") == 1
         assert delta("dstack_request_duration_seconds", "dstack_request_duration_seconds_count",
-                     listener="dstack", method="GetKey") == 3
+                     listener="dstack", method="GetKey") == 4
         assert delta("dstack_quote_duration_seconds", "dstack_quote_duration_seconds_count",
                      hook="get_quote") >= 1
         runtime = [e for e in json.loads(quote["event_log"]) if e["imr"] == 3]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,16 +26,16 @@ import attrs
 from aiohttp import hdrs, web
 
 from .. import jsonout
-from ..errors import NotFound
+from ..errors import DstackError, MethodNotAllowed, NotFound
 from ..jsonout import EncodedJson, encode_json
 from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
-from .errors import error_middleware, json_response
+from .errors import ALLOWED_METHODS, error_response, exception_response, json_response
 
 if TYPE_CHECKING:
     # The guard (caller policy, audit log) loads only when serve makes one.
     from .guard import Guard
-    from .metrics import AgentMetrics
+    from .metrics import AgentMetrics, Recorder
 
 __all__ = [
     "API_METHODS",
@@ -301,62 +302,79 @@ def _exact_paths(tappd_only: bool) -> dict[str, tuple[str, Method]]:
 EXACT_PATHS: Final = {tappd_only: _exact_paths(tappd_only) for tappd_only in (False, True)}
 
 
-def _resolve(request: web.Request, tappd_only: bool) -> tuple[str, Method | None]:
-    """The method a request names, after upstream's prefix trimming."""
-    name = request.match_info.get("method")
-    if name is None:  # an exact route
-        return EXACT_PATHS[tappd_only].get(request.path, ("", None))
-    return _resolve_path(request.path, name, tappd_only)
+_UNKNOWN: Final = "unknown"
+"""The metrics label of a request that names no method (metrics.UNKNOWN_METHOD)."""
 
 
-async def _dispatch(request: web.Request, *, tappd_only: bool) -> web.Response:
-    name, method = _resolve(request, tappd_only)
-    if method is None:
-        raise NotFound(f"Service not found: {name}")
-    return await _call(request, name, method)
+async def _answer(
+    request: web.Request, *, name: str, method: Method | None, record: Recorder | None
+) -> web.StreamResponse:
+    """Call ``method`` (None: the path names none, 404) for ``request``; any error as its
+    JSON answer (:func:`~dstack_core.server.errors.exception_response`); counted and timed
+    by ``record``.
+
+    The endpoints do this themselves instead of an aiohttp middleware: a request through
+    middlewares costs several percent more on the cheapest methods (docs/performance.md).
+    """
+    started = time.monotonic()
+    status = 500
+    try:
+        try:
+            if method is None:
+                raise NotFound(f"Service not found: {name}")
+            response: web.StreamResponse = await _call(request, name, method)
+        except Exception as exc:
+            response = exception_response(request, exc)
+        status = response.status
+        return response
+    finally:
+        if record is not None:
+            label = name if method is not None else _UNKNOWN
+            record(label, status, time.monotonic() - started)
 
 
-async def _any_method(request: web.Request) -> web.Response:
-    return await _dispatch(request, tappd_only=False)
-
-
-async def _tappd(request: web.Request) -> web.Response:
-    return await _dispatch(request, tappd_only=True)
-
-
-def _add_routes(app: web.Application, *, tappd_only: bool) -> None:
-    # Exact paths first, then the patterns (unknown names get 404, repeated Tappd. prefixes
-    # are stripped). add_get also answers HEAD, as upstream's Rocket routes do.
+def _add_routes(app: web.Application, *, tappd_only: bool, record: Recorder | None) -> None:
+    # Exact paths first (aiohttp resolves them with one dict lookup), then the patterns
+    # (unknown names get 404, repeated Tappd. prefixes are stripped), then a catch-all for
+    # what neither matches: 404, or 405 for a path served under other verbs. add_get also
+    # answers HEAD, as upstream's Rocket routes do.
     for path, (name, method) in EXACT_PATHS[tappd_only].items():
-        endpoint = functools.partial(_call, name=name, method=method)
+        endpoint = functools.partial(_answer, name=name, method=method, record=record)
         app.router.add_get(path, endpoint)
         app.router.add_post(path, endpoint)
+
+    async def by_pattern(request: web.Request) -> web.StreamResponse:
+        name, method = _resolve_path(request.path, request.match_info["method"], tappd_only)
+        return await _answer(request, name=name, method=method, record=record)
+
     patterns = ("/prpc/{method}",) if tappd_only else ("/prpc/{method}", "/{method}")
     for pattern in patterns:
-        app.router.add_get(pattern, _tappd if tappd_only else _any_method)
-        app.router.add_post(pattern, _tappd if tappd_only else _any_method)
+        app.router.add_get(pattern, by_pattern)
+        app.router.add_post(pattern, by_pattern)
+    unmatched = app.router.add_resource("/{path:.*}")
+
+    async def fallback(request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        label = _UNKNOWN
+        error: DstackError = NotFound("Not Found")
+        for resource in app.router.resources():
+            if resource is not unmatched and (await resource.resolve(request))[1]:
+                # Served under other verbs: counted under the method the path names.
+                name, method = _resolve_path(request.path, request.path.rpartition("/")[2],
+                                             tappd_only)
+                label = name if method is not None else _UNKNOWN
+                error = MethodNotAllowed(f"method not allowed; use one of {ALLOWED_METHODS}")
+                break
+        response = error_response(error)
+        if record is not None:
+            record(label, response.status, time.monotonic() - started)
+        return response
+
+    unmatched.add_route(hdrs.METH_ANY, fallback)
 
 
-def _method_label(tappd_only: bool) -> Callable[[web.Request], str]:
-    def label(request: web.Request) -> str:
-        name, method = _resolve(request, tappd_only)
-        return name if method is not None else "unknown"
-
-    return label
-
-
-def _application(
-    service: AgentService,
-    *,
-    listener: str,
-    tappd_only: bool,
-    max_body: int,
-    guard: Guard | None,
-    metrics: AgentMetrics | None,
-) -> web.Application:
-    outer = [] if metrics is None else [metrics.middleware(listener, _method_label(tappd_only))]
+def _application(service: AgentService, *, max_body: int, guard: Guard | None) -> web.Application:
     app = web.Application(
-        middlewares=[*outer, error_middleware],
         client_max_size=max_body,
         # Bodies are decoded by _read_body, which knows the limit and our error codes.
         handler_args={"auto_decompress": False},
@@ -381,11 +399,10 @@ def create_app(
         when the app starts (before any socket is bound) and closes it at cleanup.
     :param metrics: counts and times every request (listener ``dstack``).
     """
-    app = _application(service, listener="dstack", tappd_only=False, max_body=max_body,
-                       guard=guard, metrics=metrics)
+    app = _application(service, max_body=max_body, guard=guard)
     if guard is not None:
         app.cleanup_ctx.append(guard.lifetime)
-    _add_routes(app, tappd_only=False)
+    _add_routes(app, tappd_only=False, record=None if metrics is None else metrics.recorder("dstack"))
     return app
 
 
@@ -402,7 +419,6 @@ def create_tappd_app(
     :param guard: the same guard as :func:`create_app`'s (whose app owns its audit log's
         lifetime): Tappd's calls are decided and recorded like every other.
     """
-    app = _application(service, listener="tappd", tappd_only=True, max_body=max_body,
-                       guard=guard, metrics=metrics)
-    _add_routes(app, tappd_only=True)
+    app = _application(service, max_body=max_body, guard=guard)
+    _add_routes(app, tappd_only=True, record=None if metrics is None else metrics.recorder("tappd"))
     return app

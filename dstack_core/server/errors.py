@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 from aiohttp.http_exceptions import (
     BadStatusLine,
     HttpProcessingError,
@@ -37,7 +39,7 @@ from ..errors import (
     PayloadTooLarge,
     UriTooLong,
 )
-from .codec import to_json_bytes
+from ..jsonout import encode_json_parts
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -46,6 +48,7 @@ __all__ = [
     "MAX_REQUEST_LINE",
     "error_middleware",
     "error_response",
+    "exception_response",
     "http_exception_response",
     "http_layer_error",
     "json_response",
@@ -77,8 +80,48 @@ _BAD_FRAMING: Final = "malformed body framing (Content-Length or chunked encodin
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
-    """Compact ASCII JSON with Content-Type and Content-Length."""
-    return web.Response(body=to_json_bytes(obj), status=status, content_type="application/json")
+    """Compact ASCII JSON with Content-Type and Content-Length.
+
+    A large body made of kept pieces (a long event log) is written piece by piece
+    (:class:`_JsonPieces`); anything else as one buffer.
+    """
+    encoded = encode_json_parts(obj)
+    parts = encoded.parts
+    if len(parts) > 1:
+        size = encoded.size
+        if size >= STREAMED_BODY_MIN:
+            body: bytes | _JsonPieces = _JsonPieces(parts, size)
+        else:
+            body = encoded.data
+    else:
+        body = encoded.data
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+STREAMED_BODY_MIN: Final = 256 * 1024
+"""Bodies of kept pieces from this size on are written piece by piece: joining them would
+copy the whole body once more (and, fresh from the allocator, fault its pages in) before
+the transport copies what the socket does not take at once. Smaller ones are joined: one
+write is cheaper than several."""
+
+
+class _JsonPieces(Payload):
+    """A JSON body in pieces that are never changed (:class:`~dstack_core.jsonout.EncodedJson`),
+    sent one after another with the total as Content-Length."""
+
+    _autoclose = True  # memory only
+
+    def __init__(self, parts: tuple[bytes | memoryview, ...], size: int) -> None:
+        super().__init__(parts, content_type="application/json")
+        self._parts = parts
+        self._size = size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._parts).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for part in self._parts:
+            await writer.write(part)
 
 
 def error_response(exc: DstackError) -> web.Response:
@@ -137,13 +180,14 @@ def http_exception_response(exc: web.HTTPException) -> web.StreamResponse:
     return exc if exc.status < 400 else _from_http_exception(exc)
 
 
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DstackError as exc:
+def exception_response(request: web.BaseRequest, exc: Exception) -> web.StreamResponse:
+    """The JSON answer for ``exc``, raised while handling ``request`` (see the module's
+    docstring for which answer each kind gets).
+
+    :raises web.HTTPException: ``exc`` itself when it is an aiohttp redirect or other
+        non-error status, which is not ours to rewrite.
+    """
+    if isinstance(exc, DstackError):
         if exc.http_status >= 500 and not exc.logged:
             log.warning("%s %s failed: %s", request.method, request.path, exc)
         response = error_response(exc)
@@ -151,24 +195,35 @@ async def error_middleware(
             # The body never arrived: the connection cannot carry another request.
             response.force_close()
         return response
-    except web.HTTPRequestEntityTooLarge as exc:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(
             PayloadTooLarge(f"failed to read data: payload too large ({exc.text})")
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return _from_http_exception(exc)
-    except web.RequestPayloadError:
+    if isinstance(exc, web.RequestPayloadError):
         # The parser gave up on the body (bad chunk, short Content-Length): the client's
         # framing is broken, so this is its last answer on this connection.
         response = error_response(MalformedHttp(_BAD_FRAMING))
         response.force_close()
         return response
-    except ConnectionResetError:
+    if isinstance(exc, ConnectionResetError):
         # The client hung up mid-request (e.g. while we read its body): not our bug.
         log.debug("%s %s: client disconnected", request.method, request.path)
         return json_response({"error": "client disconnected", "code": "client_disconnected"}, 400)
-    except Exception:
-        log.exception("unexpected error handling %s %s", request.method, request.path)
-        return json_response({"error": "internal error", "code": "internal_error"}, 500)
+    log.error("unexpected error handling %s %s", request.method, request.path, exc_info=exc)
+    return json_response({"error": "internal error", "code": "internal_error"}, 500)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """:func:`exception_response` for every handler of an app (the verifier service's, the
+    external port's; the agent's API endpoints call it themselves)."""
+    try:
+        return await handler(request)
+    except Exception as exc:
+        return exception_response(request, exc)

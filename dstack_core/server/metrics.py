@@ -37,7 +37,7 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..service import AgentService
 
-__all__ = ["AgentMetrics", "SystemCollector", "CONTENT_TYPE", "MethodLabel"]
+__all__ = ["AgentMetrics", "SystemCollector", "CONTENT_TYPE", "MethodLabel", "Recorder"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN_METHOD: Final = "unknown"
@@ -51,6 +51,8 @@ _LE: Final = tuple("+Inf" if b == float("inf") else repr(float(b)) for b in LATE
 
 MethodLabel = Callable[[web.Request], str]
 """Maps a request to its metrics label: an RPC method name or :data:`UNKNOWN_METHOD`."""
+Recorder = Callable[[str, int, float], None]
+"""``record(method, status, seconds)``: one answered request (:meth:`AgentMetrics.recorder`)."""
 
 
 class AgentMetrics:
@@ -127,10 +129,27 @@ class AgentMetrics:
         self.kms_requests.labels(outcome).inc()
         self.kms_latency.observe(seconds)
 
-    def middleware(self, listener: str, label: MethodLabel) -> Middleware:
-        """Count and time every request of ``listener`` (install it outermost)."""
-
+    def recorder(self, listener: str) -> Recorder:
+        """A function that counts and times one answered request of ``listener``:
+        ``record(method, status, seconds)``. Cheap: it is on every request's path."""
         counts = self.requests.listener(listener)
+
+        def record(method: str, status: int, seconds: float) -> None:
+            timed = counts.get(method)
+            if timed is None:
+                timed = counts[method] = _Timed()
+            timed.count += 1
+            timed.sum += seconds
+            timed.buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            if status >= 400:
+                self.errors.labels(listener, method, str(status)).inc()
+
+        return record
+
+    def middleware(self, listener: str, label: MethodLabel) -> Middleware:
+        """Count and time every request of an app serving ``listener`` (install it
+        outermost); the agent's API endpoints use :meth:`recorder` themselves."""
+        record = self.recorder(listener)
 
         @web.middleware
         async def measure(
@@ -144,16 +163,7 @@ class AgentMetrics:
                 status = response.status
                 return response
             finally:
-                method = label(request)
-                seconds = time.monotonic() - started
-                timed = counts.get(method)
-                if timed is None:
-                    timed = counts[method] = _Timed()
-                timed.count += 1
-                timed.sum += seconds
-                timed.buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
-                if status >= 400:
-                    self.errors.labels(listener, method, str(status)).inc()
+                record(label(request), status, time.monotonic() - started)
 
         return measure
 

@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .. import certs, keys, upstream
+from .. import certs, der, keys, upstream
 from ..collateral import Collateral
 from ..errors import DstackError
 from ..kms import CertSigningRequest
@@ -83,7 +83,7 @@ def _name(common_name: str, org: str | None = "Dstack") -> x509.Name:
 
 
 def _ra_tls_extension(oid: x509.ObjectIdentifier, payload: bytes) -> x509.UnrecognizedExtension:
-    return x509.UnrecognizedExtension(oid, certs._der_octet_string(payload))
+    return x509.UnrecognizedExtension(oid, der.octet_string(payload))
 
 
 def _ca_certificate(
