@@ -25,8 +25,8 @@ import attrs
 import cbor2
 
 from .errors import EvidenceError
-from .slots import slot_setters
 from .eventlog import RUNTIME_EVENT_TYPE, RUNTIME_IMR, SHA384_DIGEST_SIZE, TdxEvent
+from .slots import slot_setters
 from .types import REPORT_DATA_LENGTH, is_evidence_format
 
 __all__ = [
