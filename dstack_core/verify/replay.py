@@ -33,7 +33,6 @@ from .types import Registers
 __all__ = ["Binding", "Replay", "bind", "event_log_check", "replay", "runtime_events_check"]
 
 
-
 @attrs.frozen(kw_only=True)
 class Replay:
     """The registers an event log replays to under dstack's rules, and what breaks them.
