@@ -1,4 +1,4 @@
-"""The aiohttp application: routes, method tables and the error middleware.
+"""The aiohttp application: routes, method tables, and endpoints that answer errors as JSON.
 
 Handlers are thin: decode the arguments with the method's schema, call the
 :class:`~dstack_core.service.AgentService`, serialise the result. Paths:

@@ -1,13 +1,15 @@
-"""JSON responses and the error middleware shared by the agent and the verifier service.
+"""JSON responses and error answers shared by the agent, its external port and the
+verifier service: :func:`exception_response` (which the agent's endpoints call) and
+:func:`error_middleware` around it (the other apps).
 
 Every error leaves as ``{"error": message, "code": code}`` with the error's HTTP status:
 our own :class:`~dstack_core.errors.DstackError` as it says, aiohttp's routing errors as
-404/405 (keeping ``Allow``), an over-large body as 400 ``payload_too_large``, a body that
+404/405 (keeping ``Allow``; the agent's own routes answer these themselves), an over-large body as 400 ``payload_too_large``, a body that
 breaks HTTP framing as 400 ``malformed_http``, a client that hung up as 400, and anything
 unexpected as a bare 500 whose details stay in the log.
 
 :func:`http_layer_error` gives the same shape to what the HTTP layer answers before any
-middleware runs (unparseable requests, an unknown ``Expect``), for the connection handler
+handler runs (unparseable requests, an unknown ``Expect``), for the connection handler
 in :mod:`dstack_core.server.connections`.
 """
 
