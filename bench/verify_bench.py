@@ -11,8 +11,9 @@ the agent, then times in one process:
 
 then where the time beyond dcap-qvl goes: decoding (``load_evidence``: CBOR, the canonical
 re-encoding, events, the quote), the ``tdx`` plugin's own work around dcap-qvl, and the
-core's checks (replay, binding, identity, verdict). Figures are rates measured in one run,
-so their ratios hold on a loaded machine; the load average is printed with them.
+core's checks (replay, binding, identity, verdict). Figures are rates per CPU-second
+measured in one run, the first three in alternating 50 ms slots, so that their ratios hold
+on a loaded machine; the load average is printed with them.
 
 Run: ``.venv/bin/python bench/verify_bench.py [--seconds 2]``.
 """
@@ -40,16 +41,31 @@ def rate(fn: Callable[[], object], seconds: float) -> float:
     """Calls per CPU-second of this process of ``fn`` over about ``seconds`` (after a short
     warm-up). CPU time, not wall time: on a machine shared with other work, the time other
     processes take is not counted against either side of a ratio."""
-    for _ in range(20):
-        fn()
-    count = 0
-    started = time.process_time()
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        for _ in range(50):
+    return rates({"fn": fn}, seconds)["fn"]
+
+
+def rates(fns: dict[str, Callable[[], object]], seconds: float,
+          slot: float = 0.05) -> dict[str, float]:
+    """Calls per CPU-second of each of ``fns``, measured in alternating slots of about
+    ``slot`` seconds for about ``seconds`` each, so that every one sees the same machine
+    (a shared machine's load changes from second to second; measured one after the
+    other, their ratio would carry that change)."""
+    for fn in fns.values():
+        for _ in range(20):
             fn()
-        count += 50
-    return count / (time.process_time() - started)
+    counts = dict.fromkeys(fns, 0)
+    cpu = dict.fromkeys(fns, 0.0)
+    deadline = time.perf_counter() + seconds * len(fns)
+    while time.perf_counter() < deadline:
+        for name, fn in fns.items():
+            started, wall = time.process_time(), time.perf_counter()
+            done = 0
+            while time.perf_counter() - wall < slot:
+                fn()
+                done += 1
+            cpu[name] += time.process_time() - started
+            counts[name] += done
+    return {name: counts[name] / cpu[name] for name in fns}
 
 
 def simulator_evidence() -> tuple[bytes, bytes, str]:
@@ -106,11 +122,17 @@ def main() -> None:
 
     plugin = default_host().get("tdx")
     load_before = os.getloadavg()[0]
-    baseline = rate(
-        lambda: dcap_qvl.verify_with_root_ca(quote, qvl_collateral, root_der, now), args.seconds
+    headline = rates(
+        {
+            "baseline": lambda: dcap_qvl.verify_with_root_ca(
+                quote, qvl_collateral, root_der, now
+            ),
+            "full": lambda: verify(envelope, options, collateral),
+            "decoded": lambda: verify_evidence(evidence, options, collateral),
+        },
+        args.seconds,
     )
-    full = rate(lambda: verify(envelope, options, collateral), args.seconds)
-    decoded = rate(lambda: verify_evidence(evidence, options, collateral), args.seconds)
+    baseline, full, decoded = headline["baseline"], headline["full"], headline["decoded"]
     decoding = rate(lambda: load_evidence(envelope), args.seconds)
     # The parts beyond dcap-qvl, each timed with dcap-qvl's answer replayed (its own cost is
     # the baseline's), so that the breakdown is not the difference of two noisy rates.

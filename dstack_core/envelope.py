@@ -26,6 +26,7 @@ import cbor2
 
 from .errors import EvidenceError
 from .eventlog import RUNTIME_EVENT_TYPE, RUNTIME_IMR, SHA384_DIGEST_SIZE, TdxEvent
+from .slots import slot_setters
 from .types import REPORT_DATA_LENGTH, is_evidence_format
 
 __all__ = [
@@ -147,56 +148,65 @@ class Envelope:
             raise EvidenceError(f"envelope is larger than {MAX_ENVELOPE_SIZE} bytes")
         if not data.startswith(ENVELOPE_MAGIC):
             raise EvidenceError("not a dstack-core envelope (expected CBOR tag 55799)")
-        # The magic is the self-describe tag's whole head: decode what it tags (whose maps
-        # and arrays cbor2 then hands back as plain, mutable ones).
-        stream = io.BytesIO(data)
-        stream.seek(len(ENVELOPE_MAGIC))
-        try:
-            tagged = cbor2.CBORDecoder(stream).decode()
-        except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
-            raise EvidenceError(f"envelope is not valid CBOR: {exc}") from None
-        if stream.tell() != len(data):
-            raise EvidenceError(f"{len(data) - stream.tell()} trailing bytes after the envelope")
-        # cbor2 strips a nested self-describe tag itself; accept either shape.
-        doc = tagged.value if isinstance(tagged, cbor2.CBORTag) else tagged
-        _require_canonical(doc, data)
-        if not isinstance(doc, Mapping) or doc.get("format") != ENVELOPE_FORMAT:
-            raise EvidenceError(f"envelope format is not {ENVELOPE_FORMAT!r}")
-        version = doc.get("version")
-        if type(version) is not int:
-            raise EvidenceError(f"envelope version must be an unsigned integer, not {version!r}")
-        if version != ENVELOPE_VERSION:
-            raise EvidenceError(f"unsupported envelope version {version!r}")
-        doc = _expect_map(
-            doc, "envelope", _TOP_KEYS, required=_TOP_KEYS - {"extra", "app_info"}
-        )
-        events = _expect(doc["event_log"], (list, tuple), "event_log")
-        if len(events) > MAX_EVENTS:
-            raise EvidenceError(f"event log has more than {MAX_EVENTS} events")
-        evidence_format = _expect(doc["evidence_format"], str, "evidence_format")
-        if not is_evidence_format(evidence_format):
-            raise EvidenceError(
-                f"evidence_format {evidence_format[:80]!r} is not a format name (lower-case "
-                "letters, digits, '.' and '-')"
-            )
-        try:
-            return cls(
-                platform=_expect(doc["platform"], str, "platform"),
-                evidence_format=evidence_format,
-                quote=_expect(doc["quote"], bytes, "quote"),
-                event_log=tuple(_event_from_map(e, i) for i, e in enumerate(events)),
-                report_data=_expect(doc["report_data"], bytes, "report_data"),
-                vm_config=_expect(doc["vm_config"], str, "vm_config"),
-                app_info=AppInfo.from_cbor_map(doc.get("app_info", {})),
-                extra=_thaw(_expect(doc.get("extra", {}), Mapping, "extra")),
-            )
-        except ValueError as exc:
-            raise EvidenceError(f"invalid envelope: {exc}") from None
+        fast = _decode_canonical(cls, data)
+        if fast is not None:
+            return fast
+        return _decode_full(cls, data)
 
     @property
     def simulated(self) -> bool:
         """True when the producing platform says so by its tag (never trust it to say no)."""
         return self.platform == "simulator"
+
+
+def _decode_full(cls: type[Envelope], data: bytes) -> Envelope:
+    """:meth:`Envelope.from_cbor` of any input that starts with the magic: the full path,
+    which decides every input and says why it refuses one."""
+    # The magic is the self-describe tag's whole head: decode what it tags (whose maps
+    # and arrays cbor2 then hands back as plain, mutable ones).
+    stream = io.BytesIO(data)
+    stream.seek(len(ENVELOPE_MAGIC))
+    try:
+        tagged = cbor2.CBORDecoder(stream).decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise EvidenceError(f"envelope is not valid CBOR: {exc}") from None
+    if stream.tell() != len(data):
+        raise EvidenceError(f"{len(data) - stream.tell()} trailing bytes after the envelope")
+    # cbor2 strips a nested self-describe tag itself; accept either shape.
+    doc = tagged.value if isinstance(tagged, cbor2.CBORTag) else tagged
+    _require_canonical(doc, data)
+    if not isinstance(doc, Mapping) or doc.get("format") != ENVELOPE_FORMAT:
+        raise EvidenceError(f"envelope format is not {ENVELOPE_FORMAT!r}")
+    version = doc.get("version")
+    if type(version) is not int:
+        raise EvidenceError(f"envelope version must be an unsigned integer, not {version!r}")
+    if version != ENVELOPE_VERSION:
+        raise EvidenceError(f"unsupported envelope version {version!r}")
+    doc = _expect_map(
+        doc, "envelope", _TOP_KEYS, required=_TOP_KEYS - {"extra", "app_info"}
+    )
+    events = _expect(doc["event_log"], (list, tuple), "event_log")
+    if len(events) > MAX_EVENTS:
+        raise EvidenceError(f"event log has more than {MAX_EVENTS} events")
+    evidence_format = _expect(doc["evidence_format"], str, "evidence_format")
+    if not is_evidence_format(evidence_format):
+        raise EvidenceError(
+            f"evidence_format {evidence_format[:80]!r} is not a format name (lower-case "
+            "letters, digits, '.' and '-')"
+        )
+    try:
+        return cls(
+            platform=_expect(doc["platform"], str, "platform"),
+            evidence_format=evidence_format,
+            quote=_expect(doc["quote"], bytes, "quote"),
+            event_log=tuple(_event_from_map(e, i) for i, e in enumerate(events)),
+            report_data=_expect(doc["report_data"], bytes, "report_data"),
+            vm_config=_expect(doc["vm_config"], str, "vm_config"),
+            app_info=AppInfo.from_cbor_map(doc.get("app_info", {})),
+            extra=_thaw(_expect(doc.get("extra", {}), Mapping, "extra")),
+        )
+    except ValueError as exc:
+        raise EvidenceError(f"invalid envelope: {exc}") from None
 
 
 @attrs.frozen(kw_only=True)
@@ -450,7 +460,9 @@ def _event_to_map(event: TdxEvent) -> dict[str, Any]:
 
 
 _NEW_EVENT: Final = object.__new__
-_SET: Final = object.__setattr__
+_EVENT_SLOTS: Final = slot_setters(
+    TdxEvent, "imr", "event_type", "digest", "event", "event_payload", "version"
+)
 _FULL_EVENT: Final = frozenset(_EVENT_KEYS)
 _SHORT_EVENT: Final = _EVENT_KEYS - {"version"}
 
@@ -480,13 +492,87 @@ def _fast_event(doc: Any) -> TdxEvent | None:
         except UnicodeEncodeError:
             return None
     event = _NEW_EVENT(TdxEvent)
-    _SET(event, "imr", imr)
-    _SET(event, "event_type", event_type)
-    _SET(event, "digest", digest)
-    _SET(event, "event", name)
-    _SET(event, "event_payload", payload)
-    _SET(event, "version", version)
+    set_imr, set_type, set_digest, set_name, set_payload, set_version = _EVENT_SLOTS
+    set_imr(event, imr)
+    set_type(event, event_type)
+    set_digest(event, digest)
+    set_name(event, name)
+    set_payload(event, payload)
+    set_version(event, version)
     return event
+
+
+_EVENT_ORDERS: Final = tuple(
+    tuple(sorted(keys, key=lambda key: (len(key), key.encode())))
+    for keys in (_SHORT_EVENT, _FULL_EVENT)
+)
+"""An event map's keys in canonical order, without and with ``version`` (ASCII keys:
+the encoded length is the text's)."""
+
+
+def _decode_canonical(cls: type[Envelope], data: bytes) -> Envelope | None:
+    """The envelope of ``data`` when it is, beyond doubt, the canonical encoding of an
+    envelope of the usual shape (no ``extra``, every field valid); None means "not decided
+    here": :meth:`Envelope.from_cbor`'s full path then decides, and says why it refuses.
+
+    One pass instead of decode, canonicity walk and event building: every map's keys are
+    compared with their canonical order, every value's type with what the schema allows
+    (integers that are not booleans, text, bytes: values with one encoding), and the value
+    re-encoded in that order by cbor2's C encoder, which writes shortest heads and definite
+    lengths, must give the input back byte for byte (so no duplicate key, no non-shortest
+    head, no indefinite length, no nested tag and no trailing byte was there). For such a
+    value that in-order encoding *is* the canonical one (``tests/test_envelope.py`` holds
+    this path to the full one, forged inputs included).
+    """
+    body = data[len(ENVELOPE_MAGIC):]
+    try:
+        doc = cbor2.loads(body)
+    except Exception:  # noqa: BLE001 - any failure: the full path decides and says why
+        return None
+    if type(doc) is not dict or tuple(doc) != _ORDER:
+        return None
+    platform, evidence_format, quote, report_data, vm_config, app_info, log = (
+        doc["platform"], doc["evidence_format"], doc["quote"], doc["report_data"],
+        doc["vm_config"], doc["app_info"], doc["event_log"],
+    )
+    if (
+        doc["format"] != ENVELOPE_FORMAT
+        or type(doc["version"]) is not int or doc["version"] != ENVELOPE_VERSION
+        or type(platform) is not str or not platform
+        or type(evidence_format) is not str or not is_evidence_format(evidence_format)
+        or type(quote) is not bytes
+        or type(report_data) is not bytes or len(report_data) != REPORT_DATA_LENGTH
+        or type(vm_config) is not str
+        or type(app_info) is not dict or not _in_order(app_info)
+        or not app_info.keys() <= _APP_INFO_KEYS
+        or any(type(v) is not bytes for v in app_info.values())
+        or type(log) is not list or len(log) > MAX_EVENTS
+    ):
+        return None
+    orders = _EVENT_ORDERS
+    events = []
+    for item in log:
+        if type(item) is not dict or tuple(item) not in orders:
+            return None
+        event = _fast_event(item)
+        if event is None:
+            return None
+        events.append(event)
+    try:
+        if cbor2.dumps(doc) != body:
+            return None
+    except Exception:  # noqa: BLE001 - as above
+        return None
+    return cls(
+        platform=platform,
+        evidence_format=evidence_format,
+        quote=quote,
+        event_log=tuple(events),
+        report_data=report_data,
+        vm_config=vm_config,
+        app_info=AppInfo(**app_info),
+        extra={},
+    )
 
 
 def _event_from_map(value: Any, index: int) -> TdxEvent:

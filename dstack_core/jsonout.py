@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import attrs
 
-__all__ = ["EncodedJson", "encode_json", "escaped", "text", "text_list"]
+__all__ = ["EncodedJson", "encode_json", "encode_json_parts", "escaped", "text", "text_list"]
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 _PLAIN: Final = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\') + b"\n"
@@ -45,6 +45,12 @@ class EncodedJson:
         return cls((b'"', binascii.hexlify(data), b'"'))
 
     @property
+    def size(self) -> int:
+        """The encoded value's length in bytes."""
+        return sum(part.nbytes if part.__class__ is memoryview else len(part)
+                   for part in self.parts)
+
+    @property
     def data(self) -> bytes:
         """The encoded value in one piece."""
         return self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], bytes) \
@@ -67,16 +73,24 @@ def escaped(text: str) -> bytes:
 def encode_json(obj: Any) -> bytes:
     """Compact ASCII JSON of ``obj``; an :class:`EncodedJson`, or one as a value of a
     top-level object, is inserted as it is."""
+    return encode_json_parts(obj).data
+
+
+def encode_json_parts(obj: Any) -> EncodedJson:
+    """:func:`encode_json` without joining: kept pieces of ``obj`` (an :class:`EncodedJson`
+    or such values of a top-level object) stay pieces, for a writer that sends them one by
+    one instead of copying megabytes into one buffer first."""
     if obj.__class__ is EncodedJson:
-        return obj.data
+        encoded: EncodedJson = obj
+        return encoded
     if obj.__class__ is dict:
         for value in obj.values():
             if value.__class__ is EncodedJson:
                 return _encode_object(obj)
-    return _encode(obj)
+    return EncodedJson((_encode(obj),))
 
 
-def _encode_object(obj: dict[str, Any]) -> bytes:
+def _encode_object(obj: dict[str, Any]) -> EncodedJson:
     parts: list[bytes | memoryview] = []
     for key, value in obj.items():
         parts.append(b"," + _encode(key) + b":")
@@ -86,7 +100,7 @@ def _encode_object(obj: dict[str, Any]) -> bytes:
             parts.append(_encode(value))
     parts[0] = b"{" + parts[0][1:]
     parts.append(b"}")
-    return b"".join(parts)
+    return EncodedJson(tuple(parts))
 
 
 def text(value: str) -> EncodedJson:

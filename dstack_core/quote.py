@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -216,6 +216,23 @@ def _field(name: str) -> Any:
     return attrs.field(validator=_exact_len(_TD_REPORT_SIZES[name]))
 
 
+_T = TypeVar("_T")
+_NEW = object.__new__
+_SET = object.__setattr__
+
+
+def _from_layout(cls: type[_T], values: Mapping[str, Any]) -> _T:
+    """An instance of the frozen attrs class ``cls`` from the values a fixed struct layout
+    unpacked, without running the field validators: the layout already fixes what they
+    check (every byte field's length, every integer's range). Each field not in
+    ``values`` takes its (plain) default. Tests hold these ``from_bytes`` to the validating
+    constructor (tests/test_quote.py)."""
+    instance = _NEW(cls)
+    for field in attrs.fields(cls):  # type: ignore[arg-type]
+        _SET(instance, field.name, values[field.name] if field.name in values else field.default)
+    return instance
+
+
 class _Reader:
     """A bounded cursor that turns every short read into :class:`EvidenceError`."""
 
@@ -273,15 +290,15 @@ class QuoteHeader:
         if len(data) != HEADER_SIZE:
             raise EvidenceError(f"quote header must be {HEADER_SIZE} bytes, got {len(data)}")
         version, key_type, tee_type, qe_svn, pce_svn, vendor, user_data = HEADER.unpack(data)
-        return cls(
-            version=version,
-            att_key_type=key_type,
-            tee_type=tee_type,
-            qe_svn=qe_svn,
-            pce_svn=pce_svn,
-            qe_vendor_id=vendor,
-            user_data=user_data,
-        )
+        return _from_layout(cls, {
+            "version": version,
+            "att_key_type": key_type,
+            "tee_type": tee_type,
+            "qe_svn": qe_svn,
+            "pce_svn": pce_svn,
+            "qe_vendor_id": vendor,
+            "user_data": user_data,
+        })
 
     def to_bytes(self) -> bytes:
         """Encode to the 48-byte wire form."""
@@ -354,7 +371,7 @@ class TdReport:
             )
         values = TD_REPORT10.unpack_from(data, 0)
         fields = {name: value for (name, _), value in zip(_TD_REPORT10_FIELDS, values, strict=True)}
-        return cls(**fields, **extra)
+        return _from_layout(cls, {**fields, **extra})
 
     def to_bytes(self) -> bytes:
         """Encode to the wire form (584 bytes for TD 1.0, 648 for TD 1.5)."""

@@ -256,6 +256,146 @@ class TestCanonicalFastPath:
         assert data == cbor2.dumps(cbor2.CBORTag(55799, doc), canonical=True)
 
 
+def _decoded_by_both(data: bytes):
+    """(fast path's answer or None, full path's envelope or its EvidenceError)."""
+    from dstack_core.envelope import _decode_canonical, _decode_full
+
+    fast = _decode_canonical(Envelope, data)
+    try:
+        full = _decode_full(Envelope, data)
+    except EvidenceError as exc:
+        full = exc
+    return fast, full
+
+
+def _assert_same_answer(data: bytes) -> None:
+    """The one-pass decode answers None (undecided) or exactly what the full path
+    decodes; never an envelope the full path refuses."""
+    fast, full = _decoded_by_both(data)
+    if fast is None:
+        return
+    assert not isinstance(full, EvidenceError), f"fast path accepted what the full path refuses: {full}"
+    assert fast == full
+    assert [type(e) for e in fast.event_log] == [TdxEvent] * len(full.event_log)
+
+
+class TestOnePassDecode:
+    """Envelope.from_cbor decides an envelope of the usual shape in one pass (decode, key
+    order, types, events, re-encoding compared); everything else goes the full way. The
+    one pass must give the full path's answer, forged and non-canonical inputs included."""
+
+    def test_takes_the_usual_envelope(self):
+        """The common case (no extra, every field valid) is decided by the fast path."""
+        from dstack_core.envelope import _decode_canonical
+
+        data = sample().to_cbor()
+        assert _decode_canonical(Envelope, data) == Envelope.from_cbor(data) == sample()
+
+    def test_leaves_extra_to_the_full_path(self):
+        from dstack_core.envelope import _decode_canonical
+
+        env = sample(extra={"cert_chain": [b"a"]})
+        assert _decode_canonical(Envelope, env.to_cbor()) is None
+        assert Envelope.from_cbor(env.to_cbor()) == env
+
+    @pytest.mark.parametrize("name", sorted(variants(as_doc(sample()))))
+    def test_refuses_every_non_canonical_variant(self, name):
+        """Non-shortest heads, indefinite lengths, unsorted or duplicate keys (events'
+        too): not decided here, refused by the full path."""
+        from dstack_core.envelope import _decode_canonical
+
+        data = variants(as_doc(sample()))[name]
+        assert _decode_canonical(Envelope, data) is None
+        with pytest.raises(EvidenceError, match="not canonical CBOR"):
+            Envelope.from_cbor(data)
+
+    @pytest.mark.parametrize(
+        "tail", [b"\x00", b"\xd9\xd9\xf7", b"\xff"], ids=["zero", "tag", "break"]
+    )
+    def test_trailing_bytes_refused(self, tail):
+        """cbor2.loads ignores trailing bytes; the re-encoding comparison does not."""
+        from dstack_core.envelope import _decode_canonical
+
+        data = sample().to_cbor() + tail
+        assert _decode_canonical(Envelope, data) is None
+        with pytest.raises(EvidenceError):
+            Envelope.from_cbor(data)
+
+    def test_nested_self_describe_tag_refused(self):
+        """cbor2 strips a second self-describe tag; the fast path must not accept it."""
+        data = sample().to_cbor()
+        _assert_same_answer(ENVELOPE_MAGIC + data)
+        from dstack_core.envelope import _decode_canonical
+
+        assert _decode_canonical(Envelope, ENVELOPE_MAGIC + data) is None
+
+    values = st.one_of(
+        st.integers(-(2**66), 2**66), st.booleans(), st.none(), st.floats(allow_nan=False),
+        st.binary(max_size=70), st.text(max_size=8), st.just(b"\x01" * 48), st.just(bytes(64)),
+        st.just("tdx"), st.just(""), st.just("dstack-core/attestation"),
+        st.lists(st.integers(0, 3), max_size=2),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        replaced=st.dictionaries(
+            st.sampled_from(["format", "version", "platform", "evidence_format", "quote",
+                             "report_data", "vm_config", "app_info", "event_log", "extra"]),
+            values, max_size=2,
+        ),
+        dropped=st.sets(st.sampled_from(["app_info", "platform", "extra"]), max_size=1),
+        event_field=st.sampled_from(["imr", "type", "digest", "event", "payload", "version",
+                                     "other"]),
+        event_value=values,
+        app_field=st.sampled_from(["app_id", "mr_system", "unknown"]),
+        app_value=values,
+        style=st.sampled_from(["", "wide", "indefinite", "unsorted"]),
+        at=st.sampled_from(["", "/version", "/quote", "/event_log", "/event_log/1",
+                            "/event_log/1/imr", "/event_log/2/payload", "/app_info",
+                            "/app_info/app_id", "/report_data"]),
+    )
+    def test_agrees_with_the_full_path(
+        self, replaced, dropped, event_field, event_value, app_field, app_value, style, at
+    ):
+        """Forged fields (wrong types, booleans, floats, out-of-range values, unknown
+        keys), missing keys, in canonical or non-canonical encodings: the fast path gives
+        None or the full path's very envelope."""
+        from .noncanonical import encode
+
+        doc = as_doc(sample())
+        doc["event_log"] = [dict(e) for e in doc["event_log"]]
+        doc["app_info"] = dict(doc["app_info"])
+        doc.update(replaced)
+        for key in dropped:
+            doc.pop(key, None)
+        events = doc.get("event_log")
+        if isinstance(events, list) and len(events) > 1 and isinstance(events[1], dict):
+            events[1][event_field] = event_value
+        if isinstance(doc.get("app_info"), dict):
+            doc["app_info"][app_field] = app_value
+        try:
+            data = encode(cbor2.CBORTag(55799, doc), style=style, at=at)
+        except (TypeError, ValueError):  # None, floats, bignums: let cbor2 write them
+            data = reencode(doc)
+        _assert_same_answer(data)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.data())
+    def test_agrees_on_mutated_bytes(self, data):
+        """Any byte flipped, dropped or inserted in a valid envelope: same answer."""
+        valid = sample().to_cbor()
+        at = data.draw(st.integers(3, len(valid) - 1))
+        how = data.draw(st.sampled_from(["flip", "drop", "insert"]))
+        byte = data.draw(st.integers(0, 255))
+        if how == "flip":
+            mutated = valid[:at] + bytes([valid[at] ^ (byte or 1)]) + valid[at + 1:]
+        elif how == "drop":
+            mutated = valid[:at] + valid[at + 1:]
+        else:
+            mutated = valid[:at] + bytes([byte]) + valid[at:]
+        _assert_same_answer(mutated)
+
+
 class TestWrittenOutEncoding:
     @settings(max_examples=150, deadline=None)
     @given(

@@ -288,6 +288,23 @@ class TestTdxEventJson:
         with pytest.raises(InvalidEvent):
             boot_event().to_runtime_event()
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=12), st.binary(max_size=40), st.sampled_from([1, 2]))
+    def test_to_runtime_event_is_the_validated_one(self, name, payload, version) -> None:
+        """to_runtime_event skips the validators (the TdxEvent's fields already passed
+        them): the event is equal to, hashes, digests and logs as the validated one."""
+        try:
+            validated = RuntimeEvent(event=name, payload=payload, version=version)
+        except InvalidEvent:  # lone surrogates: no TdxEvent can carry them either
+            with pytest.raises(InvalidEvent):
+                runtime_event(name, payload, version)
+            return
+        converted = runtime_event(name, payload, version).to_runtime_event()
+        assert converted == validated and hash(converted) == hash(validated)
+        assert converted.digest == validated.digest
+        assert converted.to_log_line() == validated.to_log_line()
+        assert type(converted) is RuntimeEvent
+
 
 class TestStripping:
     def test_runtime_event_keeps_payload_loses_digest(self) -> None:
@@ -908,3 +925,23 @@ class TestCrashSafety:
             log.commit(ev(f"p{i}", payload))
         lines = log.path.read_bytes().splitlines()
         assert [base64.b64decode(json.loads(line)["payload"]) for line in lines] == payloads
+
+
+class TestSmallSha384:
+    """eventlog.sha384 (CPython's own SHA-384, cheaper per call) is hashlib's SHA-384."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=400))
+    def test_equals_hashlib(self, data):
+        from dstack_core.eventlog import sha384
+
+        assert sha384(data).digest() == hashlib.sha384(data).digest()
+
+    def test_known_answer(self):
+        """FIPS 180-4's "abc" vector, so that both cannot be wrong together."""
+        from dstack_core.eventlog import sha384
+
+        assert sha384(b"abc").hexdigest() == (
+            "cb00753f45a35e8bb5a03d699ac65007272c32ab0eded1631a8b605a43ff5bed"
+            "8086072ba1e7cc2358baeca134c825a7"
+        )

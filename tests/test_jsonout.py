@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,3 +41,54 @@ class TestEncodeJson:
         assert encode_json(EncodedJson((b"[1",  memoryview(b"]")))) == b"[1]"
         assert encode_json({"a": EncodedJson((b"[", b"1]"))}) == b'{"a":[1]}'
 
+
+
+class TestLargeBodies:
+    """A body of kept pieces from STREAMED_BODY_MIN on is written piece by piece: the bytes
+    on the wire and Content-Length are the joined body's, HEAD included."""
+
+    @staticmethod
+    def _serve(obj: object, method: str) -> tuple[int, dict[str, str], bytes]:
+        import asyncio
+
+        from aiohttp import web
+        from aiohttp.test_utils import TestClient, TestServer
+
+        from dstack_core.server.errors import json_response
+
+        async def handler(request: web.Request) -> web.Response:
+            return json_response(obj)
+
+        async def run() -> tuple[int, dict[str, str], bytes]:
+            app = web.Application()
+            app.router.add_get("/", handler)
+            async with TestClient(TestServer(app)) as client:
+                resp = await client.request(method, "/")
+                return resp.status, dict(resp.headers), await resp.read()
+
+        return asyncio.run(run())
+
+    @pytest.mark.parametrize("size", [1_000, 300_000, 3_000_000])
+    def test_pieces_arrive_joined(self, size: int) -> None:
+        chunk = bytearray(b"ab" * (size // 8))
+        log = EncodedJson.string([bytes(chunk), memoryview(bytes(chunk)), b"\\n", bytes(chunk)])
+        obj = {"quote": EncodedJson.hex(b"\x01" * 100), "event_log": log, "n": 7}
+        expected = json.dumps(
+            {"quote": "01" * 100, "event_log": json.loads(log.data), "n": 7}, separators=(",", ":")
+        ).encode()
+        from aiohttp.payload import Payload
+
+        from dstack_core.server.errors import STREAMED_BODY_MIN, json_response
+
+        streamed = isinstance(json_response(obj).body, Payload)
+        assert streamed == (len(expected) >= STREAMED_BODY_MIN)
+        status, headers, body = self._serve(obj, "GET")
+        assert status == 200 and body == expected
+        assert int(headers["Content-Length"]) == len(expected)
+        assert headers["Content-Type"] == "application/json"
+        status, headers, body = self._serve(obj, "HEAD")
+        assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(expected)
+
+    def test_size_counts_bytes_of_memoryviews(self) -> None:
+        view = memoryview(b"abcd").cast("H")  # 2 items, 4 bytes
+        assert EncodedJson((b"xy", view)).size == 6

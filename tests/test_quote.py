@@ -218,6 +218,30 @@ class TestTdReport:
         assert QeReport.from_bytes(encoded) == qe
 
 
+class TestFromLayout:
+    """from_bytes builds headers and TD reports without running the field validators (the
+    struct layout fixes what they check): the result must be what the validating
+    constructor builds from the same values."""
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(min_size=TD_REPORT15_SIZE, max_size=TD_REPORT15_SIZE), st.booleans())
+    def test_td_report_is_the_validated_one(self, data: bytes, td15: bool) -> None:
+        body = data if td15 else data[:TD_REPORT10_SIZE]
+        fast = TdReport.from_bytes(body)
+        validated = TdReport(**attrs.asdict(fast))
+        assert fast == validated and hash(fast) == hash(validated)
+        assert fast.is_td15 is td15 and fast.to_bytes() == body
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(min_size=HEADER_SIZE, max_size=HEADER_SIZE))
+    def test_header_is_the_validated_one(self, data: bytes) -> None:
+        from dstack_core.quote import QuoteHeader
+
+        fast = QuoteHeader.from_bytes(data)
+        validated = QuoteHeader(**attrs.asdict(fast))
+        assert fast == validated and fast.to_bytes() == data
+
+
 class TestV5:
     def test_mock_v5_quote_parses(self, pki: MockIntelPki) -> None:
         """A v5 mock quote has body type 3 and report_data at 574..638."""

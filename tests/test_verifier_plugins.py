@@ -346,3 +346,27 @@ class TestContract:
                                               "'probe-cc', provided by: probe-cc \\(m1:V, from "
                                               "dist-1 1\\), probe-cc \\(m2:V"):
             host.get("probe-cc")
+
+
+class TestCheckedResult:
+    """checked_result fills a CheckResult's slots directly; it must be the validating
+    constructor's value, and refuse what it refuses."""
+
+    @pytest.mark.parametrize("mandatory", [True, False])
+    @pytest.mark.parametrize("status", ["pass", "fail", "skipped"])
+    def test_is_the_validated_one(self, status: str, mandatory: bool) -> None:
+        from dstack_core.verify.checks import checked_result
+
+        fast = checked_result("event_log", status, "detail", mandatory)
+        validated = CheckResult(name="event_log", status=status, detail="detail",
+                                mandatory=mandatory)
+        assert fast == validated and hash(fast) == hash(validated) and repr(fast) == repr(validated)
+
+    @pytest.mark.parametrize(
+        ("name", "status"), [("no_such_check", "pass"), ("event_log", "passed")]
+    )
+    def test_refuses_what_the_constructor_refuses(self, name: str, status: str) -> None:
+        from dstack_core.verify.checks import checked_result
+
+        with pytest.raises(ValueError):
+            checked_result(name, status, "detail", False)

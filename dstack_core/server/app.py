@@ -1,4 +1,4 @@
-"""The aiohttp application: routes, method tables and the error middleware.
+"""The aiohttp application: routes, method tables, and endpoints that answer errors as JSON.
 
 Handlers are thin: decode the arguments with the method's schema, call the
 :class:`~dstack_core.service.AgentService`, serialise the result. Paths:
@@ -26,7 +26,7 @@ import attrs
 from aiohttp import hdrs, web
 
 from .. import jsonout
-from ..errors import MethodNotAllowed, NotFound
+from ..errors import DstackError, MethodNotAllowed, NotFound
 from ..jsonout import EncodedJson, encode_json
 from ..service import AgentService, InfoResult, QuoteResult, TlsKeyRequest, TlsKeyResult
 from .codec import Field, Schema, decode_args, decode_content, parse_json_body, parse_query
@@ -356,7 +356,7 @@ def _add_routes(app: web.Application, *, tappd_only: bool, record: Recorder | No
     async def fallback(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         label = _UNKNOWN
-        error: NotFound | MethodNotAllowed = NotFound("Not Found")
+        error: DstackError = NotFound("Not Found")
         for resource in app.router.resources():
             if resource is not unmatched and (await resource.resolve(request))[1]:
                 # Served under other verbs: counted under the method the path names.

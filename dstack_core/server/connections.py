@@ -355,7 +355,7 @@ class ManagedRequestHandler(RequestHandler):
     def _check_body_framing(self) -> None:
         # aiohttp's C parser queues broken framing inside a body (a bad chunk size) as the
         # next message, while the handler waits for the rest of the body forever. Hand the
-        # error to the body's reader instead; the middleware answers it and closes.
+        # error to the body's reader instead; the endpoint answers it and closes.
         messages = self._messages
         error = messages[-1][0] if messages else None
         if isinstance(error, _ErrInfo) and self._payload is not None:
@@ -408,7 +408,7 @@ class ManagedRequestHandler(RequestHandler):
     ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
         # Not async itself: the caller awaits aiohttp's coroutine, one frame less per answer.
         if isinstance(resp, web.HTTPException):
-            # Only the Expect handler raises outside the middleware.
+            # Only the Expect handler raises outside the handlers.
             resp = http_exception_response(resp)
         return super().finish_response(request, resp, start_time)
 

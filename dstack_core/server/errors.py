@@ -1,13 +1,15 @@
-"""JSON responses and the error middleware shared by the agent and the verifier service.
+"""JSON responses and error answers shared by the agent, its external port and the
+verifier service: :func:`exception_response` (which the agent's endpoints call) and
+:func:`error_middleware` around it (the other apps).
 
 Every error leaves as ``{"error": message, "code": code}`` with the error's HTTP status:
 our own :class:`~dstack_core.errors.DstackError` as it says, aiohttp's routing errors as
-404/405 (keeping ``Allow``), an over-large body as 400 ``payload_too_large``, a body that
+404/405 (keeping ``Allow``; the agent's own routes answer these themselves), an over-large body as 400 ``payload_too_large``, a body that
 breaks HTTP framing as 400 ``malformed_http``, a client that hung up as 400, and anything
 unexpected as a bare 500 whose details stay in the log.
 
 :func:`http_layer_error` gives the same shape to what the HTTP layer answers before any
-middleware runs (unparseable requests, an unknown ``Expect``), for the connection handler
+handler runs (unparseable requests, an unknown ``Expect``), for the connection handler
 in :mod:`dstack_core.server.connections`.
 """
 
@@ -19,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 from aiohttp.http_exceptions import (
     BadStatusLine,
     HttpProcessingError,
@@ -37,7 +41,7 @@ from ..errors import (
     PayloadTooLarge,
     UriTooLong,
 )
-from .codec import to_json_bytes
+from ..jsonout import encode_json_parts
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -78,8 +82,48 @@ _BAD_FRAMING: Final = "malformed body framing (Content-Length or chunked encodin
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
-    """Compact ASCII JSON with Content-Type and Content-Length."""
-    return web.Response(body=to_json_bytes(obj), status=status, content_type="application/json")
+    """Compact ASCII JSON with Content-Type and Content-Length.
+
+    A large body made of kept pieces (a long event log) is written piece by piece
+    (:class:`_JsonPieces`); anything else as one buffer.
+    """
+    encoded = encode_json_parts(obj)
+    parts = encoded.parts
+    if len(parts) > 1:
+        size = encoded.size
+        if size >= STREAMED_BODY_MIN:
+            body: bytes | _JsonPieces = _JsonPieces(parts, size)
+        else:
+            body = encoded.data
+    else:
+        body = encoded.data
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+STREAMED_BODY_MIN: Final = 256 * 1024
+"""Bodies of kept pieces from this size on are written piece by piece: joining them would
+copy the whole body once more (and, fresh from the allocator, fault its pages in) before
+the transport copies what the socket does not take at once. Smaller ones are joined: one
+write is cheaper than several."""
+
+
+class _JsonPieces(Payload):
+    """A JSON body in pieces that are never changed (:class:`~dstack_core.jsonout.EncodedJson`),
+    sent one after another with the total as Content-Length."""
+
+    _autoclose = True  # memory only
+
+    def __init__(self, parts: tuple[bytes | memoryview, ...], size: int) -> None:
+        super().__init__(parts, content_type="application/json")
+        self._parts = parts
+        self._size = size
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._parts).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for part in self._parts:
+            await writer.write(part)
 
 
 def error_response(exc: DstackError) -> web.Response:

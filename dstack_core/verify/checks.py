@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Final
 
+from ..slots import slot_setters
 from .types import CHECK_STATUSES, DECLARED_CHECKS, CheckResult, CheckStatus
 
 __all__ = ["Checks", "Outcome", "checked_result", "outcome", "short"]
@@ -71,7 +72,7 @@ class Checks:
 
 
 _NEW: Final = object.__new__
-_SET: Final = object.__setattr__
+_RESULT_SLOTS: Final = slot_setters(CheckResult, "name", "status", "detail", "mandatory")
 
 
 def checked_result(name: str, status: str, detail: str, mandatory: bool) -> CheckResult:
@@ -85,8 +86,9 @@ def checked_result(name: str, status: str, detail: str, mandatory: bool) -> Chec
         return CheckResult(name=name, status=status, detail=detail,  # type: ignore[arg-type]
                            mandatory=mandatory)
     result = _NEW(CheckResult)
-    _SET(result, "name", name)
-    _SET(result, "status", status)
-    _SET(result, "detail", detail)
-    _SET(result, "mandatory", mandatory)
+    set_name, set_status, set_detail, set_mandatory = _RESULT_SLOTS
+    set_name(result, name)
+    set_status(result, status)
+    set_detail(result, detail)
+    set_mandatory(result, mandatory)
     return result

@@ -147,17 +147,14 @@ def verify_evidence(
     identity = derived if authenticated else None
     names = ("evidence", *info.checks, *_CORE_AFTER)
     results = checks.results(names)
-    verdict: Literal["pass", "fail"] = (
-        "pass"
-        if all(r.status != "fail" for r in results)
-        and all(r.status == "pass" for r in results if r.mandatory)
-        else "fail"
-    )
-    listed = {r.name: r for r in results}
-    quote_verified = all(
-        listed[n].status == "pass" or (listed[n].status == "skipped" and not listed[n].mandatory)
-        for n in info.quote_verified_by
-    )
+    # A check is settled when it passed, or was skipped without being mandatory; the
+    # verdict is pass when every check is (nothing failed, every mandatory check passed).
+    settled = {
+        r.name: r.status == "pass" or (r.status == "skipped" and not r.mandatory)
+        for r in results
+    }
+    verdict: Literal["pass", "fail"] = "pass" if all(settled.values()) else "fail"
+    quote_verified = all(settled[n] for n in info.quote_verified_by)
     os_image_verified = authenticated and os_image_passed
     warnings = [SIMULATED_WARNING] if simulated else []
     if registers is None:

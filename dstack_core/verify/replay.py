@@ -9,7 +9,6 @@ replays to its signed value.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 import attrs
@@ -21,8 +20,9 @@ from ..eventlog import (
     RUNTIME_IMR,
     ZERO_REGISTER,
     TdxEvent,
-    extend,
+    runtime_event_digest,
     runtime_event_preimage,
+    sha384,
 )
 from .checks import Outcome, short
 from .evidence import Evidence
@@ -31,8 +31,6 @@ from .result import BootEvent
 from .types import Registers
 
 __all__ = ["Binding", "Replay", "bind", "event_log_check", "replay", "runtime_events_check"]
-
-_sha384 = hashlib.sha384
 
 
 @attrs.frozen(kw_only=True)
@@ -59,56 +57,61 @@ class Replay:
     computed: tuple[bytes | None, ...] = ()
 
 
-def _runtime_tdx_events(evidence: Evidence) -> tuple[TdxEvent, ...]:
-    if evidence.runtime_events is not None:
-        return tuple(e.to_tdx_event() for e in evidence.runtime_events)
-    return tuple(e for e in evidence.event_log if e.imr == RUNTIME_IMR)
-
-
 def _event_type(event: TdxEvent) -> str:
     named = " (EV_NO_ACTION)" if event.event_type == EV_NO_ACTION else ""
     return f"{event.event_type:#010x}{named}"
 
 
 def replay(evidence: Evidence) -> Replay:
-    """Replay the evidence's event log from zero under dstack's rules."""
+    """Replay the evidence's event log from zero under dstack's rules (one pass)."""
     log = evidence.event_log
-    computed = tuple(e.computed_digest if e.is_runtime else None for e in log)
-    boot = tuple(e for e in log if e.imr != RUNTIME_IMR)
-    if evidence.runtime_events is not None:
-        runtime = tuple(e.to_tdx_event() for e in evidence.runtime_events)
-        # to_tdx_event fills the digest computed from the event's content.
-        replayed = [e.digest for e in runtime]
-    else:
-        runtime = tuple(e for e in log if e.imr == RUNTIME_IMR)
-        replayed = [d if d is not None else e.digest
-                    for e, d in zip(log, computed, strict=True) if e.imr == RUNTIME_IMR]
-    foreign = tuple(
-        f"event {index} ({event.event!r}) in RTMR3 has type {_event_type(event)}"
-        for index, event in enumerate(log)
-        if event.imr == RUNTIME_IMR and event.event_type != RUNTIME_EVENT_TYPE
-    )
+    computed: list[bytes | None] = []
+    boot: list[TdxEvent] = []
+    runtime: list[TdxEvent] = []
+    foreign: list[str] = []
+    boot_present = False
     # Every digest here is 48 bytes (TdxEvent allows no other but a runtime event's empty
     # one, which is recomputed), so extending is the bare SHA-384 of register || digest.
     registers = [ZERO_REGISTER] * RTMR_COUNT
-    for event in boot:
-        if event.event_type != EV_NO_ACTION:
-            registers[event.imr] = _sha384(registers[event.imr] + event.digest).digest()
     rtmr3 = ZERO_REGISTER
-    for event, digest in zip(runtime, replayed, strict=True):
-        # A runtime event binds its name, payload and version: replay the digest recomputed
-        # from them, never the recorded one. Anything else in RTMR3 is ``foreign`` (not
-        # allowed); it is replayed as TCG would, for the report.
-        if event.is_runtime or event.event_type != EV_NO_ACTION:
-            rtmr3 = extend(rtmr3, digest)
+    for index, event in enumerate(log):
+        imr, event_type = event.imr, event.event_type
+        if imr != RUNTIME_IMR:
+            boot.append(event)
+            computed.append(None)
+            if event_type != EV_NO_ACTION:
+                registers[imr] = sha384(registers[imr] + event.digest).digest()
+                boot_present = boot_present or imr != 0
+            continue
+        runtime.append(event)
+        if event_type == RUNTIME_EVENT_TYPE:
+            # A runtime event binds its name, payload and version: replay the digest
+            # recomputed from them, never the recorded one.
+            digest = runtime_event_digest(event.event, event.event_payload, event.version)
+            computed.append(digest)
+            rtmr3 = sha384(rtmr3 + digest).digest()
+            continue
+        # Anything else in RTMR3 is ``foreign`` (not allowed); it is replayed as TCG
+        # would, for the report.
+        computed.append(None)
+        foreign.append(f"event {index} ({event.event!r}) in RTMR3 has type {_event_type(event)}")
+        if event_type != EV_NO_ACTION:
+            rtmr3 = sha384(rtmr3 + event.digest).digest()
+    if evidence.runtime_events is not None:
+        # Upstream replays its separate runtime event list (to_tdx_event fills the digest
+        # computed from each event's content).
+        runtime = [e.to_tdx_event() for e in evidence.runtime_events]
+        rtmr3 = ZERO_REGISTER
+        for event in runtime:
+            rtmr3 = sha384(rtmr3 + event.digest).digest()
     registers[RUNTIME_IMR] = rtmr3
     return Replay(
         rtmrs=(registers[0], registers[1], registers[2], registers[3]),
-        boot=boot,
-        runtime=runtime,
-        boot_present=any(e.imr in (1, 2) and e.event_type != EV_NO_ACTION for e in boot),
-        foreign=foreign,
-        computed=computed,
+        boot=tuple(boot),
+        runtime=tuple(runtime),
+        boot_present=boot_present,
+        foreign=tuple(foreign),
+        computed=tuple(computed),
     )
 
 
@@ -208,7 +211,7 @@ def runtime_events_check(evidence: Evidence, replayed: Replay) -> Outcome:
         if preimage != canonical:
             problems.append(f"event {index} ({event.event!r}): preimage is not the canonical one")
         elif event.digest and not hmac.compare_digest(
-            hashlib.sha384(preimage).digest(), event.digest
+            sha384(preimage).digest(), event.digest
         ):
             problems.append(f"event {index} ({event.event!r}): preimage does not hash to digest")
     if evidence.runtime_events is not None:
@@ -264,13 +267,12 @@ def bind(
     runtime = replayed.runtime if rtmr3_bound else None
     boot = []
     if boot_replayable(registers, replayed):
+        matched = [hmac.compare_digest(replayed.rtmrs[i], quoted[i]) for i in range(RUNTIME_IMR)]
         for event in replayed.boot:
-            if event.event_type == EV_NO_ACTION:
-                continue
-            if not hmac.compare_digest(replayed.rtmrs[event.imr], quoted[event.imr]):
+            if event.event_type == EV_NO_ACTION or not matched[event.imr]:
                 continue
             measured = hmac.compare_digest(
-                hashlib.sha384(event.event_payload).digest(), event.digest
+                sha384(event.event_payload).digest(), event.digest
             )
             boot.append(
                 BootEvent(
