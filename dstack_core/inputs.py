@@ -9,7 +9,15 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-__all__ = ["DEFAULT_MEMORY_SIZE", "app_compose_document", "sys_config_document", "document_text"]
+import attrs
+
+__all__ = [
+    "DEFAULT_MEMORY_SIZE",
+    "AppComposeFlags",
+    "app_compose_document",
+    "sys_config_document",
+    "document_text",
+]
 
 DEFAULT_MEMORY_SIZE: Final = 2 * 1024**3
 
@@ -47,3 +55,27 @@ def sys_config_document(
 def document_text(doc: dict[str, Any]) -> str:
     """How the defaults are written to disk: 2-space indented JSON and a final newline."""
     return json.dumps(doc, indent=2) + "\n"
+
+
+@attrs.frozen(kw_only=True)
+class AppComposeFlags:
+    """The app-compose switches that govern the external port (upstream's defaults)."""
+
+    public_tcbinfo: bool = True
+    public_sysinfo: bool = False
+    public_logs: bool = False
+
+    @classmethod
+    def from_text(cls, app_compose: str) -> AppComposeFlags:
+        """Read the flags; absent or non-boolean values keep upstream's defaults."""
+        try:
+            doc = json.loads(app_compose)
+        except ValueError:
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        defaults = cls()
+        return cls(**{
+            field.name: value if isinstance(value := doc.get(field.name), bool)
+            else getattr(defaults, field.name)
+            for field in attrs.fields(cls)
+        })

@@ -69,13 +69,18 @@ def _entry_points() -> list[EntryPoint]:
 
 def installed_platforms() -> list[InstalledPlatform]:
     """Every registered platform entry point, sorted by name; nothing is imported."""
+    return _sorted_platforms(_entry_points())
+
+
+def _sorted_platforms(eps: Sequence[EntryPoint]) -> list[InstalledPlatform]:
     return sorted(
-        (InstalledPlatform.from_entry_point(ep) for ep in _entry_points()),
+        (InstalledPlatform.from_entry_point(ep) for ep in eps),
         key=lambda p: (p.name, p.distribution),
     )
 
 
-def _installed_summary(platforms: list[InstalledPlatform]) -> str:
+def _installed_summary(eps: Sequence[EntryPoint]) -> str:
+    platforms = _sorted_platforms(eps)
     if not platforms:
         return "no platform plugins are installed (group dstack_core.platforms)"
     return "installed: " + ", ".join(p.describe() for p in platforms)
@@ -88,15 +93,17 @@ def load_platform(name: str | None) -> pluggy.PluginManager:
     :raises PluginError: no name given, no such platform, several distributions provide the
         name, the plugin fails to import or to instantiate, or it lacks a required hook.
     """
-    available = installed_platforms()
+    # One scan of the installed distributions serves the choice and every message: each
+    # scan reads every distribution's metadata, a few milliseconds of each start.
+    eps = _entry_points()
     if not name:
         raise PluginError(
             "no platform selected: pass --platform NAME, set DSTACK_PLATFORM or 'platform' "
-            f"in the config file; {_installed_summary(available)}"
+            f"in the config file; {_installed_summary(eps)}"
         )
-    matches = [ep for ep in _entry_points() if ep.name == name]
+    matches = [ep for ep in eps if ep.name == name]
     if not matches:
-        raise PluginError(f"unknown platform {name!r}; {_installed_summary(available)}")
+        raise PluginError(f"unknown platform {name!r}; {_installed_summary(eps)}")
     if len(matches) > 1:
         # pluggy would silently keep one of them; a choice by install order is not a choice.
         providers = ", ".join(InstalledPlatform.from_entry_point(ep).describe() for ep in matches)
@@ -187,8 +194,12 @@ def _verifier_entry_points() -> list[EntryPoint]:
 
 def installed_verifiers() -> list[InstalledVerifier]:
     """Every registered verifier entry point, sorted by format; nothing is imported."""
+    return _sorted_verifiers(_verifier_entry_points())
+
+
+def _sorted_verifiers(eps: Sequence[EntryPoint]) -> list[InstalledVerifier]:
     return sorted(
-        (InstalledVerifier.from_entry_point(ep) for ep in _verifier_entry_points()),
+        (InstalledVerifier.from_entry_point(ep) for ep in eps),
         key=lambda v: (v.evidence_format, v.distribution),
     )
 
@@ -208,10 +219,13 @@ def require_verifier(evidence_format: str, *, platform: str = "") -> InstalledVe
     :raises PluginError: none is installed (the message names what is), or several
         distributions register the format.
     """
-    found = installed_verifiers()
-    matches = [v for v in found if v.evidence_format == evidence_format]
+    # Only the matches are described (each reads its distribution's metadata), and the
+    # rest only for the message when there is no match.
+    eps = _verifier_entry_points()
+    matches = _sorted_verifiers([ep for ep in eps if ep.name == evidence_format])
     whose = f"platform {platform!r} produces" if platform else "the agent produces"
     if not matches:
+        found = _sorted_verifiers(eps)
         raise PluginError(
             f"{whose} evidence format {evidence_format!r}, but no verifier plugin for it is "
             f"installed, so nobody could verify its attestations; {verifiers_summary(found)}. "

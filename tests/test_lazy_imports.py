@@ -18,6 +18,8 @@ import pytest
 
 from dstack_core.testing import AgentProcess, short_tempdir
 
+from .test_lifecycle import free_port
+
 IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(?P<module>[\w.]+)\s*$", re.MULTILINE)
 
 OPTIONAL: dict[str, str] = {
@@ -26,6 +28,7 @@ OPTIONAL: dict[str, str] = {
     "dstack_core.server.guard": "caller policy and audit log",
     "dstack_core.audit": "audit log (--audit-log; dstack-agent audit verify)",
     "dstack_core.upstream": "upstream attestation format (--attestation-format upstream)",
+    "dstack_core.server.external": "the external port (--external-listen)",
     "dstack_core.kms": "KMS key provider",
     "dstack_core.ccel": "dstack-agent eventlog show",
     "dstack_core.verify": "dstack-agent verify / verifier",
@@ -79,7 +82,8 @@ def featured_agent() -> Iterator[AgentProcess]:
     policy = workdir / "policy.toml"
     policy.write_text(f'[[rule]]\nmatch = {{ uid = {os.getuid()} }}\nmethods = ["*"]\n')
     yield from run_agent("--attestation-format", "upstream", "--audit-log",
-                         str(workdir / "audit.log"), "--policy", str(policy))
+                         str(workdir / "audit.log"), "--policy", str(policy),
+                         "--external-listen", f"127.0.0.1:{free_port()}")
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -92,9 +96,31 @@ def test_plain_serve_does_not_import(plain_agent, module):
 
 @pytest.mark.parametrize("module", [
     "dstack_core.policy", "dstack_core.peercred", "dstack_core.server.guard",
-    "dstack_core.audit", "dstack_core.upstream", "tomllib",
+    "dstack_core.audit", "dstack_core.upstream", "dstack_core.server.external", "tomllib",
 ])
 def test_features_import_their_modules(featured_agent, module):
-    """The control: with the caller policy, the audit log and upstream's format switched
-    on, their modules do load, so the trace above would show them."""
+    """The control: with the caller policy, the audit log, upstream's format and the
+    external port switched on, their modules do load, so the trace above would show them."""
     assert module in imported_modules(featured_agent)
+
+
+def test_serve_imports_pause_the_gc_and_resume_it():
+    """``serve`` imports its server with the cyclic GC paused: inside the block it is off,
+    afterwards on again (also after an error), and what the block made is frozen."""
+    import gc
+
+    from dstack_core.cli import gc_paused_and_frozen
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with gc_paused_and_frozen():
+            assert not gc.isenabled()
+            made = [[] for _ in range(100)]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(made)
+        with pytest.raises(RuntimeError), gc_paused_and_frozen():
+            raise RuntimeError("import failed")
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-import attrs
 from aiohttp import web
 
 from .. import __version__
 from ..errors import NotFound, UnsupportedAlgorithm
+from ..inputs import AppComposeFlags
 from ..jsonout import EncodedJson
 from ..service import AgentService
 from .app import (
@@ -51,30 +50,6 @@ SECP256K1_REPORT_PREFIX: Final = "dip1::secp256k1c-pk:"
 APP_KEY_PATH: Final = "vms"
 APP_KEY_PURPOSE: Final = "signing"
 HIDDEN_INFO_FIELDS: Final = ("tcb_info", "vm_config")
-
-
-@attrs.frozen(kw_only=True)
-class AppComposeFlags:
-    """The app-compose switches that govern the external port (upstream's defaults)."""
-
-    public_tcbinfo: bool = True
-    public_sysinfo: bool = False
-    public_logs: bool = False
-
-    @classmethod
-    def from_text(cls, app_compose: str) -> AppComposeFlags:
-        """Read the flags; absent or non-boolean values keep upstream's defaults."""
-        try:
-            doc = json.loads(app_compose)
-        except ValueError:
-            doc = {}
-        doc = doc if isinstance(doc, dict) else {}
-        defaults = cls()
-        return cls(**{
-            field.name: value if isinstance(value := doc.get(field.name), bool)
-            else getattr(defaults, field.name)
-            for field in attrs.fields(cls)
-        })
 
 
 FLAGS_KEY: Final = web.AppKey("app_compose_flags", AppComposeFlags)

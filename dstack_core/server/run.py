@@ -29,6 +29,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..errors import ConfigurationError, PluginError
+from ..inputs import AppComposeFlags
 from ..platform import Platform
 from ..plugins import load_platform, require_verifier
 from ..service import AgentService, ServiceFiles, ServiceOptions
@@ -40,7 +41,6 @@ from .connections import (
     listening_sockets,
     raise_open_file_limit,
 )
-from .external import AppComposeFlags, create_external_app
 from .heaptrim import HeapTrimmer
 from .metrics import AgentMetrics
 from .watchdog import Watchdog
@@ -48,8 +48,9 @@ from .watchdog import Watchdog
 if TYPE_CHECKING:
     from ..policy import Policy
 
-# Optional features (the caller policy, the audit log: the guard) load their modules only
-# when they are configured, so a plain ``serve`` starts faster (docs/performance.md).
+# Optional features (the caller policy, the audit log: the guard; the external port) load
+# their modules only when they are configured, so a plain ``serve`` starts faster
+# (docs/performance.md).
 
 __all__ = ["serve", "prepare_socket_path"]
 
@@ -304,6 +305,8 @@ async def _serve_locked(
                 "the Tappd API",
             )
         if activated.external is not None or settings.external_listen is not None:
+            from .external import create_external_app
+
             external = await listeners.runner(create_external_app(service, metrics))
             if activated.external is not None:
                 await listeners.connections.site(external, activated.external).start()
