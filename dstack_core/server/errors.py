@@ -4,9 +4,10 @@ verifier service: :func:`exception_response` (which the agent's endpoints call) 
 
 Every error leaves as ``{"error": message, "code": code}`` with the error's HTTP status:
 our own :class:`~dstack_core.errors.DstackError` as it says, aiohttp's routing errors as
-404/405 (keeping ``Allow``; the agent's own routes answer these themselves), an over-large body as 400 ``payload_too_large``, a body that
-breaks HTTP framing as 400 ``malformed_http``, a client that hung up as 400, and anything
-unexpected as a bare 500 whose details stay in the log.
+404/405 (keeping ``Allow``; the agent's own routes answer these themselves), an
+over-large body as 400 ``payload_too_large``, a body that breaks HTTP framing as 400
+``malformed_http``, a client that hung up as 400, and anything unexpected as a bare 500
+whose details stay in the log.
 
 :func:`http_layer_error` gives the same shape to what the HTTP layer answers before any
 handler runs (unparseable requests, an unknown ``Expect``), for the connection handler
@@ -41,7 +42,7 @@ from ..errors import (
     PayloadTooLarge,
     UriTooLong,
 )
-from ..jsonout import encode_json_parts
+from ..jsonout import EncodedJson, encode_json_parts
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -88,15 +89,8 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     (:class:`_JsonPieces`); anything else as one buffer.
     """
     encoded = encode_json_parts(obj)
-    parts = encoded.parts
-    if len(parts) > 1:
-        size = encoded.size
-        if size >= STREAMED_BODY_MIN:
-            body: bytes | _JsonPieces = _JsonPieces(parts, size)
-        else:
-            body = encoded.data
-    else:
-        body = encoded.data
+    size = encoded.size if len(encoded.parts) > 1 else 0
+    body = _JsonPieces(encoded, size) if size >= STREAMED_BODY_MIN else encoded.data
     return web.Response(body=body, status=status, content_type="application/json")
 
 
@@ -113,16 +107,17 @@ class _JsonPieces(Payload):
 
     _autoclose = True  # memory only
 
-    def __init__(self, parts: tuple[bytes | memoryview, ...], size: int) -> None:
-        super().__init__(parts, content_type="application/json")
-        self._parts = parts
+    _value: EncodedJson
+
+    def __init__(self, encoded: EncodedJson, size: int) -> None:
+        super().__init__(encoded, content_type="application/json")
         self._size = size
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return b"".join(self._parts).decode(encoding, errors)
+        return self._value.data.decode(encoding, errors)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        for part in self._parts:
+        for part in self._value.parts:
             await writer.write(part)
 
 
